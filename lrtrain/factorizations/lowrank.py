@@ -1,0 +1,211 @@
+"""LowRank: W = U S V^T (+ optional frozen base W0) in fixed-capacity buffers.
+
+Orientation: W is (n, m) = (out, in); an input x (..., m) maps to x W^T (..., n).
+Axis legend: n = out features, m = in features, C = capacity (buffer columns),
+r = active rank (an int32 array leaf, r <= C).
+
+Invariant kept by every function here and by the integrators: columns j >= r
+of U and V are zero and S is zero outside its leading r x r block, so the
+inactive part of the buffers contributes nothing to W and rank changes inside
+one capacity never change array shapes (no retrace).
+
+Conv kernels (kh, kw, c_in, c_out) are handled as the matrix
+(c_out, kh * kw * c_in); see `conv_kernel_to_matrix`.
+
+References:
+  Schotthoefer et al., "Low-rank lottery tickets", NeurIPS 2022 (DLRT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+  """Factored weight W = U S V^T + W0.
+
+  Attributes:
+    U: (n, C) orthonormal active columns, zero inactive columns.
+    S: (C, C) core, zero outside the leading (r, r) block.
+    V: (m, C) orthonormal active columns, zero inactive columns.
+    rank: () int32, the active rank r.
+    W0: optional (n, m) frozen base weight (fine-tuning an adapter); None for
+      training from scratch.
+  """
+  U: jax.Array
+  S: jax.Array
+  V: jax.Array
+  rank: jax.Array
+  W0: jax.Array | None = None
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.U.shape[-2], self.V.shape[-2])
+
+  @property
+  def capacity(self) -> int:
+    return self.U.shape[-1]
+
+  @property
+  def dtype(self):
+    return self.U.dtype
+
+
+def _check_rank(n: int, m: int, rank: int, capacity: int | None,
+                what: str = "LowRank") -> int:
+  if n < 1 or m < 1:
+    raise ValueError(f"{what}: impossible shape ({n}, {m})")
+  if not 1 <= rank <= min(n, m):
+    raise ValueError(
+        f"{what}: rank {rank} must be in [1, min(n, m)] = [1, {min(n, m)}] "
+        f"for a ({n}, {m}) weight")
+  capacity = rank if capacity is None else capacity
+  if not rank <= capacity <= min(n, m):
+    raise ValueError(
+        f"{what}: capacity {capacity} must be in [rank, min(n, m)] = "
+        f"[{rank}, {min(n, m)}]")
+  return capacity
+
+
+def column_mask(rank: jax.Array, capacity: int, dtype=jnp.float32) -> jax.Array:
+  """(C,) mask with ones on the first `rank` entries."""
+  return (jnp.arange(capacity) < rank).astype(dtype)
+
+
+def random_orthonormal(key: jax.Array, n: int, r: int, dtype=jnp.float32):
+  """(n, r) matrix with orthonormal columns (QR of a Gaussian, sign-fixed)."""
+  q, rr = jnp.linalg.qr(jax.random.normal(key, (n, r), jnp.float32))
+  q = q * jnp.sign(jnp.diagonal(rr))[None, :]
+  return q.astype(dtype)
+
+
+def init(key: jax.Array, n: int, m: int, rank: int, *,
+         capacity: int | None = None, scale: float = 1.0,
+         dtype=jnp.float32) -> LowRank:
+  """Random orthonormal U, V and S = scale * diag(sorted |N(0, 1)|).
+
+  Args:
+    key: PRNG key.
+    n: out features.
+    m: in features.
+    rank: initial active rank.
+    capacity: buffer columns (>= rank); defaults to rank.
+    scale: multiplies the singular values.
+    dtype: factor dtype.
+
+  Raises:
+    ValueError: impossible shape, rank or capacity.
+  """
+  capacity = _check_rank(n, m, rank, capacity)
+  ku, kv, ks = jax.random.split(key, 3)
+  mask = column_mask(rank, capacity)
+  U = random_orthonormal(ku, n, capacity) * mask
+  V = random_orthonormal(kv, m, capacity) * mask
+  s = jnp.sort(jnp.abs(jax.random.normal(ks, (capacity,))))[::-1] * scale
+  S = jnp.diag(s * mask)
+  return LowRank(U.astype(dtype), S.astype(dtype), V.astype(dtype),
+                 jnp.asarray(rank, jnp.int32))
+
+
+def from_dense(W: jax.Array, rank: int, *, capacity: int | None = None,
+               frozen_base: bool = False) -> LowRank:
+  """Truncated SVD of a dense (n, m) matrix.
+
+  Args:
+    W: (n, m) matrix in (out, in) orientation.
+    rank: kept rank.
+    capacity: buffer columns (>= rank); defaults to rank.
+    frozen_base: if True, W becomes the frozen base W0 and the factors start
+      as a zero adapter (S = 0) on the top-`rank` singular subspaces of W;
+      this is the GeoLoRA fine-tuning start.
+
+  Raises:
+    ValueError: W is not 2-D, or impossible rank/capacity.
+  """
+  if W.ndim != 2:
+    raise ValueError(f"LowRank.from_dense: expected a 2-D (n, m) matrix, got "
+                     f"shape {W.shape}")
+  n, m = W.shape
+  capacity = _check_rank(n, m, rank, capacity)
+  u, s, vt = jnp.linalg.svd(W.astype(jnp.float32), full_matrices=False)
+  k = min(capacity, s.shape[0])
+  mask = column_mask(rank, capacity)
+  U = jnp.zeros((n, capacity)).at[:, :k].set(u[:, :k]) * mask
+  V = jnp.zeros((m, capacity)).at[:, :k].set(vt[:k].T) * mask
+  s = jnp.zeros((capacity,)).at[:k].set(s[:k]) * mask
+  if frozen_base:
+    return LowRank(U.astype(W.dtype), jnp.zeros((capacity, capacity), W.dtype),
+                   V.astype(W.dtype), jnp.asarray(rank, jnp.int32), W)
+  return LowRank(U.astype(W.dtype), jnp.diag(s).astype(W.dtype),
+                 V.astype(W.dtype), jnp.asarray(rank, jnp.int32))
+
+
+def materialize(f: LowRank) -> jax.Array:
+  """The dense (n, m) matrix U S V^T (+ W0)."""
+  W = f.U @ f.S @ f.V.T
+  return W if f.W0 is None else W + f.W0
+
+
+def apply(f: LowRank, x: jax.Array) -> jax.Array:
+  """x (..., m) -> x W^T (..., n) without forming W: ((x V) S^T) U^T."""
+  y = ((x @ f.V) @ f.S.T) @ f.U.T
+  return y if f.W0 is None else y + x @ f.W0.T
+
+
+def num_params(f: LowRank, train: bool = True) -> jax.Array:
+  """r (n + m) + r^2 (the factors); the frozen base is not counted in train.
+
+  For evaluation of an adapter (W0 present) the merged matrix is deployed,
+  so the count is n * m.
+  """
+  n, m = f.shape
+  r = f.rank
+  if f.W0 is not None and not train:
+    return jnp.asarray(n * m, jnp.int32)
+  return r * (n + m) + r * r
+
+
+def resize(f: LowRank, capacity: int) -> LowRank:
+  """Host-side change of buffer capacity (a new shape: one recompile).
+
+  Active columns are kept; capacity must be >= the active rank.
+  """
+  n, m = f.shape
+  r = int(f.rank)
+  if not r <= capacity <= min(n, m):
+    raise ValueError(f"LowRank.resize: capacity {capacity} must be in "
+                     f"[rank, min(n, m)] = [{r}, {min(n, m)}]")
+  c = min(capacity, f.capacity)
+  pad = lambda a, rows: jnp.zeros((rows, capacity), a.dtype).at[:, :c].set(a[:, :c])
+  S = jnp.zeros((capacity, capacity), f.S.dtype).at[:c, :c].set(f.S[:c, :c])
+  return LowRank(pad(f.U, n), S, pad(f.V, m), f.rank, f.W0)
+
+
+def conv_kernel_to_matrix(kernel: jax.Array) -> jax.Array:
+  """Flax conv kernel (kh, kw, c_in, c_out) -> (c_out, kh * kw * c_in)."""
+  if kernel.ndim != 4:
+    raise ValueError(f"expected a (kh, kw, c_in, c_out) kernel, got {kernel.shape}")
+  return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def matrix_to_conv_kernel(W: jax.Array, kh: int, kw: int) -> jax.Array:
+  """(c_out, kh * kw * c_in) -> Flax conv kernel (kh, kw, c_in, c_out)."""
+  c_out, k = W.shape
+  if k % (kh * kw):
+    raise ValueError(f"matrix of shape {W.shape} is not a {kh}x{kw} conv kernel")
+  return W.T.reshape(kh, kw, k // (kh * kw), c_out)
+
+
+def bucket_capacity(rank: int, limit: int) -> int:
+  """Smallest power of two >= 2 * rank, capped at `limit` (= min(n, m)).
+
+  Rank-adaptive integrators augment to 2r inside the buffer, so a capacity
+  of at least 2r lets the rank double in one step without a reshape.
+  """
+  return min(limit, 1 << max(1, math.ceil(math.log2(max(2 * rank, 2)))))
