@@ -1,0 +1,114 @@
+"""Timing, compile counting and FLOP helpers shared by the benchmarks.
+
+All timings are medians of per-step wall times after warm-up, with the
+spread (min, max of the medians) over repeats; ratios are taken between
+methods measured in the same process, one after another, so that the
+machine's load drifts as little as possible between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def block(tree):
+  """Wait for every array in a pytree."""
+  for x in jax.tree.leaves(tree):
+    if hasattr(x, "block_until_ready"):
+      x.block_until_ready()
+  return tree
+
+
+def time_steps(step: Callable, carry, *, steps: int, warmup: int = 3,
+               repeats: int = 3) -> dict:
+  """Median ms/step of `carry = step(carry)` over `steps` steps, `repeats` times.
+
+  Each step is timed individually (dispatch + wait), so the median ignores
+  the occasional hiccup of a shared machine.
+
+  Returns:
+    {"ms": median over repeats of the per-repeat medians, "ms_min", "ms_max",
+     "carry": the final carry}.
+  """
+  for _ in range(warmup):
+    carry = block(step(carry))
+  medians = []
+  for _ in range(repeats):
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      carry = block(step(carry))
+      times.append(time.perf_counter() - t0)
+    medians.append(statistics.median(times) * 1e3)
+  return {"ms": statistics.median(medians), "ms_min": min(medians),
+          "ms_max": max(medians), "carry": carry}
+
+
+class CompileCounter:
+  """Counts XLA backend compilations and their time via jax.monitoring."""
+
+  _EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+    self.seconds = 0.0
+    self._active = False
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event: str, duration: float, **kwargs):
+    del kwargs
+    if self._active and event == self._EVENT:
+      self.count += 1
+      self.seconds += duration
+
+  @contextlib.contextmanager
+  def counting(self):
+    self.count, self.seconds, self._active = 0, 0.0, True
+    try:
+      yield self
+    finally:
+      self._active = False
+
+
+_COUNTER: CompileCounter | None = None
+
+
+def compile_counter() -> CompileCounter:
+  """The process-wide counter (listeners cannot be unregistered)."""
+  global _COUNTER
+  if _COUNTER is None:
+    _COUNTER = CompileCounter()
+  return _COUNTER
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """Jitted float32 n x n matmul throughput in GFLOP/s (the roofline)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def nbytes(tree) -> int:
+  """Total bytes of the arrays in a pytree."""
+  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)
+                 if hasattr(x, "dtype")))
+
+
+def peak_memory_bytes() -> int | None:
+  """Peak device memory if the backend reports it (GPU/TPU), else None."""
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")
