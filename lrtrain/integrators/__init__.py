@@ -1,0 +1,71 @@
+"""Training methods with one step contract (see `base`).
+
+`build(name, tx, **kwargs)` imports the method's module lazily, so a method
+whose dependencies are heavy (or missing) costs nothing until it is asked
+for. Names and modules:
+
+  dense, factors, lora, galore  -> plain.py  (plain optax baselines)
+  kls                           -> kls.py    (DLRT: KLS / rank-adaptive BUG)
+  geolora                       -> geolora.py (parallel BUG / GeoLoRA)
+  tdlrt                         -> tdlrt.py  (Tucker BUG for conv kernels)
+  condlr                        -> condlr.py (approximate orthonormal constraints)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import optax
+
+from lrtrain.integrators.base import Integrator
+
+METHODS = {
+    "dense": "plain",
+    "factors": "plain",
+    "lora": "plain",
+    "galore": "plain",
+    "kls": "kls",
+    "geolora": "geolora",
+    "tdlrt": "tdlrt",
+    "condlr": "condlr",
+}
+
+# plain.py serves several names; it gets the name as `method`.
+_SHARED_MODULES = {"plain"}
+
+
+def module_for(name: str):
+  """The module implementing `name` (imported on first use).
+
+  Raises:
+    ValueError: unknown method name.
+    ModuleNotFoundError: the method's module is not available.
+  """
+  if name not in METHODS:
+    raise ValueError(f"unknown integrator {name!r}; valid names: "
+                     f"{', '.join(sorted(METHODS))}")
+  return importlib.import_module(f"lrtrain.integrators.{METHODS[name]}")
+
+
+def build(name: str, tx: optax.GradientTransformation, **kwargs) -> Integrator:
+  """The integrator `name` using the optax transformation `tx`.
+
+  Args:
+    name: one of `METHODS`.
+    tx: optimizer for the K, L, S sub-steps and the non-factor parameters.
+    **kwargs: method options (tau, adaptive, r_min, r_max, transport,
+      basis_period, variant, kappa_tau, weight_decay, ...).
+
+  Returns:
+    An `Integrator(init, step, resize)`.
+
+  Raises:
+    ValueError: unknown name or option.
+  """
+  mod = module_for(name)
+  if METHODS[name] in _SHARED_MODULES:
+    return mod.make(tx, method=name, **kwargs)
+  return mod.make(tx, **kwargs)
+
+
+__all__ = ["METHODS", "Integrator", "build", "module_for"]
