@@ -1,0 +1,15 @@
+"""Spectral diagnostics of dense and factored layers, on their own cadence.
+
+`Diagnostics(reference_params)(params)` returns a flat dict of
+slash-namespaced metrics (spectral/<layer>/stable_rank, rank/<layer>,
+intruders/<layer>/maxsim, intruders/total, params/compression, ...); every
+key is defined in docs/diagnostics.md. `plots.render` turns a run's
+metrics.jsonl into figures.
+"""
+
+from lrtrain.diagnostics import heavy_tail, intruders, spectral
+from lrtrain.diagnostics.core import Diagnostics, find_layers, layer_matrix
+from lrtrain.diagnostics.intruders import count_from_maxsim
+
+__all__ = ["Diagnostics", "find_layers", "layer_matrix", "count_from_maxsim",
+           "heavy_tail", "intruders", "spectral"]
