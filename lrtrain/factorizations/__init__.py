@@ -35,6 +35,16 @@ def _module(f):
     raise TypeError(f"not a factorization node: {type(f).__name__}") from None
 
 
+def register(node_type: type, module: Any) -> None:
+  """Register an extra node type: `module` provides apply / materialize /
+  num_params for it, and `is_factor` becomes True for its instances (used
+  by integrators that evaluate the model on auxiliary nodes)."""
+  global FACTOR_TYPES
+  _MODULES[node_type] = module
+  if node_type not in FACTOR_TYPES:
+    FACTOR_TYPES = FACTOR_TYPES + (node_type,)
+
+
 def materialize(f) -> jax.Array:
   """Dense weight: (n, m) for LowRank/Lora, (c_out, c_in, kh, kw) for Tucker."""
   return _module(f).materialize(f)
@@ -95,4 +105,4 @@ def path_str(path) -> str:
 
 __all__ = ["LowRank", "Lora", "Tucker", "FACTOR_TYPES", "is_factor", "materialize",
            "as_matrix", "apply", "num_params", "dense_num_params", "factor_paths",
-           "path_str", "conv", "lora", "lowrank", "tucker"]
+           "path_str", "register", "conv", "lora", "lowrank", "tucker"]

@@ -145,3 +145,116 @@ def masked_apply(tx: optax.GradientTransformation, params, grads, opt_state):
   updates = jax.tree.map(lambda u, f: jnp.zeros_like(u) if f else u, updates,
                          frozen)
   return optax.apply_updates(params, updates), opt_state
+
+
+# --------------------------------------------------------------------------
+# Trainable-leaf trees: optax only ever sees float leaves it may change, so
+# int rank leaves and frozen bases never enter an optimizer state.
+# --------------------------------------------------------------------------
+
+
+def trainable(params: Params) -> Params:
+  """params with frozen / non-float leaves replaced by None."""
+  return jax.tree.map(lambda p, f: None if f else p, params,
+                      frozen_mask(params))
+
+
+def restore_frozen(params: Params, new: Params) -> Params:
+  """Put the frozen leaves of `params` back into a `trainable` tree."""
+  return jax.tree.map(lambda p, f, n: p if f else n, params,
+                      frozen_mask(params), new,
+                      is_leaf=lambda x: x is None)
+
+
+def with_weight_decay(tx: optax.GradientTransformation,
+                      weight_decay: float) -> optax.GradientTransformation:
+  """tx preceded by L2 decay on the leaves `decay_mask` allows (never on
+  orthonormal factors); identity wrapper when weight_decay == 0."""
+  if not weight_decay:
+    return tx
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                     tx)
+
+
+# --------------------------------------------------------------------------
+# BUG building blocks on fixed-capacity buffers (see factorizations.lowrank).
+# --------------------------------------------------------------------------
+
+
+def column_mask(r, C: int, dtype=jnp.float32) -> jax.Array:
+  """(C,) ones on the first r entries (r may be traced)."""
+  return (jnp.arange(C) < r).astype(dtype)
+
+
+def orth(X: jax.Array, r) -> jax.Array:
+  """Orthonormal basis of the first r columns of X (n, C), sign-fixed so
+  that diag(R) >= 0, columns >= r zeroed (QR of zero columns is junk)."""
+  Q, R = jnp.linalg.qr(X.astype(jnp.float32))
+  d = jnp.sign(jnp.diagonal(R))
+  d = jnp.where(d == 0, 1.0, d)
+  return Q * d[None, :] * column_mask(r, X.shape[-1])
+
+
+def augment(U: jax.Array, D: jax.Array, r, *, exact: bool = False):
+  """Orthonormal basis of span[U[:, :r] | D[:, :r]] inside C columns.
+
+  The active columns are gathered into the first 2r columns (zeros after),
+  then orthonormalised; columns >= min(2r, C) are masked. If 2r > C only
+  the first C directions are kept (U first, so span(U) is always kept).
+
+  Args:
+    U: (n, C) orthonormal active columns.
+    D: (n, C) new directions (K1 or an update of K), active columns < r.
+    r: active rank (int or traced int).
+    exact: put U itself in the first r columns (GeoLoRA's block formula
+      assumes U^ = [U | U_new]); otherwise the QR output is used and the
+      caller maps S with the Galerkin matrix U^T U (self-correcting).
+
+  Returns:
+    (n, C) float32 basis U^ with min(2r, C) active columns.
+  """
+  n, C = U.shape
+  j = jnp.arange(C)
+  src = jnp.where(j < r, j, C + j - r)
+  X = jnp.take(jnp.concatenate([U, D], axis=1).astype(jnp.float32), src,
+               axis=1) * column_mask(2 * r, C)
+  Uh = orth(X, jnp.minimum(2 * r, C))
+  if exact:
+    Uh = jnp.where((j < r)[None, :], U.astype(jnp.float32), Uh)
+  return Uh
+
+
+def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
+             rank=None):
+  """SVD truncation of a (C, C) core: the rank rule of `truncation_rank`.
+
+  Args:
+    S: (C, C) augmented core (zero outside its active block).
+    tau: relative tolerance.
+    r_min, r_max: clamps (r_max is also capped at C).
+    adaptive: if False the rank stays `rank` (fixed-rank parallel BUG).
+    rank: the fixed rank (used when adaptive is False).
+
+  Returns:
+    (P, Q, S_new, r_new): P, Q (C, C) with columns >= r_new zeroed, so the
+    new factors are U^ P, V^ Q and S_new = diag(sigma[:r_new]) = P^T S Q.
+  """
+  C = S.shape[-1]
+  P, sigma, Qt = jnp.linalg.svd(S.astype(jnp.float32))
+  if adaptive:
+    r_new = truncation_rank(sigma, tau, jnp.minimum(r_min, C),
+                            jnp.minimum(r_max, C))
+  else:
+    r_new = jnp.asarray(rank, jnp.int32)
+  mask = column_mask(r_new, C)
+  return P * mask, Qt.T * mask, jnp.diag(sigma * mask), r_new
+
+
+def rank_bounds(f, r_min: int, r_max: int) -> tuple[int, int]:
+  """Per-layer clamps: r_max = 0 means floor(min(n, m) / 2); both capped at
+  min(n, m) and r_min <= r_max."""
+  limit = min(f.shape)
+  hi = limit // 2 if not r_max else min(int(r_max), limit)
+  hi = max(hi, 1)
+  lo = max(1, min(int(r_min), hi))
+  return lo, hi

@@ -1,0 +1,342 @@
+"""DLRT: the KLS / rank-adaptive BUG integrator for LowRank layers.
+
+One step for every LowRank node W = U S V^T (+ W0) at once:
+
+  K0 = U S ;  L0 = V S^T
+  g_K = G V ;  g_L = G^T U                       (backward pass 1, at W)
+  K1 = opt_KL(K0, g_K) ;  L1 = opt_KL(L0, g_L)
+  adaptive: U^ = orth[U | K1] (2r columns) ;  fixed: U^ = orth(K1)   (same for V)
+  M = U^^T U ;  N = V^^T V ;  S^0 = M S N^T      (Galerkin initial value)
+  g_S = U^^T G^ V^                               (backward pass 2, at U^ S^0 V^^T)
+  S^1 = opt_S(S^0, g_S)        (non-factor parameters update here too)
+  adaptive: P diag(sigma) Q^T = svd(S^1), r1 = truncation_rank(sigma),
+            U = U^ P[:, :r1], V = V^ Q[:, :r1], S = diag(sigma[:r1])
+
+Two backward passes instead of the paper's three: g_K and g_L are taken at
+the same point W, so one backward through a node whose value is
+
+  x V (K - U S)^T + (x L) U^T     (U, V, S constant; = x W^T at K = U S, L = V S^T)
+
+gives both exactly (d/dK = G V, d/dL = G^T U, no S^-1). This is
+mathematically identical to the three-pass scheme of the paper.
+
+The truncation fixes two quirks of the reference code (see
+`base.truncation_rank`): the tail norm includes every discarded value and
+the rank may grow to the full augmented size 2r. Factors live in
+fixed-capacity buffers (rank as an array, masked columns) so the whole step,
+truncation included, is one compiled program; `resize` moves capacity
+between power-of-two buckets on the host (`buckets`). K/L and S (+ other
+parameters) have separate optimizer states so stateful optimizers count
+their steps right; with `transport=True` the moments are mapped across each
+basis change (`transport`).
+
+References:
+  Schotthoefer, Zangrando, Kusch, Ceruti, Tudisco, "Low-rank lottery tickets:
+  finding efficient low-rank neural networks via matrix differential
+  equations", NeurIPS 2022.
+  Ceruti, Lubich, "An unconventional robust integrator for dynamical
+  low-rank approximation", BIT 2022; Ceruti, Kusch, Lubich, "A rank-adaptive
+  robust integrator for dynamical low-rank approximation", BIT 2022.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lrtrain import factorizations as fz
+from lrtrain.integrators import base
+from lrtrain.integrators import buckets
+from lrtrain.integrators import transport as tr
+
+
+# --------------------------------------------------------------------------
+# The K/L evaluation node.
+# --------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KLNode:
+  """LowRank layer evaluated as a function of K and L (U, S, V constant).
+
+  Field order starts like LowRank (U, S, V, rank, W0) so code comparing
+  leaf shapes pairwise with a LowRank (Flax's param shape check) accepts it.
+  """
+  U: jax.Array
+  S: jax.Array
+  V: jax.Array
+  rank: jax.Array
+  W0: jax.Array | None
+  K: jax.Array
+  L: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.U.shape[-2], self.V.shape[-2])
+
+  @property
+  def capacity(self) -> int:
+    return self.U.shape[-1]
+
+  @property
+  def dtype(self):
+    return self.U.dtype
+
+
+def _kl_apply(f: KLNode, x: jax.Array) -> jax.Array:
+  """x (..., m) -> x W^T with W = (K - U S) V^T + U L^T (+ W0)."""
+  y = (x @ f.V) @ (f.K - f.U @ f.S).T + (x @ f.L) @ f.U.T
+  return y if f.W0 is None else y + x @ f.W0.T
+
+
+def _kl_materialize(f: KLNode) -> jax.Array:
+  W = (f.K - f.U @ f.S) @ f.V.T + f.U @ f.L.T
+  return W if f.W0 is None else W + f.W0
+
+
+fz.register(KLNode, types.SimpleNamespace(
+    apply=_kl_apply, materialize=_kl_materialize,
+    num_params=lambda f, train=True: fz.lowrank.num_params(
+        fz.LowRank(f.U, f.S, f.V, f.rank, f.W0), train)))
+
+
+# --------------------------------------------------------------------------
+# Trees the two optimizers act on.
+# --------------------------------------------------------------------------
+
+
+def _is_lr(x) -> bool:
+  return isinstance(x, fz.LowRank)
+
+
+def kl_tree(params):
+  """LowRank nodes -> (K, L) = (U S, V S^T); everything else -> None."""
+  return jax.tree.map(
+      lambda x: (x.U @ x.S, x.V @ x.S.T) if _is_lr(x) else None, params,
+      is_leaf=fz.is_factor)
+
+
+def s_tree(params):
+  """LowRank nodes -> S; other trainable leaves as they are; frozen -> None."""
+  return base.trainable(jax.tree.map(
+      lambda x: x.S if _is_lr(x) else x, params, is_leaf=fz.is_factor))
+
+
+def _merge_s(params, st):
+  """Inverse of `s_tree`: new S into the nodes, new non-factor leaves."""
+  def fix(p, s):
+    if _is_lr(p):
+      return dataclasses.replace(p, S=s)
+    if fz.is_factor(p):
+      return base.restore_frozen(p, s)
+    return p if s is None else s
+  return jax.tree.map(fix, params, st, is_leaf=lambda x: fz.is_factor(x)
+                      or x is None)
+
+
+class _Opaque:
+  """A pytree leaf holding anything (keeps maps aligned with tree leaves)."""
+
+  def __init__(self, v):
+    self.v = v
+
+
+def aligned_maps(params, per_node, *, others: bool):
+  """One map per leaf of `kl_tree` (others=False) or `s_tree` (others=True):
+  `per_node(i, node)` gives the tuple of maps of the i-th LowRank node."""
+  counter = iter(range(1 << 30))
+
+  def fix(x):
+    if _is_lr(x):
+      return tuple(_Opaque(m) for m in per_node(next(counter), x))
+    if not others:
+      return None
+    return jax.tree.map(lambda _: _Opaque(None), base.trainable(x))
+  tree = jax.tree.map(fix, params, is_leaf=fz.is_factor)
+  return [o.v for o in jax.tree.leaves(tree)]
+
+
+# --------------------------------------------------------------------------
+# The integrator.
+# --------------------------------------------------------------------------
+
+
+class KLSState(NamedTuple):
+  """kl: optax state of the K/L sub-step (tree `kl_tree`);
+  s: optax state of the S sub-step and non-factor parameters (tree `s_tree`)."""
+  kl: Any
+  s: Any
+
+
+def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
+         tau: float = 0.1, r_min: int = 2, r_max: int = 0,
+         transport: bool = True, weight_decay: float = 0.0,
+         kl_tx: optax.GradientTransformation | None = None,
+         **unused) -> base.Integrator:
+  """The KLS (fixed rank) or rank-adaptive BUG integrator (DLRT).
+
+  Costs two forward + two backward passes per step (see module docstring).
+
+  Args:
+    tx: optax transformation for the S sub-step and all non-factor
+      parameters (and for K, L unless `kl_tx` is given).
+    adaptive: augment to 2r and truncate by `tau`; else fixed rank (no
+      augmentation, capacity = rank suffices).
+    tau: relative truncation tolerance (||sigma_tail|| <= tau ||sigma||).
+    r_min, r_max: rank clamps per layer (r_max = 0: floor(min(n, m) / 2)).
+    transport: map optimizer moments across basis changes.
+    weight_decay: L2 decay on S and non-factor parameters (never U, V).
+    kl_tx: a separate optimizer for the K/L sub-step.
+    **unused: options of other methods (ignored so configs can share keys).
+
+  Returns:
+    base.Integrator(init, step, resize).
+
+  Raises:
+    ValueError: tau outside [0, 1).
+  """
+  del unused
+  if not 0.0 <= tau < 1.0:
+    raise ValueError(f"kls: tau must be in [0, 1), got {tau}")
+  tx_s = base.with_weight_decay(tx, weight_decay)
+  tx_kl = tx if kl_tx is None else kl_tx
+
+  def init(params):
+    return KLSState(tx_kl.init(kl_tree(params)), tx_s.init(s_tree(params)))
+
+  def step(loss_fn, params, state, batch):
+    # --- K and L sub-steps: one backward pass through KLNode. ---
+    kl0 = kl_tree(params)
+    const = jax.lax.stop_gradient(params)
+
+    def kl_loss(kl):
+      def node(p, k):
+        if not _is_lr(p):
+          return p
+        return KLNode(p.U, p.S, p.V, p.rank, p.W0, k[0], k[1])
+      return loss_fn(jax.tree.map(node, const, kl, is_leaf=lambda x:
+                                  fz.is_factor(x) or x is None), batch)
+
+    (loss, aux), g_kl = jax.value_and_grad(kl_loss, has_aux=True)(kl0)
+    upd, kl_state = tx_kl.update(g_kl, state.kl, kl0)
+    kl1 = optax.apply_updates(kl0, upd)
+
+    # --- Basis augmentation and Galerkin initial value. ---
+    bases = {}
+
+    def new_basis(i, p, k):
+      C = p.capacity
+      r = p.rank
+      cm = base.column_mask(r, C)
+      K1, L1 = k[0] * cm, k[1] * cm
+      if adaptive:
+        Uh = base.augment(p.U, K1, r)
+        Vh = base.augment(p.V, L1, r)
+        r_aug = jnp.minimum(2 * r, C)
+      else:
+        Uh, Vh, r_aug = base.orth(K1, r), base.orth(L1, r), r
+      M = Uh.T @ p.U.astype(jnp.float32)
+      N = Vh.T @ p.V.astype(jnp.float32)
+      S0 = M @ p.S.astype(jnp.float32) @ N.T
+      bases[i] = (Uh, Vh, M, N, r_aug)
+      dt = p.dtype
+      return fz.LowRank(Uh.astype(dt), S0.astype(dt), Vh.astype(dt),
+                        r_aug.astype(jnp.int32), p.W0)
+
+    counter = iter(range(1 << 30))
+    aug = jax.tree.map(
+        lambda p, k: new_basis(next(counter), p, k) if _is_lr(p) else p,
+        params, kl1, is_leaf=lambda x: fz.is_factor(x) or x is None)
+
+    s_like = s_tree(params)
+    s_state = tr.transport(
+        state.s, s_like,
+        aligned_maps(params, lambda i, p: (tr.Congruence(bases[i][2],
+                                                         bases[i][3]),),
+                     others=True),
+        enabled=transport)
+
+    # --- S sub-step (and non-factor parameters): backward pass 2. ---
+    s0 = s_tree(aug)
+
+    def s_loss(st):
+      return loss_fn(_merge_s(aug, st), batch)
+
+    (_, _), g_s = jax.value_and_grad(s_loss, has_aux=True)(s0)
+    upd, s_state = tx_s.update(g_s, s_state, s0)
+    s1 = optax.apply_updates(s0, upd)
+    stepped = _merge_s(aug, s1)
+
+    # --- Truncation (adaptive) and moment transport. ---
+    finals = {}
+
+    def finish(i, p, q):
+      Uh, Vh, _, _, r_aug = bases[i]
+      dt = q.dtype
+      C = q.capacity
+      am = base.column_mask(r_aug, C)
+      S1 = q.S.astype(jnp.float32) * am[:, None] * am[None, :]
+      lo, hi = base.rank_bounds(q, r_min, r_max)
+      if adaptive:
+        P, Q, S_new, r_new = base.truncate(S1, tau=tau, r_min=lo, r_max=hi)
+        U_new, V_new = Uh @ P, Vh @ Q
+      else:
+        P = Q = None
+        S_new, r_new, U_new, V_new = S1, p.rank, Uh, Vh
+      finals[i] = (P, Q, U_new, V_new)
+      return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
+                        jnp.asarray(r_new, jnp.int32), p.W0)
+
+    counter = iter(range(1 << 30))
+    new_params = jax.tree.map(
+        lambda p, q: finish(next(counter), p, q) if _is_lr(p) else q,
+        params, stepped, is_leaf=fz.is_factor)
+
+    if adaptive:
+      s_state = tr.transport(
+          s_state, s0,
+          aligned_maps(params, lambda i, p: (tr.Congruence(
+              finals[i][0].T, finals[i][1].T),), others=True),
+          enabled=transport)
+    # K = W V and L = W^T U: their column coordinates follow V and U.
+    kl_state = tr.transport(
+        kl_state, kl0,
+        aligned_maps(params, lambda i, p: (
+            tr.Congruence(None, finals[i][3].T @ p.V.astype(jnp.float32)),
+            tr.Congruence(None, finals[i][2].T @ p.U.astype(jnp.float32))),
+            others=False),
+        enabled=transport)
+
+    out = {"loss": loss, **aux, **base.rank_aux(new_params)}
+    return new_params, KLSState(kl_state, s_state), out
+
+  def resize(params, state):
+    if not adaptive:
+      return params, state, False
+    plan = buckets.lowrank_plan(params, need=2)
+    if not buckets.count_moves(plan):
+      return params, state, False
+
+    def emb(i, kind):
+      move = plan[i]
+      if move is None:
+        return None
+      E = buckets.embedding(*move)
+      return tr.Congruence(E, E) if kind == "core" else tr.Congruence(None, E)
+
+    kl = buckets.resize_state(
+        state.kl, kl_tree(params),
+        aligned_maps(params, lambda i, p: (emb(i, "cols"), emb(i, "cols")),
+                     others=False))
+    s = buckets.resize_state(
+        state.s, s_tree(params),
+        aligned_maps(params, lambda i, p: (emb(i, "core"),), others=True))
+    return buckets.resize_lowrank(params, plan), KLSState(kl, s), True
+
+  return base.Integrator(init, step, resize)
