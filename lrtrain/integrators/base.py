@@ -258,3 +258,22 @@ def rank_bounds(f, r_min: int, r_max: int) -> tuple[int, int]:
   hi = max(hi, 1)
   lo = max(1, min(int(r_min), hi))
   return lo, hi
+
+
+def stop_frozen(params: Params) -> Params:
+  """stop_gradient on frozen float leaves (a frozen W0 then costs no
+  backward matmul)."""
+  return jax.tree.map(
+      lambda p, f: jax.lax.stop_gradient(p) if f and is_float(p) else p,
+      params, frozen_mask(params))
+
+
+def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
+  """Pseudo-inverse of a (C, C) core: singular values below rel_eps * max
+  are dropped; an all-zero core (adapter start) gets the identity on its
+  active r x r block."""
+  C = S.shape[-1]
+  A, s, Bt = jnp.linalg.svd(S.astype(jnp.float32))
+  inv = jnp.where(s > rel_eps * s[0], 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+  Sinv = (Bt.T * inv[None, :]) @ A.T
+  return jnp.where(s[0] > 0, Sinv, jnp.diag(column_mask(r, C)))

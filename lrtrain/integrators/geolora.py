@@ -1,0 +1,251 @@
+"""GeoLoRA / parallel BUG: one forward and one backward per step.
+
+For every LowRank node W = U S V^T (+ frozen W0), from one backward pass at W:
+
+  g_K = g_U S^-T ;  g_L = g_V S^-1       (guarded inverse; S = 0 -> I)
+  (d_K, d_L, d_S) = opt(g_K, g_L, g_S)   (one optax state, with the other params)
+  K1 = U S + d_K ;  L1 = V S^T + d_L ;  S1 = S + d_S
+  U^ = [U | U_new] = orth[U | d_K] ;  V^ likewise
+  S^ = [[ S1,          L1^T V_new ],
+        [ U_new^T K1,  0          ]]     (2r x 2r, assembled directly;
+                                          Galerkin form in `_core_step`)
+  truncate S^ by SVD (base.truncation_rank) -> U = U^ P, V = V^ Q, S = diag(sigma)
+
+With `basis_period` c > 0 the basis step runs every c + 1 iterations and
+the steps in between are plain optimizer steps on S (and the other
+parameters), as in the authors' fine-tuning runs. Works for training from
+scratch and for fine-tuning (LowRank with W0 and S = 0 at start,
+`lowrank.from_dense(W, r, frozen_base=True)`): the first step then only
+moves S, since g_U = G V S^T = 0.
+
+`as_transform` gives the same update as an optax GradientTransformation
+for use inside `optax.chain` (capacities fixed there; use the Integrator's
+`resize` between steps to move buckets).
+
+References:
+  Schotthoefer, Zangrando, Ceruti, Tudisco, Kusch, "GeoLoRA: Geometric
+  integration for parameter efficient fine-tuning", ICLR 2025.
+  Ceruti, Kusch, Lubich, "A parallel rank-adaptive integrator for dynamical
+  low-rank approximation", SIAM J. Sci. Comput. 2024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lrtrain import factorizations as fz
+from lrtrain.integrators import base
+from lrtrain.integrators import buckets
+from lrtrain.integrators import transport as tr
+from lrtrain.integrators.kls import aligned_maps
+
+
+def _is_lr(x) -> bool:
+  return isinstance(x, fz.LowRank)
+
+
+def opt_tree(params):
+  """LowRank -> (K, L, S) = (U S, V S^T, S); other trainable leaves as they
+  are; frozen leaves -> None. The tree the optimizer state lives on."""
+  return jax.tree.map(
+      lambda x: (x.U @ x.S, x.V @ x.S.T, x.S) if _is_lr(x) else base.trainable(x),
+      params, is_leaf=fz.is_factor)
+
+
+def grad_tree(params, grads):
+  """Factor gradients (g_U, g_S, g_V) -> (g_K, g_L, g_S) per LowRank node."""
+  def fix(p, g):
+    if not _is_lr(p):
+      return base.trainable(g) if fz.is_factor(p) else (
+          None if not base.is_float(p) else g)
+    Sinv = base.guarded_inverse(p.S, p.rank).astype(g.U.dtype)
+    return (g.U @ Sinv.T, g.V @ Sinv, g.S)
+  return jax.tree.map(fix, params, grads, is_leaf=fz.is_factor)
+
+
+class GeoLoRAState(NamedTuple):
+  """opt: optax state on `opt_tree`; count: () int32 steps taken."""
+  opt: Any
+  count: jax.Array
+
+
+def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
+               transport, basis_period):
+  """New params and state from factor gradients (the shared update)."""
+  like = opt_tree(params)
+  g = grad_tree(params, grads)
+  upd, opt = tx.update(g, state.opt, like)
+  moved = optax.apply_updates(like, upd)
+
+  def plain(_):
+    # S (and the other parameters) only; the basis stays.
+    def fix(p, q, d):
+      if _is_lr(p):
+        cm = base.column_mask(p.rank, p.capacity, q[2].dtype)
+        return dataclasses.replace(p, S=q[2] * cm[:, None] * cm[None, :])
+      if fz.is_factor(p):
+        return base.restore_frozen(p, q)
+      return q if base.is_float(p) else p
+    new = jax.tree.map(fix, params, moved, upd, is_leaf=lambda x: fz.is_factor(x)
+                       or x is None)
+    return new, opt
+
+  def basis(_):
+    finals = {}
+    counter = iter(range(1 << 30))
+
+    def fix(p, q, d):
+      if not _is_lr(p):
+        if fz.is_factor(p):
+          return base.restore_frozen(p, q)
+        return q if base.is_float(p) else p
+      i = next(counter)
+      f32 = jnp.float32
+      C, r = p.capacity, p.rank
+      cm = base.column_mask(r, C)
+      U, V = p.U.astype(f32), p.V.astype(f32)
+      K1, L1, S1 = (q[0].astype(f32) * cm, q[1].astype(f32) * cm,
+                    q[2].astype(f32) * cm[:, None] * cm[None, :])
+      # U^ = orth[U | d_K] from a sign-fixed QR, not U pasted in: pasting
+      # lets orthonormality errors accumulate step after step, while the QR
+      # output is orthonormal to rounding every step. With M = U^^T U,
+      # N = V^^T V the core is the Galerkin projection
+      #   S^ = U^^T [U S1 V^T + (I - U U^T) K1 V^T + U L1^T (I - V V^T)] V^,
+      # which is the block matrix [[S1, L1^T V_new], [U_new^T K1, 0]] when
+      # U^ = [U | U_new] exactly.
+      Uh = base.augment(U, d[0].astype(f32) * cm, r)
+      Vh = base.augment(V, d[1].astype(f32) * cm, r)
+      M, N = Uh.T @ U, Vh.T @ V
+      A = Uh.T @ K1 - M @ (U.T @ K1)
+      B = Vh.T @ L1 - N @ (V.T @ L1)
+      S_hat = M @ S1 @ N.T + A @ N.T + M @ B.T
+      lo, hi = base.rank_bounds(p, r_min, r_max)
+      P, Q, S_new, r_new = base.truncate(S_hat, tau=tau, r_min=lo, r_max=hi,
+                                         adaptive=adaptive, rank=r)
+      U_new, V_new = Uh @ P, Vh @ Q
+      finals[i] = (P.T @ M, Q.T @ N, U_new.T @ U, V_new.T @ V)
+      dt = p.dtype
+      return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
+                        jnp.asarray(r_new, jnp.int32), p.W0)
+
+    new = jax.tree.map(fix, params, moved, upd,
+                       is_leaf=lambda x: fz.is_factor(x) or x is None)
+    # K = W V and L = W^T U follow V and U; S maps like S1: P^T M S1 N^T Q.
+    maps = aligned_maps(params, lambda i, p: (
+        tr.Congruence(None, finals[i][3]), tr.Congruence(None, finals[i][2]),
+        tr.Congruence(finals[i][0], finals[i][1])), others=True)
+    return new, tr.transport(opt, like, maps, enabled=transport)
+
+  if basis_period:
+    do_basis = state.count % (basis_period + 1) == 0
+    new, opt = jax.lax.cond(do_basis, basis, plain, None)
+  else:
+    new, opt = basis(None)
+  return new, GeoLoRAState(opt, state.count + 1)
+
+
+def _check(tau):
+  if not 0.0 <= tau < 1.0:
+    raise ValueError(f"geolora: tau must be in [0, 1), got {tau}")
+
+
+def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
+         tau: float = 0.1, r_min: int = 2, r_max: int = 0,
+         transport: bool = True, basis_period: int = 0,
+         weight_decay: float = 0.0, **unused) -> base.Integrator:
+  """The GeoLoRA / parallel BUG integrator (one backward pass per step).
+
+  Args:
+    tx: optax transformation for d_K, d_L, d_S and the non-factor params.
+    adaptive: truncate by `tau`; else keep each layer's rank (fixed-rank
+      parallel BUG, still augmenting to 2r inside the step).
+    tau: relative truncation tolerance.
+    r_min, r_max: rank clamps per layer (r_max = 0: floor(min(n, m) / 2)).
+    transport: map optimizer moments across basis changes.
+    basis_period: c > 0 runs the basis step every c + 1 steps only.
+    weight_decay: L2 decay on K, L, S and non-factor params (never U, V).
+    **unused: options of other methods (ignored).
+
+  Returns:
+    base.Integrator(init, step, resize).
+
+  Raises:
+    ValueError: tau outside [0, 1).
+  """
+  del unused
+  _check(tau)
+  tx = base.with_weight_decay(tx, weight_decay)
+  kw = dict(adaptive=adaptive, tau=tau, r_min=r_min, r_max=r_max,
+            transport=transport, basis_period=basis_period)
+
+  def init(params):
+    return GeoLoRAState(tx.init(opt_tree(params)), jnp.zeros((), jnp.int32))
+
+  def step(loss_fn, params, state, batch):
+    (loss, aux), grads = base.value_and_grad(loss_fn, base.stop_frozen(params),
+                                             batch)
+    new, state = _core_step(params, grads, state, tx, **kw)
+    return new, state, {"loss": loss, **aux, **base.rank_aux(new)}
+
+  def resize(params, state):
+    plan = buckets.lowrank_plan(params, need=2)
+    if not buckets.count_moves(plan):
+      return params, state, False
+
+    def per_node(i, p):
+      if plan[i] is None:
+        return (None, None, None)
+      E = buckets.embedding(*plan[i])
+      return (tr.Congruence(None, E), tr.Congruence(None, E),
+              tr.Congruence(E, E))
+    opt = buckets.resize_state(state.opt, opt_tree(params),
+                               aligned_maps(params, per_node, others=True))
+    return (buckets.resize_lowrank(params, plan),
+            GeoLoRAState(opt, state.count), True)
+
+  return base.Integrator(init, step, resize)
+
+
+def as_transform(tx: optax.GradientTransformation, **kwargs
+                 ) -> optax.GradientTransformation:
+  """GeoLoRA as an optax GradientTransformation.
+
+  `update(grads, state, params)` returns updates with
+  `optax.apply_updates(params, updates)` equal to the integrator's new params
+  (int rank leaves included), so it composes inside
+  `optax.chain(optax.clip_by_global_norm(1.0), geolora.as_transform(tx))`.
+  Capacities are fixed inside a chain: bucket them beforehand (the
+  Integrator's `resize`), with capacity >= 2r.
+
+  Args:
+    tx: inner optax transformation (as in `make`).
+    **kwargs: the options of `make`.
+
+  Raises:
+    ValueError: params not given to update, or bad options.
+  """
+  integ = make(tx, **kwargs)  # validates the options
+  del integ
+  tx_in = base.with_weight_decay(tx, kwargs.pop("weight_decay", 0.0))
+  kw = {k: kwargs.get(k, d) for k, d in
+        dict(adaptive=True, tau=0.1, r_min=2, r_max=0, transport=True,
+             basis_period=0).items()}
+
+  def init_fn(params):
+    return GeoLoRAState(tx_in.init(opt_tree(params)), jnp.zeros((), jnp.int32))
+
+  def update_fn(grads, state, params=None):
+    if params is None:
+      raise ValueError("geolora.as_transform needs params in update()")
+    new, state = _core_step(params, grads, state, tx_in, **kw)
+    updates = jax.tree.map(
+        lambda n, p: (n - p).astype(p.dtype) if base.is_float(p) else n - p,
+        new, params)
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
