@@ -1,0 +1,67 @@
+"""plots.render on synthetic metrics.jsonl files."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from lrtrain import factorizations as fz
+from lrtrain.diagnostics import Diagnostics
+from lrtrain.diagnostics.plots import read_metrics, render
+
+
+def _write(path, rows):
+  with open(path, "w") as fh:
+    for r in rows:
+      fh.write(json.dumps(r) + "\n")
+
+
+def _png(path):
+  with open(path, "rb") as fh:
+    return fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_all_figures_from_real_diagnostics(tmp_path):
+  key = jax.random.PRNGKey(0)
+  params = {"fc1": {"kernel": fz.lowrank.init(key, 20, 16, 3, capacity=6)},
+            "block0/attn": {"kernel": jax.random.normal(key, (16, 12))}}
+  diag = Diagnostics(params, top_k=5)
+  rows = []
+  for step in range(0, 50, 10):
+    scaled = jax.tree.map(lambda x: x * (1 + step / 50) if x.dtype.kind == "f"
+                          else x, params)
+    m = diag(scaled)
+    row = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in m.items()}
+    row.update({"step": step, "train/loss": 2.0 / (1 + step),
+                "eval/accuracy": step / 50})
+    rows.append(row)
+  path = tmp_path / "metrics.jsonl"
+  _write(path, rows)
+  out = render(str(path), str(tmp_path / "plots"))
+  names = sorted(os.path.basename(p) for p in out)
+  assert names == sorted([
+      "loss.png", "accuracy.png", "rank.png", "spectral_ranks.png",
+      "condition.png", "sv_fc1.png", "sv_block0_attn.png",
+      "intruders_vs_eps.png", "intruders.png"])
+  assert all(_png(p) and os.path.getsize(p) > 1000 for p in out)
+
+
+def test_render_tolerates_missing_and_bad_values(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": 0, "train/loss": 1.0},
+          {"step": 1, "train/loss": float("nan"), "rank/fc": None},
+          {"step": 2, "train/loss": 0.5, "spectral/fc/sv": [1.0, None, 0.0]},
+          {"step": 3, "intruders/fc/maxsim": [0.2, float("nan"), 0.9]}]
+  _write(path, rows)
+  with open(path, "a") as fh:
+    fh.write("not json\n\n")
+  assert len(read_metrics(str(path))) == 4
+  names = sorted(os.path.basename(p) for p in render(str(path), str(tmp_path / "p")))
+  assert names == ["intruders_vs_eps.png", "loss.png", "sv_fc.png"]
+
+
+def test_render_empty_file(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("")
+  assert render(str(path), str(tmp_path / "p")) == []
