@@ -387,3 +387,9 @@ def test_layer_selection_and_full_spectrum():
   assert out["spectral/head/sv_full"].shape == (10,)
   assert out["spectral/fc1/sv_full"].shape == (24,)
   assert (out["spectral/fc1/sv_full"][4:] == 0).all()
+
+
+def test_reference_shape_mismatch_names_the_layer():
+  diag = Diagnostics({"fc": {"kernel": jnp.ones((8, 4))}})
+  with pytest.raises(ValueError, match="'fc'"):
+    diag({"fc": {"kernel": jnp.ones((6, 4))}})

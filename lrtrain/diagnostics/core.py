@@ -128,6 +128,7 @@ class Diagnostics:
     return list(self._refs)
 
   def _reference_bases(self, params, patterns):
+    self._ref_shapes = {}
     if params is None:
       return {}
     mats = {}
@@ -137,6 +138,7 @@ class Diagnostics:
     groups = defaultdict(list)
     for name, W in mats.items():
       groups[W.shape].append(name)
+      self._ref_shapes[name] = tuple(W.shape)
     basis = jax.jit(jax.vmap(intr.reference_basis))
     refs = {}
     for names in groups.values():
@@ -165,9 +167,10 @@ class Diagnostics:
       if not fz.is_factor(x):
         x = layer_matrix(name, x)
       ref = refs.get(name)
-      if ref is not None and ref[0].shape[0] != _shape(x)[0]:
-        raise ValueError(f"layer {name!r}: reference has {ref[0].shape[0]} "
-                         f"outputs, current weight {_shape(x)}")
+      if ref is not None and self._ref_shapes[name] != _shape(x):
+        raise ValueError(f"layer {name!r}: the reference and the current "
+                         f"weight differ in (out, in) shape: "
+                         f"{self._ref_shapes[name]} vs {_shape(x)}")
       leaves, treedef = jax.tree.flatten(x)
       key = (treedef, tuple((l.shape, l.dtype) for l in leaves), ref is not None)
       groups[key].append((name, x, ref))

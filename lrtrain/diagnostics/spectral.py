@@ -157,7 +157,7 @@ def tucker_spectra(f: Tucker, vectors: bool):
     si = jnp.linalg.svd(tucker_lib.unfold(core, i), compute_uv=False)
     modes.append(jnp.zeros((d,), si.dtype).at[:min(d, si.shape[0])].set(si[:d]))
   X1 = tucker_lib.unfold(core, 0)
-  active = active_mask(f.capacities[0], f.ranks[0])
+  active = active_mask(min(X1.shape), f.ranks[0])
   if vectors:
     P, s, _ = jnp.linalg.svd(X1, full_matrices=False)
     return s, active, Qs[0] @ P, modes
