@@ -1,0 +1,175 @@
+"""Checkpoints of a run with orbax's CheckpointManager (save/restore `args=`).
+
+What a checkpoint holds (one step directory, two items):
+
+  arrays  every array leaf of {params, opt_state, rng} in tree-flatten order
+          under keys '000000', '000001', ... (StandardSave)
+  meta    JSON: step, the leaf count and key paths of each group, and a
+          fingerprint of the config (JsonSave)
+
+Why flat leaves: rank-adaptive methods change factor capacities between
+saves, so a target built from a fresh model has the wrong shapes. The arrays
+are therefore restored without a target (as saved) and put back into the
+tree structure of a fresh model (structure never changes, only shapes); the
+optimizer-state structure is then derived from the restored params. The key
+paths stored in `meta` are compared with the rebuilt trees, so a checkpoint
+of another model refuses to load instead of loading wrongly.
+
+Resume order (train.py): validate config -> build data and model -> refuse
+a workdir of another config -> latest step -> restore params -> rebuild the
+optimizer state's structure from them -> restore it -> data iterator at
+`step` (the train stream is deterministic in (seed, step)) -> RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as py_logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+GROUPS = ("params", "opt_state", "rng")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read or does not belong to this run."""
+
+
+@contextlib.contextmanager
+def _quiet():
+  """orbax logs every save at INFO; keep run logs readable."""
+  logger = py_logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(max(level, py_logging.WARNING))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _key(i: int) -> str:
+  return f"{i:06d}"
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  """Key paths of the array leaves of `tree` (None subtrees have none)."""
+  return [jax.tree_util.keystr(p)
+          for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+class Checkpoints:
+  """A run's checkpoints directory.
+
+  Args:
+    directory: the checkpoints/ folder (created on first save).
+    max_to_keep: number of step directories kept.
+  """
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=max(int(max_to_keep), 1), create=True,
+        enable_async_checkpointing=False)
+    self._mngr = ocp.CheckpointManager(self.directory, options=opts,
+                                       item_names=("arrays", "meta"))
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, *, params: Any, opt_state: Any, rng: Any,
+           fingerprint: str = "", extra: dict | None = None) -> None:
+    """Write step `step` (synchronously, so it is complete on return)."""
+    groups = {"params": params, "opt_state": opt_state, "rng": rng}
+    arrays, meta = {}, {"step": int(step), "fingerprint": fingerprint,
+                        "groups": {}, "extra": extra or {}}
+    i = 0
+    for name in GROUPS:
+      leaves = jax.tree.leaves(groups[name])
+      meta["groups"][name] = {"start": i, "paths": leaf_paths(groups[name])}
+      for leaf in leaves:
+        arrays[_key(i)] = leaf
+        i += 1
+    meta["num_leaves"] = i
+    with _quiet():
+      self._mngr.save(int(step), args=ocp.args.Composite(
+          arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
+          force=True)
+      self._mngr.wait_until_finished()
+
+  def read_meta(self, step: int) -> dict:
+    """The meta item of `step`.
+
+    Raises:
+      CheckpointError: unreadable.
+    """
+    try:
+      with _quiet():
+        out = self._mngr.restore(int(step), args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))
+      meta = out["meta"]
+    except Exception as e:  # orbax raises many types for damaged files
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
+                            f"corrupt or unreadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); "
+                            "refusing to restart silently - delete it or use "
+                            "another workdir") from e
+    if not isinstance(meta, dict) or "groups" not in meta:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} has "
+                            "no valid metadata (corrupt)")
+    return meta
+
+  def restore_leaves(self, step: int) -> tuple[dict, dict[str, list]]:
+    """(meta, {group: [arrays as saved]}) of `step`, host numpy arrays.
+
+    Raises:
+      CheckpointError: unreadable or incomplete checkpoint.
+    """
+    meta = self.read_meta(step)
+    try:
+      with _quiet():
+        out = self._mngr.restore(int(step), args=ocp.args.Composite(
+            arrays=ocp.args.StandardRestore()))
+      arrays = out["arrays"]
+    except Exception as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
+                            f"corrupt or unreadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); "
+                            "refusing to restart silently - delete it or use "
+                            "another workdir") from e
+    n = meta.get("num_leaves", -1)
+    if len(arrays) != n or any(_key(i) not in arrays for i in range(n)):
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
+                            f"corrupt: {len(arrays)} arrays, metadata says {n}")
+    groups = {}
+    for name in GROUPS:
+      g = meta["groups"][name]
+      groups[name] = [np.asarray(arrays[_key(g["start"] + j)])
+                      for j in range(len(g["paths"]))]
+    return meta, groups
+
+  def close(self) -> None:
+    self._mngr.close()
+
+
+def rebuild(like: Any, leaves: list, saved_paths: list[str], what: str) -> Any:
+  """Put restored leaves into the tree structure of `like` (shapes may
+  differ from `like`'s: capacities change during training).
+
+  Raises:
+    CheckpointError: the structures differ (a checkpoint of another model).
+  """
+  paths = leaf_paths(like)
+  if paths != list(saved_paths):
+    missing = sorted(set(paths) ^ set(saved_paths))[:3]
+    raise CheckpointError(f"checkpoint {what} do not match this model "
+                          f"({len(saved_paths)} saved leaves vs {len(paths)}; "
+                          f"differing: {missing})")
+  treedef = jax.tree.structure(like)
+  return jax.tree.unflatten(treedef, list(leaves))

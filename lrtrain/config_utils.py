@@ -1,0 +1,421 @@
+"""Config helpers: typed argument strings, the shared base config, sweeps and
+up-front validation.
+
+A config file is a Python module with `get_config(arg=None)` and
+`get_sweep(arg=None)`. `arg` is the string after the file name
+(`configs/dlrt_lenet5.py:tau=0.1,runlocal`) and is parsed by `parse_arg`
+into typed fields. A sweep is a list of override dicts built from
+
+  sweep("integrator.tau", [0.05, 0.1])         -> [{tau: .05}, {tau: .1}]
+  product(a, b)                                -> every pair, merged
+  zip_(a, b)                                   -> pairwise, merged
+  chain(a, b)                                  -> a then b
+
+`apply_overrides(config, point)` builds one sweep point under the lock (an
+unknown key or a wrong type raises), and `validate(config)` checks a
+resolved config in one place before anything touches a workdir.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+Override = dict[str, Any]
+
+
+class ConfigError(ValueError):
+  """A config that cannot run: the message names the field and the problem."""
+
+
+# --------------------------------------------------------------------------
+# Argument strings.
+# --------------------------------------------------------------------------
+
+
+def _cast(key: str, text: str, default: Any) -> Any:
+  """`text` as the type of `default` (bool, int, float, str, tuple)."""
+  if isinstance(default, bool):
+    low = text.lower()
+    if low in ("", "1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise ConfigError(f"config argument {key}: expected a bool, got {text!r}")
+  try:
+    if isinstance(default, int):
+      return int(text)
+    if isinstance(default, float):
+      return float(text)
+  except ValueError:
+    raise ConfigError(f"config argument {key}: expected "
+                      f"{type(default).__name__}, got {text!r}") from None
+  if isinstance(default, tuple):
+    items = [t for t in text.replace("+", " ").split() if t]
+    inner = default[0] if default else ""
+    return tuple(_cast(key, t, inner) for t in items)
+  return text
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parse 'k1=v1,k2,k3=v3' into typed fields (big_vision style).
+
+  Types follow the defaults; a bare key sets a bool to True; tuples are
+  written with '+' between items ('widths=64+32').
+
+  Args:
+    arg: the argument string (None or '' gives the defaults).
+    **defaults: every accepted key with its default value.
+
+  Returns:
+    A locked ConfigDict of the parsed values.
+
+  Raises:
+    ConfigError: an unknown key or a value of the wrong type.
+  """
+  out = dict(defaults)
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    key, sep, text = part.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(f"unknown config argument {key!r}; accepted: "
+                        f"{', '.join(sorted(defaults))}")
+    if not sep and not isinstance(defaults[key], bool):
+      raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
+    out[key] = _cast(key, text.strip(), defaults[key])
+  cfg = ml_collections.ConfigDict(out)
+  cfg.lock()
+  return cfg
+
+
+# --------------------------------------------------------------------------
+# The shared base config.
+# --------------------------------------------------------------------------
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob of a run, with defaults (unlocked; config files edit it).
+
+  Returns:
+    A ConfigDict with sections data, model, integrator, optimizer, train,
+    diagnostics, logging and the top-level seed / runlocal / overwrite.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0                        # PRNG seed of init and data order
+  c.runlocal = False                # shrink everything to a CPU smoke run
+  c.overwrite = False               # allow reusing a workdir of another config
+
+  # --- Data (lrtrain.data.load) ---
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"            # digits|fashion_mnist|mnist|cifar10|mnist1d|...
+  c.data.dir = ""                   # '' = default location
+  c.data.cache_dir = ""             # download cache ('' = default)
+  c.data.download = False           # fetch missing files
+  c.data.validation_size = 200      # examples held out of train
+  c.data.max_train = 0              # 0 = all training examples
+  c.data.classes = ()               # () = all classes
+  c.data.seed = 0                   # seed of the validation split
+  c.data.text_file = ""             # text corpus for 'chars'
+
+  # --- Model (lrtrain.models.build) ---
+  c.model = _model_defaults()
+
+  # --- Integrator (lrtrain.integrators.build) ---
+  c.integrator = ml_collections.ConfigDict()
+  c.integrator.name = "kls"         # dense|factors|lora|galore|kls|geolora|tdlrt|condlr
+  c.integrator.tau = 0.1            # relative truncation tolerance, [0, 1)
+  c.integrator.adaptive = True      # rank-adaptive (augment + truncate)
+  c.integrator.r_min = 2            # smallest rank per layer
+  c.integrator.r_max = 0            # largest rank per layer (0 = min(n, m) / 2)
+  c.integrator.transport = True     # map optimizer moments across basis changes
+  c.integrator.basis_period = 1     # steps between basis updates (geolora/condlr)
+  c.integrator.variant = "mean"     # condlr: mean|approx_orth
+  c.integrator.kappa_tau = 0.0      # condlr: condition-number tolerance
+  c.integrator.galore_rank = 32     # galore: projection rank
+  c.integrator.update_proj_gap = 200  # galore: steps between projector refreshes
+
+  # --- Optimizer (lrtrain.optim.build) ---
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"          # sgd|momentum|adam|adamw
+  c.optimizer.learning_rate = 0.05  # peak learning rate
+  c.optimizer.momentum = 0.9        # momentum (momentum)
+  c.optimizer.b1 = 0.9              # adam beta1
+  c.optimizer.b2 = 0.999            # adam beta2
+  c.optimizer.weight_decay = 0.0    # L2 (sgd/momentum/adam) or decoupled (adamw)
+  c.optimizer.schedule = "constant"  # constant|cosine|warmup_cosine
+  c.optimizer.warmup_steps = 0      # linear warmup (warmup_cosine), steps
+  c.optimizer.clip_norm = 0.0       # clip_by_global_norm (0 = off)
+
+  # --- Training loop ---
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64           # global batch, examples
+  c.train.num_steps = 1000          # optimizer steps (0: use num_epochs)
+  c.train.num_epochs = 0            # epochs of the train split (if num_steps == 0)
+  c.train.eval_every = 200          # steps between validation passes
+  c.train.log_every = 50            # steps between metrics.jsonl rows
+  c.train.checkpoint_every = 500    # steps between checkpoints (0 = end only)
+  c.train.eval_batch_size = 256     # eval batch, examples
+  c.train.max_to_keep = 2           # checkpoints kept
+
+  # --- Diagnostics (lrtrain.diagnostics.Diagnostics) ---
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.enabled = True      # spectral diagnostics on their own cadence
+  c.diagnostics.every = 200         # steps between diagnostics
+  c.diagnostics.top_k = 10          # logged top-k singular values / maxsim
+  c.diagnostics.eps = 0.5           # intruder threshold on max |cos|
+  c.diagnostics.full_spectrum = False  # also log all singular values
+  c.diagnostics.heavy_tail = True   # power-law alpha fits
+
+  # --- Logging ---
+  c.logging = ml_collections.ConfigDict()
+  c.logging.tensorboard = False     # also write TensorBoard event files
+  c.logging.progress = True         # progress bar on a terminal
+  return c
+
+
+def _model_defaults() -> ml_collections.ConfigDict:
+  """lrtrain.models.default_model_config() when available, else the field
+  list of the shared model API."""
+  try:
+    from lrtrain import models  # pylint: disable=g-import-not-at-top
+    return models.default_model_config()
+  except (ImportError, AttributeError):
+    pass
+  m = ml_collections.ConfigDict()
+  m.name = "mlp"
+  m.widths = (64,)
+  m.factor = ml_collections.ConfigDict()
+  m.factor.kind = "lowrank"
+  m.factor.conv_kind = "same"
+  m.factor.rank = 16
+  m.factor.capacity = 0
+  m.factor.tucker_ranks = (8, 8)
+  m.factor.alpha = 1.0
+  m.factor.rank_stabilised = False
+  m.factor.init = "random"
+  m.dense_layers = ()
+  m.conv_impl = "im2col"
+  m.d_model = 64
+  m.num_heads = 4
+  m.num_layers = 2
+  m.mlp_dim = 128
+  m.patch_size = 4
+  m.max_len = 64
+  return m
+
+
+def shrink_for_local(c: ml_collections.ConfigDict) -> None:
+  """The runlocal variant: a few tiny steps on a small subset, on CPU."""
+  c.runlocal = True
+  c.data.max_train = min(c.data.max_train or 512, 512)
+  c.data.validation_size = min(c.data.validation_size, 64)
+  c.train.batch_size = 16
+  c.train.eval_batch_size = 64
+  c.train.num_steps = 3
+  c.train.num_epochs = 0
+  c.train.eval_every = 2
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.diagnostics.every = 2
+  c.logging.progress = False
+
+
+# --------------------------------------------------------------------------
+# Sweeps.
+# --------------------------------------------------------------------------
+
+
+def sweep(key: str, values: Iterable[Any]) -> list[Override]:
+  """One override per value of `key` (a dotted config path)."""
+  return [{key: v} for v in values]
+
+
+def product(*sweeps: Sequence[Override]) -> list[Override]:
+  """The cartesian product of sweeps, each point the merge of one of each."""
+  out = []
+  for combo in itertools.product(*sweeps):
+    merged = {}
+    for d in combo:
+      merged.update(d)
+    out.append(merged)
+  return out
+
+
+def zip_(*sweeps: Sequence[Override]) -> list[Override]:
+  """Sweeps of equal length merged pointwise.
+
+  Raises:
+    ValueError: sweeps of different lengths.
+  """
+  lengths = {len(s) for s in sweeps}
+  if len(lengths) > 1:
+    raise ValueError(f"zip_ of sweeps with different lengths {sorted(lengths)}")
+  out = []
+  for combo in zip(*sweeps):
+    merged = {}
+    for d in combo:
+      merged.update(d)
+    out.append(merged)
+  return out
+
+
+def chain(*sweeps: Sequence[Override]) -> list[Override]:
+  """The points of each sweep in turn."""
+  return [dict(d) for s in sweeps for d in s]
+
+
+def _format_value(v: Any) -> str:
+  if isinstance(v, float):
+    return repr(v) if math.isfinite(v) else str(v)
+  if isinstance(v, (tuple, list)):
+    return "+".join(_format_value(x) for x in v)
+  return str(v)
+
+
+def run_name(point: Override) -> str:
+  """Directory name of a sweep point: 'tau=0.1,seed=0' (last key component,
+  or the full dotted key where two swept keys share their last component)."""
+  if not point:
+    return "default"
+  lasts = [k.rsplit(".", 1)[-1] for k in point]
+  parts = []
+  for key, last in zip(point, lasts):
+    name = last if lasts.count(last) == 1 else key
+    parts.append(f"{name}={_format_value(point[key])}")
+  return ",".join(parts).replace("/", "_")
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    point: Override) -> ml_collections.ConfigDict:
+  """A copy of `config` (locked) with dotted-key overrides applied.
+
+  Derived fields (`get_ref`) follow the overrides.
+
+  Raises:
+    ConfigError: a key the config lacks, or a value of the wrong type.
+  """
+  c = copy.deepcopy(config)
+  c.lock()
+  for key, value in point.items():
+    parts = key.split(".")
+    node = c
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ConfigError(f"override {key!r}: the config has no field "
+                          f"{'.'.join(parts[:i + 1])!r}")
+      if i < len(parts) - 1:
+        node = node[part]
+    try:
+      if isinstance(value, list):
+        value = tuple(value)
+      node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"override {key}={value!r}: wrong type ({e})") from None
+  return c
+
+
+# --------------------------------------------------------------------------
+# Validation.
+# --------------------------------------------------------------------------
+
+DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "mnist1d",
+            "lowrank_regression", "teacher_student", "chars")
+MODELS = ("mlp", "lenet5", "vgg", "transformer")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+FACTOR_KINDS = ("dense", "lowrank", "lora")
+CONV_KINDS = ("dense", "lowrank", "tucker", "lora", "same")
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Check a resolved config before anything is built or written.
+
+  Checks names (dataset, model, integrator, optimizer, schedule, factor
+  kinds), ranges (tau in [0, 1), positive sizes, learning rate) and that
+  the data-parallel batch fits the local devices. Rank limits per layer
+  need the layer shapes and are checked when the model is built
+  (`lrtrain.models.build` raises naming the layer).
+
+  Raises:
+    ConfigError: the first problem found, with the field's name.
+  """
+  from lrtrain import integrators  # pylint: disable=g-import-not-at-top
+  c = config
+  _check(c.data.name in DATASETS,
+         f"unknown dataset data.name={c.data.name!r}; valid: {', '.join(DATASETS)}")
+  _check(c.model.name in MODELS,
+         f"unknown model model.name={c.model.name!r}; valid: {', '.join(MODELS)}")
+  _check(c.integrator.name in integrators.METHODS,
+         f"unknown method integrator.name={c.integrator.name!r}; valid: "
+         f"{', '.join(sorted(integrators.METHODS))}")
+  _check(c.optimizer.name in OPTIMIZERS,
+         f"unknown optimizer optimizer.name={c.optimizer.name!r}; valid: "
+         f"{', '.join(OPTIMIZERS)}")
+  _check(c.optimizer.schedule in SCHEDULES,
+         f"unknown schedule optimizer.schedule={c.optimizer.schedule!r}; "
+         f"valid: {', '.join(SCHEDULES)}")
+  _check(c.model.factor.kind in FACTOR_KINDS,
+         f"unknown model.factor.kind={c.model.factor.kind!r}; valid: "
+         f"{', '.join(FACTOR_KINDS)}")
+  _check(c.model.factor.conv_kind in CONV_KINDS,
+         f"unknown model.factor.conv_kind={c.model.factor.conv_kind!r}; valid: "
+         f"{', '.join(CONV_KINDS)}")
+  tau = c.integrator.tau
+  _check(0.0 <= tau < 1.0, f"integrator.tau={tau} must be in [0, 1)")
+  _check(c.model.factor.rank >= 1,
+         f"model.factor.rank={c.model.factor.rank} must be >= 1")
+  _check(c.integrator.r_min >= 1, f"integrator.r_min={c.integrator.r_min} must be >= 1")
+  _check(c.integrator.r_max >= 0, f"integrator.r_max={c.integrator.r_max} must be >= 0")
+  _check(c.optimizer.learning_rate > 0,
+         f"optimizer.learning_rate={c.optimizer.learning_rate} must be > 0")
+  _check(c.optimizer.weight_decay >= 0,
+         f"optimizer.weight_decay={c.optimizer.weight_decay} must be >= 0")
+  _check(c.optimizer.clip_norm >= 0,
+         f"optimizer.clip_norm={c.optimizer.clip_norm} must be >= 0")
+  _check(c.optimizer.warmup_steps >= 0,
+         f"optimizer.warmup_steps={c.optimizer.warmup_steps} must be >= 0")
+  if c.integrator.name == "galore":
+    _check(c.optimizer.name != "adamw", "integrator.name='galore' needs an "
+           "optimizer without params (sgd|momentum|adam); use "
+           "optimizer.weight_decay with adam instead of adamw")
+  t = c.train
+  _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
+  _check(t.eval_batch_size >= 1,
+         f"train.eval_batch_size={t.eval_batch_size} must be >= 1")
+  _check(t.num_steps > 0 or t.num_epochs > 0,
+         "train.num_steps or train.num_epochs must be > 0")
+  _check(t.num_steps >= 0 and t.num_epochs >= 0,
+         "train.num_steps and train.num_epochs must be >= 0")
+  for key in ("eval_every", "log_every", "checkpoint_every"):
+    _check(t[key] >= 0, f"train.{key}={t[key]} must be >= 0")
+  _check(c.diagnostics.every >= 0,
+         f"diagnostics.every={c.diagnostics.every} must be >= 0")
+  _check(c.diagnostics.top_k >= 1,
+         f"diagnostics.top_k={c.diagnostics.top_k} must be >= 1")
+  check_batch(t.batch_size)
+
+
+def check_batch(batch_size: int, num_devices: int | None = None) -> None:
+  """The global batch must split evenly over the data-parallel devices.
+
+  Raises:
+    ConfigError: batch_size not divisible by the number of devices.
+  """
+  if num_devices is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    num_devices = jax.device_count()
+  if batch_size % num_devices:
+    raise ConfigError(f"train.batch_size={batch_size} must be divisible by "
+                      f"the number of devices ({num_devices})")
