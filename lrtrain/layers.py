@@ -1,0 +1,246 @@
+"""Flax (linen) Dense and Conv layers whose kernel is any factorization.
+
+A layer's 'kernel' param is either a dense array (Flax layout: (in, out) for
+Dense, (kh, kw, c_in, c_out) for Conv) or a factorization node from
+`lrtrain.factorizations` (LowRank / Lora in (out, in) orientation, Tucker
+for conv kernels). Linen params may be arbitrary pytrees, so the node is
+the param value itself: integrators, checkpoints and vmap see plain pytrees
+and find the nodes with `factorizations.is_factor`, without Flax.
+
+Axis legend: b = batch, m = in features, n = out features, r = rank,
+kh/kw = kernel height/width.
+
+Initialisation of factor nodes matches the default dense init
+(lecun_normal: Var(W_ij) = 1 / fan_in):
+  'random': orthonormal U, V and singular values scaled by sqrt(n / r), so
+    E||W||_F^2 = n as for the dense init and a unit-variance input gives
+    unit-variance outputs on average;
+  'svd': truncated SVD (HOSVD for Tucker) of a dense lecun_normal draw.
+Lora nodes freeze a dense lecun_normal draw as W0 (the base a fine-tuning
+run replaces by pretrained weights) with B = 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lrtrain import factorizations as fz
+from lrtrain.factorizations import conv as conv_lib
+from lrtrain.factorizations import lora, lowrank, tucker
+
+KINDS = ("dense", "lowrank", "lora", "tucker")
+INITS = ("random", "svd")
+_dense_init = nn.initializers.lecun_normal()
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorSpec:
+  """How one layer's kernel is factorized (hashable: a module attribute).
+
+  Attributes:
+    kind: 'dense' | 'lowrank' | 'lora' | 'tucker' (conv only).
+    rank: LowRank / Lora rank r.
+    capacity: LowRank buffer columns (0 = rank; capped at min(n, m)).
+    tucker_ranks: (r_out, r_in) channel ranks of a Tucker kernel; the spatial
+      modes stay full.
+    alpha: Lora scale numerator (0 = rank, i.e. scale 1).
+    rank_stabilised: Lora scale alpha / sqrt(r) (rsLoRA) instead of alpha / r.
+    init: 'random' or 'svd' (module docstring).
+  """
+  kind: str = "lowrank"
+  rank: int = 16
+  capacity: int = 0
+  tucker_ranks: tuple[int, int] = (8, 8)
+  alpha: float = 0.0
+  rank_stabilised: bool = False
+  init: str = "random"
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"unknown factor kind {self.kind!r}; valid: {', '.join(KINDS)}")
+    if self.init not in INITS:
+      raise ValueError(f"unknown factor init {self.init!r}; valid: {', '.join(INITS)}")
+
+
+def _layer_name(module: nn.Module) -> str:
+  path = module.scope.path if module.scope is not None else ()
+  return "/".join(str(p) for p in path) or module.name or type(module).__name__
+
+
+def _check_matrix_rank(name: str, spec: FactorSpec, n: int, m: int) -> int:
+  """Capacity of a LowRank/Lora (n, m) kernel; ValueError naming the layer."""
+  if not 1 <= spec.rank <= min(n, m):
+    raise ValueError(
+        f"layer '{name}': rank {spec.rank} must be in [1, min(n, m)] = "
+        f"[1, {min(n, m)}] for its ({n}, {m}) weight; lower model.factor.rank "
+        f"or add '{name}' to model.dense_layers")
+  cap = spec.capacity or spec.rank
+  return max(spec.rank, min(cap, min(n, m)))
+
+
+def matrix_node(key: jax.Array, spec: FactorSpec, n: int, m: int, *, name: str,
+                fan_in: int | None = None, dtype=jnp.float32):
+  """A LowRank or Lora node for an (n, m) = (out, in) weight.
+
+  Args:
+    key: PRNG key.
+    spec: the layer's FactorSpec (kind 'lowrank' or 'lora').
+    n: out features.
+    m: in features (kh * kw * c_in for a conv).
+    name: layer path, for error messages.
+    fan_in: fan-in of the dense init (defaults to m).
+    dtype: param dtype.
+
+  Returns:
+    The factorization node.
+
+  Raises:
+    ValueError: rank outside [1, min(n, m)] (the message names the layer).
+  """
+  capacity = _check_matrix_rank(name, spec, n, m)
+  fan_in = m if fan_in is None else fan_in
+  kd, kf = jax.random.split(key)
+  # Dense lecun_normal draw in (out, in) orientation, std 1 / sqrt(fan_in).
+  W = (jax.random.truncated_normal(kd, -2.0, 2.0, (n, m), jnp.float32)
+       / (0.87962566103423978 * math.sqrt(fan_in))).astype(dtype)
+  if spec.kind == "lora":
+    alpha = spec.alpha if spec.alpha > 0 else None
+    return lora.init(kf, W, spec.rank, alpha=alpha,
+                     rank_stabilised=spec.rank_stabilised)
+  if spec.kind != "lowrank":
+    raise ValueError(f"layer '{name}': factor kind {spec.kind!r} is not a "
+                     "matrix factorization (use 'lowrank' or 'lora')")
+  if spec.init == "svd":
+    return lowrank.from_dense(W, spec.rank, capacity=capacity)
+  # E s_i^2 = 1 for the |N(0,1)| singular values, so scale^2 r = n * m / fan_in
+  # gives E||W||_F^2 = n m / fan_in, the dense init's value.
+  scale = math.sqrt(n * m / (fan_in * spec.rank))
+  return lowrank.init(kf, n, m, spec.rank, capacity=capacity, scale=scale,
+                      dtype=dtype)
+
+
+class Dense(nn.Module):
+  """y = x W^T + b with W dense or factorized.
+
+  Attributes:
+    features: n, the output width.
+    factor: FactorSpec, or None / kind 'dense' for a plain (m, n) kernel.
+    use_bias: add a bias of shape (n,).
+    dtype: param dtype.
+  """
+  features: int
+  factor: FactorSpec | None = None
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    m, n = x.shape[-1], self.features
+    spec = self.factor
+    if spec is None or spec.kind == "dense":
+      kernel = self.param("kernel", _dense_init, (m, n), self.dtype)
+      y = x @ kernel
+    else:
+      if spec.kind == "tucker":
+        raise ValueError(f"layer '{_layer_name(self)}': Tucker factors only "
+                         "apply to conv kernels")
+      name = _layer_name(self)
+      kernel = self.param(
+          "kernel", lambda k: matrix_node(k, spec, n, m, name=name, dtype=self.dtype))
+      if kernel.shape != (n, m):
+        raise ValueError(f"layer '{name}': factor shape {kernel.shape} does not "
+                         f"match (out, in) = ({n}, {m})")
+      y = fz.apply(kernel, x)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (n,), self.dtype)
+    return y
+
+
+class Conv(nn.Module):
+  """NHWC 2-D convolution with a dense or factorized kernel.
+
+  Dense kernels are (kh, kw, c_in, c_out); LowRank and Lora kernels factor
+  the (c_out, kh * kw * c_in) matrix and are applied to im2col patches (with
+  impl 'xla' a LowRank kernel is materialised and run through
+  lax.conv_general_dilated); Tucker kernels go through `tucker.conv`
+  (channel projections around a small core convolution).
+
+  Attributes:
+    features: c_out.
+    kernel_size: (kh, kw).
+    strides: (sh, sw).
+    padding: 'VALID', 'SAME' or explicit pairs.
+    factor: FactorSpec or None (dense).
+    impl: 'im2col' or 'xla' (the convolution routine).
+    use_bias: add a bias of shape (c_out,).
+    dtype: param dtype.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: str | Sequence[tuple[int, int]] = "SAME"
+  factor: FactorSpec | None = None
+  impl: str = "im2col"
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4:
+      raise ValueError(f"layer '{_layer_name(self)}': Conv expects NHWC input, "
+                       f"got shape {x.shape}")
+    kh, kw = self.kernel_size
+    c_in, c_out = x.shape[-1], self.features
+    strides, padding = tuple(self.strides), self.padding
+    spec = self.factor
+    name = _layer_name(self)
+    fan_in = kh * kw * c_in
+    if spec is None or spec.kind == "dense":
+      kernel = self.param("kernel", _dense_init, (kh, kw, c_in, c_out), self.dtype)
+      y = conv_lib.conv2d(x, kernel, strides, padding, self.impl)
+    elif spec.kind == "tucker":
+      kernel = self.param("kernel", lambda k: _tucker_node(
+          k, spec, c_out, c_in, kh, kw, name=name, dtype=self.dtype))
+      y = tucker.conv(kernel, x, strides, padding, self.impl)
+    else:
+      kernel = self.param("kernel", lambda k: matrix_node(
+          k, spec, c_out, fan_in, name=name, dtype=self.dtype))
+      if self.impl == "xla" and spec.kind == "lowrank":
+        w = lowrank.matrix_to_conv_kernel(fz.materialize(kernel), kh, kw)
+        y = conv_lib.conv2d(x, w, strides, padding, "xla")
+      else:
+        y = fz.apply(kernel, conv_lib.im2col(x, kh, kw, strides, padding))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (c_out,), self.dtype)
+    return y
+
+
+def _tucker_node(key, spec: FactorSpec, c_out: int, c_in: int, kh: int, kw: int,
+                 *, name: str, dtype=jnp.float32) -> fz.Tucker:
+  """Tucker kernel with channel ranks spec.tucker_ranks, full spatial modes."""
+  r_out, r_in = spec.tucker_ranks
+  for what, r, d in (("r_out", r_out, c_out), ("r_in", r_in, c_in)):
+    if not 1 <= r <= d:
+      raise ValueError(
+          f"layer '{name}': Tucker {what} = {r} must be in [1, {d}] for a "
+          f"({c_out}, {c_in}, {kh}, {kw}) kernel; lower model.factor.tucker_ranks "
+          f"or add '{name}' to model.dense_layers")
+  ranks = (r_out, r_in, kh, kw)
+  kd, kf = jax.random.split(key)
+  if spec.init == "svd":
+    W = _dense_init(kd, (kh, kw, c_in, c_out), jnp.float32)
+    return tucker.from_dense(W, ranks)
+  node = tucker.init(kf, c_out, c_in, kh, kw, ranks, dtype=dtype)
+  # Rescale the core so ||C||_F^2 equals the dense init's expectation
+  # c_out * c_in * kh * kw / fan_in = c_out (the factors are orthonormal, so
+  # ||C||_F = ||core||_F), as the 'random' LowRank init does.
+  target = math.sqrt(c_out)
+  norm = jnp.linalg.norm(node.core)
+  core = node.core * (target / jnp.maximum(norm, 1e-12))
+  return dataclasses.replace(node, core=core.astype(dtype))
