@@ -75,7 +75,7 @@ class GeoLoRAState(NamedTuple):
 
 
 def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
-               transport, basis_period):
+               transport, basis_period, transport_rule="squares"):
   """New params and state from factor gradients (the shared update)."""
   like = opt_tree(params)
   g = grad_tree(params, grads)
@@ -139,7 +139,7 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
     maps = aligned_maps(params, lambda i, p: (
         tr.Congruence(None, finals[i][3]), tr.Congruence(None, finals[i][2]),
         tr.Congruence(finals[i][0], finals[i][1])), others=True)
-    return new, tr.transport(opt, like, maps, enabled=transport)
+    return new, tr.transport(opt, like, maps, enabled=transport, second_rule=transport_rule)
 
   if basis_period:
     do_basis = state.count % (basis_period + 1) == 0
@@ -156,7 +156,7 @@ def _check(tau):
 
 def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
          tau: float = 0.1, r_min: int = 2, r_max: int = 0,
-         transport: bool = True, basis_period: int = 0,
+         transport: bool = True, transport_rule: str = "squares", basis_period: int = 0,
          weight_decay: float = 0.0, **unused) -> base.Integrator:
   """The GeoLoRA / parallel BUG integrator (one backward pass per step).
 
@@ -167,6 +167,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     tau: relative truncation tolerance.
     r_min, r_max: rank clamps per layer (r_max = 0: floor(min(n, m) / 2)).
     transport: map optimizer moments across basis changes.
+    transport_rule: second-moment rule, 'squares' or 'root'
+      (`transport.Congruence.second`).
     basis_period: c > 0 runs the basis step every c + 1 steps only.
     weight_decay: L2 decay on K, L, S and non-factor params (never U, V).
     **unused: options of other methods (ignored).
@@ -181,7 +183,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   _check(tau)
   tx = base.with_weight_decay(tx, weight_decay)
   kw = dict(adaptive=adaptive, tau=tau, r_min=r_min, r_max=r_max,
-            transport=transport, basis_period=basis_period)
+            transport=transport, basis_period=basis_period,
+            transport_rule=transport_rule)
 
   def init(params):
     return GeoLoRAState(tx.init(opt_tree(params)), jnp.zeros((), jnp.int32))
@@ -234,7 +237,7 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
   tx_in = base.with_weight_decay(tx, kwargs.pop("weight_decay", 0.0))
   kw = {k: kwargs.get(k, d) for k, d in
         dict(adaptive=True, tau=0.1, r_min=2, r_max=0, transport=True,
-             basis_period=0).items()}
+             basis_period=0, transport_rule="squares").items()}
 
   def init_fn(params):
     return GeoLoRAState(tx_in.init(opt_tree(params)), jnp.zeros((), jnp.int32))

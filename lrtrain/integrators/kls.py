@@ -176,7 +176,7 @@ class KLSState(NamedTuple):
 
 def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
          tau: float = 0.1, r_min: int = 2, r_max: int = 0,
-         transport: bool = True, weight_decay: float = 0.0,
+         transport: bool = True, transport_rule: str = "squares", weight_decay: float = 0.0,
          kl_tx: optax.GradientTransformation | None = None,
          **unused) -> base.Integrator:
   """The KLS (fixed rank) or rank-adaptive BUG integrator (DLRT).
@@ -191,6 +191,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     tau: relative truncation tolerance (||sigma_tail|| <= tau ||sigma||).
     r_min, r_max: rank clamps per layer (r_max = 0: floor(min(n, m) / 2)).
     transport: map optimizer moments across basis changes.
+    transport_rule: second-moment rule, 'squares' or 'root'
+      (`transport.Congruence.second`).
     weight_decay: L2 decay on S and non-factor parameters (never U, V).
     kl_tx: a separate optimizer for the K/L sub-step.
     **unused: options of other methods (ignored so configs can share keys).
@@ -260,7 +262,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         aligned_maps(params, lambda i, p: (tr.Congruence(bases[i][2],
                                                          bases[i][3]),),
                      others=True),
-        enabled=transport)
+        enabled=transport, second_rule=transport_rule)
 
     # --- S sub-step (and non-factor parameters): backward pass 2. ---
     s0 = s_tree(aug)
@@ -303,7 +305,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
           s_state, s0,
           aligned_maps(params, lambda i, p: (tr.Congruence(
               finals[i][0].T, finals[i][1].T),), others=True),
-          enabled=transport)
+          enabled=transport, second_rule=transport_rule)
     # K = W V and L = W^T U: their column coordinates follow V and U.
     kl_state = tr.transport(
         kl_state, kl0,
@@ -311,7 +313,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
             tr.Congruence(None, finals[i][3].T @ p.V.astype(jnp.float32)),
             tr.Congruence(None, finals[i][2].T @ p.U.astype(jnp.float32))),
             others=False),
-        enabled=transport)
+        enabled=transport, second_rule=transport_rule)
 
     out = {"loss": loss, **aux, **base.rank_aux(new_params)}
     return new_params, KLSState(kl_state, s_state), out

@@ -6,7 +6,12 @@ factor still live in the old basis. Transport maps them with the same
 matrices that map the parameter:
 
   first moments (momentum, Adam's mu):   m <- A m B^T
-  second moments (fields named 'nu'):    v <- (A sqrt(v) B^T)^2  (elementwise)
+  second moments (fields named 'nu'):    v <- (A o A) v (B o B)^T  (o: elementwise)
+
+The second-moment rule is the expected square of a mapped entry when the
+signs of the entries are independent; the rule (A sqrt(v) B^T)^2 of
+INTEGRATORS.md section 2 is available as second_rule='root' but lets
+entries cancel under sign-mixing rotations (measured worse with Adam).
 
 so that momentum keeps pointing the same way in weight space and Adam's
 scale estimates follow their coordinates. Without transport the moments of
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 SECOND_MOMENT_FIELDS = ("nu",)
+SECOND_RULES = ("squares", "root")
 
 
 class Congruence(NamedTuple):
@@ -53,8 +59,33 @@ class Congruence(NamedTuple):
       Y = Y @ self.B.astype(jnp.float32).T
     return Y.astype(X.dtype)
 
-  def second(self, v: jax.Array) -> jax.Array:
-    """Map a second moment: (A sqrt(v) B^T)^2 keeps it nonnegative."""
+  def second(self, v: jax.Array, rule: str = "squares") -> jax.Array:
+    """Map a second moment (nonnegative result).
+
+    rule 'squares': v <- (A o A) v (B o B)^T, the second moment of A x B^T
+      for entries with independent signs; an orthogonal map keeps sum(v).
+    rule 'root': v <- (A sqrt(v) B^T)^2. Rotations mixing coordinates of
+      opposite sign make entries of A sqrt(v) B^T cancel, so some v become
+      tiny and Adam's next step there huge; measured worse (see tests).
+    """
+    if rule == "squares":
+      sq = lambda X: None if X is None else jnp.square(X.astype(jnp.float32))
+      A2, B2 = sq(self.A), sq(self.B)
+      v32 = v.astype(jnp.float32)
+      out = Congruence(A2, B2).first(v32)
+      # Coordinates the map gives no mass (new directions of an augmented
+      # basis: rows of A with sum(A^2) = 0) keep their old second moment
+      # instead of 0, which would make Adam's next step there ~lr whatever
+      # the gradient size and inflate the rank.
+      miss = lambda X2, k: (jnp.ones((k,)) if X2 is None or X2.shape[0]
+                            != X2.shape[1] else
+                            jnp.clip(1.0 - X2.sum(1), 0.0, 1.0))
+      if v.ndim == 2 and (self.A is None or self.A.shape[0] == self.A.shape[1]) \
+          and (self.B is None or self.B.shape[0] == self.B.shape[1]):
+        a = miss(A2, v.shape[0]) if A2 is not None else jnp.zeros(v.shape[0])
+        b = miss(B2, v.shape[1]) if B2 is not None else jnp.zeros(v.shape[1])
+        out = out + jnp.maximum(a[:, None], b[None, :]) * v32
+      return out.astype(v.dtype)
     root = jnp.sqrt(jnp.maximum(v.astype(jnp.float32), 0.0))
     return jnp.square(self.first(root)).astype(v.dtype)
 
@@ -70,7 +101,8 @@ def _shapes(tree) -> list[tuple[int, ...]]:
 
 def transport(opt_state: Any, like: Any, maps: Sequence[Congruence | None],
               *, enabled: bool = True,
-              second_moments: Sequence[str] = SECOND_MOMENT_FIELDS) -> Any:
+              second_moments: Sequence[str] = SECOND_MOMENT_FIELDS,
+              second_rule: str = "squares") -> Any:
   """Map every moment tree inside an optax state with per-leaf congruences.
 
   Args:
@@ -81,13 +113,17 @@ def transport(opt_state: Any, like: Any, maps: Sequence[Congruence | None],
       `jax.tree.leaves(like)` order.
     enabled: False returns `opt_state` unchanged (the on/off switch).
     second_moments: field names whose leaves are second moments.
+    second_rule: 'squares' or 'root' (see `Congruence.second`).
 
   Returns:
     The state with the same structure, moments mapped.
 
   Raises:
-    ValueError: `maps` does not have one entry per leaf of `like`.
+    ValueError: `maps` does not have one entry per leaf of `like`, or an
+      unknown second_rule.
   """
+  if second_rule not in SECOND_RULES:
+    raise ValueError(f"transport: second_rule must be one of {SECOND_RULES}")
   if not enabled:
     return opt_state
   like_def = jax.tree.structure(like)
@@ -110,7 +146,8 @@ def transport(opt_state: Any, like: Any, maps: Sequence[Congruence | None],
     names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
     second = any(n in names for n in second_moments)
     leaves = jax.tree.leaves(x)
-    new = [l if m is None else (m.second(l) if second else m.first(l))
+    new = [l if m is None else (m.second(l, second_rule) if second
+                                 else m.first(l))
            for l, m in zip(leaves, maps)]
     return jax.tree.unflatten(like_def, new)
 

@@ -1,0 +1,244 @@
+"""KLS / rank-adaptive BUG (DLRT): invariants, a matrix ODE, dense limit,
+rank recovery, buckets and compile counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lrtrain import factorizations as fz
+from lrtrain import integrators
+from lrtrain.factorizations import lowrank
+from lrtrain.integrators import base, kls
+
+
+def _mat_loss(p, b):
+  """0.5 ||W - A||^2 for the single factor at 'w'."""
+  return 0.5 * jnp.sum(jnp.square(fz.materialize(p["w"]) - b["A"])), {}
+
+
+def _ortho_err(f):
+  mask = base.column_mask(f.rank, f.capacity)
+  err = lambda X: float(jnp.max(jnp.abs(X.T @ X - jnp.diag(mask))))
+  return max(err(f.U.astype(jnp.float32)), err(f.V.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_orthonormal_after_1000_random_steps(adaptive):
+  n, m = 12, 9
+  p = {"w": lowrank.init(jax.random.PRNGKey(0), n, m, 3)}
+  integ = kls.make(optax.sgd(0.3, momentum=0.9), adaptive=adaptive, tau=0.3,
+                   r_min=1, r_max=6)
+  st = integ.init(p)
+  p, st, _ = integ.resize(p, st)
+
+  def body(carry, key):
+    p, st = carry
+    A = jax.random.normal(key, (n, m))
+    p, st, aux = integ.step(_mat_loss, p, st, {"A": A})
+    return (p, st), aux["rank/w"]
+
+  (p, st), ranks = jax.jit(lambda c, k: jax.lax.scan(body, c, k))(
+      (p, st), jax.random.split(jax.random.PRNGKey(1), 1000))
+  assert _ortho_err(p["w"]) < 1e-5
+  if adaptive:
+    assert len(set(np.asarray(ranks).tolist())) > 1  # the rank did move
+  # Inactive columns stay exactly zero.
+  r = int(p["w"].rank)
+  assert np.all(np.asarray(p["w"].U[:, r:]) == 0)
+  assert np.all(np.asarray(p["w"].S[r:]) == 0)
+
+
+def test_basis_change_alone_leaves_W_unchanged():
+  n, m, r = 16, 12, 3
+  f = lowrank.resize(lowrank.init(jax.random.PRNGKey(0), n, m, r), 8)
+  D = jax.random.normal(jax.random.PRNGKey(1), (n, 8)) * base.column_mask(r, 8)
+  E = jax.random.normal(jax.random.PRNGKey(2), (m, 8)) * base.column_mask(r, 8)
+  Uh, Vh = base.augment(f.U, D, f.rank), base.augment(f.V, E, f.rank)
+  assert _ortho_err(fz.LowRank(Uh, f.S, Vh, jnp.int32(2 * r))) < 1e-5
+  S0 = (Uh.T @ f.U) @ f.S @ (f.V.T @ Vh)
+  np.testing.assert_allclose(Uh @ S0 @ Vh.T, lowrank.materialize(f), atol=1e-5)
+
+  # The same through a whole KLS step with a zero learning rate and tau = 0:
+  # augmentation, Galerkin projection and truncation keep W.
+  p = {"w": f}
+  integ = kls.make(optax.sgd(0.0), tau=0.0, r_min=1)
+  st = integ.init(p)
+  A = jax.random.normal(jax.random.PRNGKey(3), (n, m))
+  q, _, _ = jax.jit(lambda p, s: integ.step(_mat_loss, p, s, {"A": A}))(p, st)
+  np.testing.assert_allclose(lowrank.materialize(q["w"]),
+                             lowrank.materialize(f), atol=1e-5)
+
+
+def _koch_lubich(n, r, h, t_end=1.0):
+  """Y(t) from fixed-rank KLS on A(t) = exp(t W1) e^t D exp(t W2)^T, with the
+  time derivative of A as the negative gradient (plain SGD, step h)."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  skew = lambda k: (lambda X: (X - X.T) / 2)(jax.random.normal(k, (n, n)))
+  W1, W2 = skew(k1), skew(k2)
+  D = jnp.diag(2.0 ** -jnp.arange(1, n + 1, dtype=jnp.float32))
+  E = jax.scipy.linalg.expm
+
+  def A(t):
+    return E(t * W1) @ (jnp.exp(t) * D) @ E(t * W2).T
+
+  def A_dot(t):
+    a = A(t)
+    return W1 @ a + a + a @ W2.T
+
+  integ = kls.make(optax.sgd(h), adaptive=False)
+  p = {"w": lowrank.from_dense(A(0.0), r)}
+  st = integ.init(p)
+  lin = lambda p, b: (-jnp.sum(fz.materialize(p["w"]) * b["G"]), {})
+
+  def body(carry, t):
+    p, st = carry
+    p, st, _ = integ.step(lin, p, st, {"G": A_dot(t)})
+    return (p, st), None
+
+  steps = int(round(t_end / h))
+  (p, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, h * jnp.arange(steps)))(
+      (p, st))
+  At = A(t_end)
+  best = float(jnp.linalg.norm(jnp.linalg.svd(At, compute_uv=False)[r:]))
+  Y = lowrank.materialize(p["w"])
+  return Y, float(jnp.linalg.norm(Y - At)), best
+
+
+def test_matrix_ode_error_at_best_approximation_level_and_converges():
+  n, r = 16, 4
+  Ys, errs = [], []
+  for h in (0.02, 0.01, 0.005):
+    Y, err, best = _koch_lubich(n, r, h)
+    Ys.append(Y)
+    errs.append(err)
+    assert err < 3.0 * best, (h, err, best)
+  # First-order convergence of the integrator: differences between
+  # successive halvings shrink about twofold.
+  d1 = float(jnp.linalg.norm(Ys[0] - Ys[1]))
+  d2 = float(jnp.linalg.norm(Ys[1] - Ys[2]))
+  assert d2 < 0.7 * d1, (d1, d2)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_full_rank_small_step_matches_dense_gradient_step(adaptive):
+  n = 8
+  key = jax.random.PRNGKey(0)
+  W = jax.random.normal(key, (n, n))
+  X = jax.random.normal(jax.random.PRNGKey(1), (32, n))
+  T = jnp.tanh(jax.random.normal(jax.random.PRNGKey(2), (32, n)))
+
+  def loss(p, b):
+    w = p["w"]
+    Wd = fz.materialize(w) if fz.is_factor(w) else w
+    return jnp.mean(jnp.square(jnp.tanh(b["x"] @ Wd.T) - b["t"])), {}
+
+  batch = {"x": X, "t": T}
+  G = jax.grad(lambda w: loss({"w": w}, batch)[0])(W)
+  for h in (1e-2, 1e-3):
+    p = {"w": lowrank.from_dense(W, n)}
+    integ = kls.make(optax.sgd(h), adaptive=adaptive, tau=0.0, r_min=n,
+                     r_max=n)
+    q, _, _ = integ.step(loss, p, integ.init(p), batch)
+    dW = lowrank.materialize(q["w"]) - lowrank.materialize(p["w"])
+    rel = float(jnp.linalg.norm(dW + h * G) / (h * jnp.linalg.norm(G)))
+    assert rel < 30 * h, (h, rel)
+
+
+def _teacher_problem(n=32, m=24, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  Ut = lowrank.random_orthonormal(k1, n, 5)
+  Vt = lowrank.random_orthonormal(k2, m, 5)
+  W_star = Ut @ jnp.diag(jnp.array([4.0, 3.5, 3.0, 2.5, 2.0])) @ Vt.T
+  X = jax.random.normal(k3, (256, m))
+  return {"x": X, "y": X @ W_star.T}
+
+
+def _reg_loss(p, b):
+  y = fz.apply(p["w"], b["x"])
+  return 0.5 * jnp.mean(jnp.sum(jnp.square(y - b["y"]), -1)), {}
+
+
+def _run(integ, p, batch, steps, resize_every=25):
+  st = integ.init(p)
+  p, st, _ = integ.resize(p, st)
+  step = jax.jit(lambda p, s: integ.step(_reg_loss, p, s, batch))
+  caps = {p["w"].capacity}
+  for i in range(steps):
+    p, st, aux = step(p, st)
+    if (i + 1) % resize_every == 0:
+      p, st, _ = integ.resize(p, st)
+      caps.add(p["w"].capacity)
+  return p, st, aux, step, caps
+
+
+@pytest.mark.parametrize("r0", [2, 30])
+def test_rank_adaptive_recovers_teacher_rank(r0):
+  batch = _teacher_problem()
+  p = {"w": lowrank.init(jax.random.PRNGKey(1), 32, 24, min(r0, 24),
+                         scale=0.1)}
+  integ = kls.make(optax.sgd(0.3), tau=0.02, r_min=1, r_max=24)
+  p, _, aux, _, _ = _run(integ, p, batch, 300)
+  assert abs(int(p["w"].rank) - 5) <= 1
+  assert float(aux["loss"]) < 1e-3
+  assert _ortho_err(p["w"]) < 1e-5
+
+
+def test_compiles_once_per_bucket():
+  batch = _teacher_problem()
+  p = {"w": lowrank.init(jax.random.PRNGKey(1), 32, 24, 2, scale=0.1)}
+  integ = kls.make(optax.sgd(0.3), tau=0.02, r_min=1)
+  p, _, _, step, caps = _run(integ, p, batch, 150, resize_every=10)
+  assert len(caps) >= 2                  # the buffer moved bucket
+  assert step._cache_size() == len(caps)  # one compile per capacity used
+
+
+@pytest.mark.parametrize("opt", ["adam_cosine", "sgd_momentum"])
+def test_transport_does_not_hurt(opt):
+  batch = _teacher_problem()
+  losses = {}
+  for transport in (False, True):
+    tx = (optax.adam(optax.cosine_decay_schedule(0.02, 300))
+          if opt == "adam_cosine" else optax.sgd(0.1, momentum=0.9))
+    p = {"w": lowrank.init(jax.random.PRNGKey(1), 32, 24, 8, scale=0.1)}
+    integ = kls.make(tx, tau=0.02, r_min=1, transport=transport)
+    p, _, aux, _, _ = _run(integ, p, batch, 300)
+    losses[transport] = float(aux["loss"])
+    assert abs(int(p["w"].rank) - 5) <= 1
+  assert losses[True] <= 1.5 * losses[False] + 1e-8, losses
+
+
+def test_state_has_separate_kl_and_s_optimizers():
+  p = {"w": lowrank.init(jax.random.PRNGKey(0), 10, 8, 2), "b": jnp.ones(10)}
+  integ = kls.make(optax.adam(1e-2))
+  st = integ.init(p)
+  # Adam's step counters advance once per step in each sub-step.
+  batch = {"x": jnp.ones((4, 8)), "y": jnp.zeros((4, 10))}
+  loss = lambda p, b: (jnp.sum(jnp.square(fz.apply(p["w"], b["x"]) + p["b"]
+                                          - b["y"])), {})
+  _, st, _ = integ.step(loss, p, st, batch)
+  counts = [int(x) for x in jax.tree.leaves(st) if x.dtype == jnp.int32]
+  assert counts == [1, 1]
+
+
+def test_bias_updates_in_s_step_and_frozen_base_untouched():
+  W0 = jax.random.normal(jax.random.PRNGKey(0), (10, 8))
+  p = {"w": lowrank.from_dense(W0, 2, frozen_base=True), "b": jnp.zeros(10)}
+  integ = kls.make(optax.sgd(0.1), tau=0.0)
+  st = integ.init(p)
+  p, st, _ = integ.resize(p, st)
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (16, 8)),
+           "y": jnp.ones((16, 10))}
+  loss = lambda p, b: (jnp.mean(jnp.square(fz.apply(p["w"], b["x"]) + p["b"]
+                                           - b["y"])), {})
+  q, _, aux = integ.step(loss, p, st, batch)
+  assert float(jnp.abs(q["b"]).max()) > 0
+  np.testing.assert_array_equal(q["w"].W0, W0)
+  assert float(loss(q, batch)[0]) < float(aux["loss"])
+
+
+def test_registry_builds_kls_and_rejects_unknown():
+  assert isinstance(integrators.build("kls", optax.sgd(0.1)), base.Integrator)
+  with pytest.raises(ValueError, match="valid names"):
+    integrators.build("nope", optax.sgd(0.1))
