@@ -276,6 +276,40 @@ def prepare_workdir(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
 
 
+def finish_run(config, workdir: str, ds, eval_fn, params, sharder: Sharder, *,
+               steps: int, t_start: float, steps_per_sec: float) -> dict:
+  """Test evaluation, summary.json and plots/ of a finished run."""
+  t = config.train
+  test = evaluate(eval_fn, params, ds, "test", t.eval_batch_size, sharder)
+  counts = param_counts(params)
+  summary = {
+      "steps": int(steps),
+      "test/accuracy": test.get("accuracy"),
+      "test/loss": test.get("loss"),
+      "params/train": counts["train"],
+      "params/eval": counts["eval"],
+      "params/dense": counts["dense"],
+      "params/compression": counts["compression"],
+      "ranks": host_ranks(params),
+      "time/wall_s": time.time() - t_start,
+      "time/steps_per_sec": steps_per_sec,
+      "integrator": config.integrator.name,
+      "devices": jax.device_count(),
+  }
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as fh:
+    fh.write(json.dumps({"step": int(steps), **{
+        f"test/{k}": float(v) for k, v in test.items()}}) + "\n")
+  with open(os.path.join(workdir, "summary.json"), "w") as fh:
+    json.dump(writers_lib.to_json_value_tree(summary), fh, indent=2)
+  try:
+    from lrtrain.diagnostics import plots  # pylint: disable=g-import-not-at-top
+    plots.render(os.path.join(workdir, "metrics.jsonl"),
+                 os.path.join(workdir, "plots"))
+  except Exception as e:  # plots never fail a finished run
+    logging.warning("plots failed: %s", e)
+  return summary
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Train, evaluate and write the workdir contract (see DESIGN.md).
@@ -415,34 +449,131 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     progress.close()
     writer.close()
 
-  wall = time.time() - t_start
-  test = evaluate(eval_fn, params, ds, "test", t.eval_batch_size, sharder)
-  counts = param_counts(params)
-  summary = {
-      "steps": int(step),
-      "test/accuracy": test.get("accuracy"),
-      "test/loss": test.get("loss"),
-      "params/train": counts["train"],
-      "params/eval": counts["eval"],
-      "params/dense": counts["dense"],
-      "params/compression": counts["compression"],
-      "ranks": host_ranks(params),
-      "time/wall_s": wall,
-      "time/steps_per_sec": (step - step0) / max(time.time() - t_loop, 1e-9),
-      "integrator": config.integrator.name,
-      "devices": jax.device_count(),
-  }
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as fh:
-    fh.write(json.dumps({"step": int(step), **{
-        f"test/{k}": v for k, v in test.items()}}) + "\n")
-  with open(os.path.join(workdir, "summary.json"), "w") as fh:
-    json.dump(writers_lib.to_json_value_tree(summary), fh, indent=2)
-  try:
-    from lrtrain.diagnostics import plots  # pylint: disable=g-import-not-at-top
-    plots.render(os.path.join(workdir, "metrics.jsonl"),
-                 os.path.join(workdir, "plots"))
-  except Exception as e:  # plots never fail a finished run
-    logging.warning("plots failed: %s", e)
+  summary = finish_run(config, workdir, ds, eval_fn, params, sharder,
+                       steps=step, t_start=t_start,
+                       steps_per_sec=(step - step0) / max(time.time() - t_loop, 1e-9))
   ckpts.close()
   logging.info("done: %s", json.dumps(summary["ranks"]))
   return summary
+
+
+# --------------------------------------------------------------------------
+# Several seeds of one configuration in one compiled program.
+# --------------------------------------------------------------------------
+
+FIXED_SHAPE = ("dense", "factors", "lora")
+
+
+def vmappable(config) -> bool:
+  """Methods whose parameter shapes never change (no capacity buckets)."""
+  return (config.integrator.name in FIXED_SHAPE
+          or (config.integrator.name in ("kls", "geolora", "condlr")
+              and not config.integrator.adaptive))
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _slice(tree, i: int):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def train_seeds_vmapped(configs, workdirs) -> list[dict]:
+  """Train configs that differ only in `seed` as one vmapped program.
+
+  The step is vmapped over a leading seed axis of params, optimizer state
+  and batch (each seed keeps its own init and data order); every seed
+  writes its own workdir (config.json, metrics.jsonl, summary.json, a
+  final checkpoint, plots/).
+
+  Args:
+    configs: configs of a fixed-shape method (`vmappable`), equal but seed.
+    workdirs: one run directory per config.
+
+  Returns:
+    The summaries.
+
+  Raises:
+    ConfigError: configs that differ in more than the seed, or a method
+      whose shapes change.
+  """
+  t_start = time.time()
+  fps = {json.dumps({**json.loads(fingerprint(c)), "seed": 0}) for c in configs}
+  if len(fps) != 1 or not all(vmappable(c) for c in configs):
+    raise config_utils.ConfigError("vmapped seeds need configs of a fixed-shape "
+                                   "method that differ only in seed")
+  runs = [build_run(c) for c in configs]
+  for c, w in zip(configs, workdirs):
+    prepare_workdir(c, w)
+    with open(os.path.join(w, "config.json"), "w") as fh:
+      fh.write(c.to_json(indent=2))
+  run0, c0 = runs[0], configs[0]
+  ds, integ, loss_fn, total = run0["ds"], run0["integrator"], run0["loss_fn"], run0["total"]
+  sharder = Sharder()
+  params = sharder.replicate(_stack([r["init_params"] for r in runs]))
+  opt_state = jax.jit(jax.vmap(integ.init))(params)
+  seed_batch = NamedSharding(sharder.mesh, P(None, "data"))
+
+  def one(p, s, b):
+    new, s, aux = integ.step(loss_fn, p, s, b)
+    aux = dict(aux)
+    aux["finite"] = jnp.all(_finite_flags(new)) & jnp.isfinite(aux["loss"])
+    return new, s, aux
+  step_fn = jax.jit(jax.vmap(one), donate_argnums=(0, 1))
+  iters = [ds.batches("train", c.train.batch_size, seed=c.seed, start_step=0)
+           for c in configs]
+  writers = [writers_lib.MultiWriter(w, tensorboard=c.logging.tensorboard)
+             for c, w in zip(configs, workdirs)]
+  diags = [None] * len(configs)
+  if c0.diagnostics.enabled and c0.diagnostics.every > 0:
+    from lrtrain import diagnostics  # pylint: disable=g-import-not-at-top
+    d = c0.diagnostics
+    diags = [diagnostics.Diagnostics(r["init_params"], top_k=d.top_k, eps=d.eps,
+                                     full_spectrum=d.full_spectrum,
+                                     heavy_tail=d.heavy_tail) for r in runs]
+  eval_fn = make_eval_fn(run0["model"], ds.task)
+  t, t_loop = c0.train, time.time()
+  try:
+    for step in range(1, total + 1):
+      host = [next(it) for it in iters]
+      batch = {k: jax.device_put(np.stack([b[k] for b in host]), seed_batch)
+               for k in host[0]}
+      params, opt_state, aux = step_fn(params, opt_state, batch)
+      log = (t.log_every > 0 and step % t.log_every == 0) or step == total
+      if not (log or step % 50 == 0):
+        continue
+      aux = jax.device_get(aux)
+      if not np.all(aux.pop("finite")):
+        raise DivergedError(f"non-finite loss or parameters at step {step} "
+                            "(vmapped seeds)")
+      rate = step / max(time.time() - t_loop, 1e-9)
+      for i, w in enumerate(writers):
+        if log:
+          row = {"train/loss": aux["loss"][i],
+                 "train/accuracy": aux.get("accuracy", np.zeros(len(writers)))[i],
+                 "time/steps_per_sec": rate}
+          row.update({k: v[i] for k, v in aux.items() if k.startswith("rank/")})
+          w.write(step, row)
+        p_i = _slice(params, i)
+        if (t.eval_every > 0 and step % t.eval_every == 0) or step == total:
+          ev = evaluate(eval_fn, p_i, ds, "validation", t.eval_batch_size, sharder)
+          if ev:
+            w.write(step, {f"eval/{k}": v for k, v in ev.items()})
+        if diags[i] is not None and (step % c0.diagnostics.every == 0
+                                     or step == total):
+          w.write(step, diags[i](p_i))
+  finally:
+    for w in writers:
+      w.close()
+  rate = total / max(time.time() - t_loop, 1e-9)
+  summaries = []
+  for i, (c, w) in enumerate(zip(configs, workdirs)):
+    p_i, s_i = _slice(params, i), _slice(opt_state, i)
+    ck = ckpt_lib.Checkpoints(os.path.join(w, "checkpoints"), c.train.max_to_keep)
+    ck.save(total, params=p_i, opt_state=s_i,
+            rng=jax.random.key_data(jax.random.key(c.seed)), fingerprint=fingerprint(c))
+    ck.close()
+    summaries.append(finish_run(c, w, ds, eval_fn, p_i, sharder, steps=total,
+                                t_start=t_start, steps_per_sec=rate))
+  return summaries
