@@ -24,7 +24,7 @@ def get_config(arg=None):
   c = cu.base_config()
   c.seed = a.seed
   c.data.name = "chars"
-  c.data.validation_size = 2000     # characters held out
+  c.data.validation_size = 200      # windows held out
   c.data.max_train = 0
 
   c.model.name = "transformer"
@@ -37,6 +37,7 @@ def get_config(arg=None):
   c.model.num_layers = 2
   c.model.mlp_dim = 256
   c.model.max_len = 64              # context length (characters)
+  c.data.seq_len = c.model.get_ref("max_len")  # window = context
 
   c.integrator.name = a.method
   c.integrator.galore_rank = a.rank

@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.classes = ()               # () = all classes
   c.data.seed = 0                   # seed of the validation split
   c.data.text_file = ""             # text corpus for 'chars'
+  c.data.seq_len = 64               # chars: tokens per window
 
   # --- Model (lrtrain.models.build) ---
   c.model = _model_defaults()

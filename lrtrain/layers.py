@@ -151,8 +151,8 @@ class Dense(nn.Module):
         raise ValueError(f"layer '{_layer_name(self)}': Tucker factors only "
                          "apply to conv kernels")
       name = _layer_name(self)
-      kernel = self.param(
-          "kernel", lambda k: matrix_node(k, spec, n, m, name=name, dtype=self.dtype))
+      kernel = _factor_param(
+          self, lambda k: matrix_node(k, spec, n, m, name=name, dtype=self.dtype))
       if kernel.shape != (n, m):
         raise ValueError(f"layer '{name}': factor shape {kernel.shape} does not "
                          f"match (out, in) = ({n}, {m})")
@@ -160,6 +160,15 @@ class Dense(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (n,), self.dtype)
     return y
+
+
+def _factor_param(module: nn.Module, init):
+  """The 'kernel' factor node; an existing one is taken as is, since
+  rank-adaptive integrators move its capacity (a shape flax's param check
+  would reject)."""
+  if module.has_variable("params", "kernel"):
+    return module.get_variable("params", "kernel")
+  return module.param("kernel", init)
 
 
 class Conv(nn.Module):
@@ -205,11 +214,11 @@ class Conv(nn.Module):
       kernel = self.param("kernel", _dense_init, (kh, kw, c_in, c_out), self.dtype)
       y = conv_lib.conv2d(x, kernel, strides, padding, self.impl)
     elif spec.kind == "tucker":
-      kernel = self.param("kernel", lambda k: _tucker_node(
+      kernel = _factor_param(self, lambda k: _tucker_node(
           k, spec, c_out, c_in, kh, kw, name=name, dtype=self.dtype))
       y = tucker.conv(kernel, x, strides, padding, self.impl)
     else:
-      kernel = self.param("kernel", lambda k: matrix_node(
+      kernel = _factor_param(self, lambda k: matrix_node(
           k, spec, c_out, fan_in, name=name, dtype=self.dtype))
       if self.impl == "xla" and spec.kind == "lowrank":
         w = lowrank.matrix_to_conv_kernel(fz.materialize(kernel), kh, kw)
