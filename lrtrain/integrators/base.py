@@ -277,3 +277,10 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
   inv = jnp.where(s > rel_eps * s[0], 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
   Sinv = (Bt.T * inv[None, :]) @ A.T
   return jnp.where(s[0] > 0, Sinv, jnp.diag(column_mask(r, C)))
+
+
+def float_mask(tree: Params) -> Params:
+  """True on float leaves. optax transforms that mix leaves (e.g.
+  clip_by_global_norm) fail on int rank leaves: wrap them as
+  `optax.masked(optax.clip_by_global_norm(c), base.float_mask)`."""
+  return jax.tree.map(is_float, tree)

@@ -220,8 +220,10 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
 
   `update(grads, state, params)` returns updates with
   `optax.apply_updates(params, updates)` equal to the integrator's new params
-  (int rank leaves included), so it composes inside
-  `optax.chain(optax.clip_by_global_norm(1.0), geolora.as_transform(tx))`.
+  (int rank leaves included), so it composes inside an optax.chain, e.g.
+  `optax.chain(optax.masked(optax.clip_by_global_norm(1.0), base.float_mask),
+  geolora.as_transform(tx))` (optax's clipping cannot mix the int rank
+  leaves into a norm, hence the mask).
   Capacities are fixed inside a chain: bucket them beforehand (the
   Integrator's `resize`), with capacity >= 2r.
 
