@@ -11,8 +11,8 @@ i.e. the fraction of training time spent on diagnostics when they run every
 100 steps (target <= 3%). Results are printed and written to
 benchmarks/results/diagnostics_overhead.json.
 
-  python benchmarks/diagnostics_overhead.py            # all cases (~1-2 min CPU)
-  python benchmarks/diagnostics_overhead.py --quick    # fewer repeats
+  python benchmarks/diagnostics_overhead.py            # all cases (~2-5 min, 2-core CPU)
+  python benchmarks/diagnostics_overhead.py --quick    # fewer repeats (~1 min)
 """
 
 from __future__ import annotations
@@ -44,20 +44,15 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
 
 
 def model_config(name: str, kind: str, rank: int) -> ml_collections.ConfigDict:
-  """A model config with every field of the shared model schema."""
-  c = ml_collections.ConfigDict()
+  """The default model config with the benchmark's model and factor kind."""
+  c = models.default_model_config()
   c.name = name
-  c.widths = (256, 128)
-  c.factor = ml_collections.ConfigDict(dict(
-      kind=kind, conv_kind="same", rank=rank, capacity=0, tucker_ranks=(4, 2),
-      alpha=float(rank), rank_stabilised=False, init="random"))
-  c.dense_layers = ()
-  c.conv_impl = "im2col"
+  c.factor.kind = kind
+  c.factor.rank = rank
   c.d_model = 128
   c.num_heads = 4
   c.num_layers = 2
   c.mlp_dim = 256
-  c.patch_size = 4
   c.max_len = 64
   return c
 
