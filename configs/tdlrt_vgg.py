@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.model.factor.conv_kind = "tucker"
   c.model.factor.rank = 32          # dense layers' initial rank
   c.model.factor.tucker_ranks = (16, 16)  # (r_out, r_in) initial channel ranks
+  c.model.dense_layers = ("head", "conv1")  # RGB input conv stays dense
 
   c.integrator.name = "tdlrt"
   c.integrator.tau = a.tau

@@ -375,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   def train_step(params, state, batch):
     new, state, aux = integ.step(loss_fn, params, state, batch)
     aux = dict(aux)
-    aux["param_norm"] = optax.global_norm(ibase.trainable(new))
+    aux["param_norm"] = optax.tree.norm(ibase.trainable(new))
     lr = optim.learning_rate(state)
     if lr is not None:
       aux["learning_rate"] = lr

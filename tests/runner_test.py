@@ -1,0 +1,137 @@
+"""End-to-end runner tests: the workdir contract of a digits runlocal run,
+metrics keys, summary fields, the optimizer factory, the NaN guard."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lrtrain import config_utils, optim, sweep, train
+from lrtrain.integrators import base
+
+
+def digits_config(arg="runlocal"):
+  return sweep.load_config_module("configs/digits.py").get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("digits"))
+  summary = train.train_and_evaluate(digits_config(), wd)
+  return wd, summary
+
+
+def read_rows(wd):
+  with open(os.path.join(wd, "metrics.jsonl")) as fh:
+    return [json.loads(line) for line in fh]
+
+
+def test_workdir_contract(digits_run):
+  wd, _ = digits_run
+  for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
+               "plots"):
+    assert os.path.exists(os.path.join(wd, name)), name
+  assert any(f.endswith(".png") for f in os.listdir(os.path.join(wd, "plots")))
+  with open(os.path.join(wd, "config.json")) as fh:
+    cfg = json.load(fh)
+  assert cfg["integrator"]["name"] == "kls" and cfg["runlocal"] is True
+
+
+def test_metrics_keys(digits_run):
+  wd, _ = digits_run
+  rows = read_rows(wd)
+  keys = set().union(*rows)
+  for k in ("step", "train/loss", "train/learning_rate", "eval/loss",
+            "eval/accuracy", "test/accuracy", "time/steps_per_sec",
+            "rank/fc1", "rank/fc2", "spectral/fc1/stable_rank",
+            "params/compression"):
+    assert k in keys, k
+  steps = [r["step"] for r in rows if "train/loss" in r]
+  assert steps == [1, 2, 3]
+  assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+
+
+def test_summary_fields(digits_run):
+  wd, summary = digits_run
+  with open(os.path.join(wd, "summary.json")) as fh:
+    s = json.load(fh)
+  for k in ("test/accuracy", "params/train", "params/eval", "params/dense",
+            "params/compression", "ranks", "time/wall_s", "time/steps_per_sec",
+            "steps"):
+    assert k in s, k
+  assert s["steps"] == 3
+  assert 0.0 <= s["test/accuracy"] <= 1.0
+  assert s["params/eval"] < s["params/dense"]
+  assert set(s["ranks"]) == {"rank/fc1", "rank/fc2"}
+  assert s["ranks"] == summary["ranks"]
+
+
+def test_rerun_finished_is_resume(digits_run):
+  wd, summary = digits_run
+  again = train.train_and_evaluate(digits_config(), wd)
+  assert again["steps"] == 3 and again["ranks"] == summary["ranks"]
+  assert again["test/accuracy"] == pytest.approx(summary["test/accuracy"])
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "warmup_cosine"])
+def test_optimizer_lr_logged_and_schedule(name, schedule):
+  cfg = config_utils.base_config().optimizer
+  cfg.name, cfg.schedule, cfg.warmup_steps = name, schedule, 2
+  cfg.learning_rate, cfg.clip_norm = 0.1, 1.0
+  tx = optim.build(cfg, 10)
+  p = {"w": jnp.ones(3)}
+  st = tx.init(p)
+  lrs = []
+  for _ in range(4):
+    u, st = tx.update({"w": jnp.ones(3)}, st, p)
+    lrs.append(float(optim.learning_rate(st)))
+  want = [float(optim.schedule(cfg, 10)(i)) for i in range(4)]
+  np.testing.assert_allclose(lrs, want, rtol=1e-6)
+  if schedule == "constant":
+    assert lrs == [pytest.approx(0.1)] * 4
+
+
+def test_adamw_decay_masked_off_orthonormal_factors():
+  from lrtrain import factorizations as fz
+  f = fz.lowrank.init(jax.random.key(0), 6, 5, 2)
+  p = {"k": f, "b": jnp.ones(6)}
+  cfg = config_utils.base_config().optimizer
+  cfg.name, cfg.weight_decay, cfg.learning_rate = "adamw", 0.5, 0.1
+  tx = optim.build(cfg, 5)
+  t = base.trainable(p)
+  zeros = jax.tree.map(jnp.zeros_like, t)
+  u, _ = tx.update(zeros, tx.init(t), t)
+  # zero gradients: only decay moves leaves; U and V must stay put
+  assert float(jnp.abs(u["k"].U).max()) == 0.0
+  assert float(jnp.abs(u["k"].V).max()) == 0.0
+  assert float(jnp.abs(u["b"]).max()) > 0.0
+  assert optim.integrator_weight_decay(cfg) == 0.0
+  cfg.name = "sgd"
+  assert optim.integrator_weight_decay(cfg) == 0.5
+
+
+def test_nan_guard_names_step_and_layer(tmp_path):
+  c = digits_config()
+  c.integrator.name = "dense"
+  c.model.factor.kind = "dense"
+  c.optimizer.learning_rate = 1e30    # diverges within a couple of steps
+  c.optimizer.name = "sgd"
+  c.train.num_steps = 6
+  c.train.checkpoint_every = 1
+  with pytest.raises(train.DivergedError, match=r"step \d+ .*last good checkpoint"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_progress_plain_lines_when_not_a_tty(capsys):
+  import io
+  from lrtrain import writers
+  s = io.StringIO()
+  p = writers.Progress(10, enabled=True, every=5, stream=s)
+  assert not p.interactive
+  p.update(5, 0.5)
+  assert s.getvalue() == ""         # plain mode logs through absl, no bar
