@@ -29,27 +29,34 @@ def test_k_gradient_matches_explicit_k_parametrisation():
   A = jax.random.normal(jax.random.PRNGKey(1), f.shape)
   B = jax.random.uniform(jax.random.PRNGKey(2), f.shape)
   loss_C = lambda C: jnp.sum(A * C) + 0.5 * jnp.sum(B * C * C * C)
-  g = jax.grad(lambda t: loss_C(tucker.materialize(t)), allow_int=True)(f)
-  Ks, gKs, Rs = tdlrt.k_factors(f, g, (True,) * 4)
   core, Us, r = tdlrt.view(f)
-  for i in range(4):
-    caps = core.shape
-    others = [caps[j] for j in range(4) if j != i]
-    # Kernel as a function of K_i: Mat_i(C) = K_i R_i^T W_i^T.
-    core_k = jnp.moveaxis(Rs[i].T.reshape(caps[i], *others), 0, i)
+  caps = core.shape
 
-    def loss_K(K, i=i, core_k=core_k):
-      factors = list(Us)
-      factors[i] = K
-      return loss_C(tucker.materialize(fz.Tucker(core_k, *factors, f.ranks)))
+  @jax.jit
+  def compute(f):
+    g = jax.grad(lambda t: loss_C(tucker.materialize(t)), allow_int=True)(f)
+    Ks, gKs, Rs = tdlrt.k_factors(f, g, (True,) * 4)
+    kernels, exacts = [], []
+    for i in range(4):
+      others = [caps[j] for j in range(4) if j != i]
+      # Kernel as a function of K_i: Mat_i(C) = K_i R_i^T W_i^T.
+      core_k = jnp.moveaxis(Rs[i].T.reshape(caps[i], *others), 0, i)
+
+      def kernel(K, i=i, core_k=core_k):
+        factors = list(f.factors)
+        factors[i] = K
+        return tucker.materialize(fz.Tucker(core_k, *factors, f.ranks))
+      kernels.append(kernel(Ks[i]))
+      exacts.append(jax.grad(lambda K, kernel=kernel: loss_C(kernel(K)))(
+          Ks[i]))
+    return gKs, kernels, exacts
+
+  gKs, kernels, exacts = compute(f)
+  for i in range(4):
     # The parametrisation reproduces the kernel at K_i ...
-    factors = list(Us)
-    factors[i] = Ks[i]
-    np.testing.assert_allclose(
-        tucker.materialize(fz.Tucker(core_k, *factors, f.ranks)),
-        tucker.materialize(f), atol=1e-5)
+    np.testing.assert_allclose(kernels[i], tucker.materialize(f), atol=1e-5)
     # ... and its exact gradient equals g_U S^-T on the active columns.
-    exact = jax.grad(loss_K)(Ks[i])
+    exact = exacts[i]
     ri = int(r[i])
     np.testing.assert_allclose(gKs[i][:, :ri], exact[:, :ri], rtol=1e-3,
                                atol=1e-4)
@@ -153,18 +160,18 @@ def test_tucker_regression_recovers_teacher_ranks():
   assert changed and params["conv"].core.shape[:2] == (2, 2)
   step = jax.jit(functools.partial(integ.step, _conv_loss))
   losses = []
-  for t in range(300):
+  for t in range(150):
     params, state, aux = step(params, state, batch)
     losses.append(float(aux["loss"]))
     if t % 10 == 9:
       params, state, _ = integ.resize(params, state)
   ranks = np.asarray(params["conv"].ranks)
   assert abs(ranks[0] - 3) <= 1 and abs(ranks[1] - 2) <= 1, ranks
-  assert losses[-1] < 1e-3 * losses[0], (losses[0], losses[-1])
+  assert losses[-1] < 1e-4 * losses[0], (losses[0], losses[-1])
   rel = (np.linalg.norm(tucker.materialize(params["conv"])
                         - tucker.materialize(teacher))
          / np.linalg.norm(tucker.materialize(teacher)))
-  assert rel < 0.05
+  assert rel < 0.01
 
 
 def _mixed_params(key):
@@ -279,7 +286,8 @@ def test_resize_buckets_and_state():
       tucker.conv(p["conv"], b))) + jnp.sum(jnp.square(
           fz.apply(p["fc"], jnp.ones((2, 16))))), {})
   x = jax.random.normal(jax.random.PRNGKey(42), (2, 5, 5, 12))
-  params, state, _ = integ.step(conv_only, params, state, x)
+  params, state, _ = jax.jit(functools.partial(integ.step, conv_only))(
+      params, state, x)
   assert integ.resize(params, state)[2] is False
 
 
