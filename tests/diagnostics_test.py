@@ -393,3 +393,21 @@ def test_reference_shape_mismatch_names_the_layer():
   diag = Diagnostics({"fc": {"kernel": jnp.ones((8, 4))}})
   with pytest.raises(ValueError, match="'fc'"):
     diag({"fc": {"kernel": jnp.ones((6, 4))}})
+
+
+def test_on_a_built_model():
+  from lrtrain import models
+  cfg = models.default_model_config()
+  cfg.name, cfg.widths, cfg.factor.kind, cfg.factor.rank = "mlp", (24, 16), "lowrank", 4
+  module = models.build(cfg, num_classes=10, input_shape=(8, 8, 1))
+  params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)),
+                       train=False)["params"]
+  out = Diagnostics(params, heavy_tail=False)(params)
+  layers = [k[len("intruders/"):-len("/count")] for k in out
+            if k.startswith("intruders/") and k.endswith("/count")]
+  assert len(layers) == 3 and "head" in layers
+  assert all(out[f"intruders/{l}/count"] == 0 for l in layers)
+  assert sorted(k for k in out if k.startswith("rank/")) == \
+      sorted(f"rank/{l}" for l in layers if l != "head")
+  assert all(out[f"rank/{l}"] == 4 for l in layers if l != "head")
+  assert 0 < out["params/compression"] < 1
