@@ -1,0 +1,134 @@
+"""Rank-adaptive runs: compilations, bucket changes, step time vs active rank;
+and seeds vmapped in one program vs sequential runs.
+
+Task: the scikit-learn digits (8x8) with an MLP of three LowRank hidden
+layers (width 256) and a dense output, trained with rank-adaptive KLS from
+rank 2, so the ranks grow, cross capacity buckets and settle.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+
+from benchmarks import common, width
+from lrtrain import factorizations as fz
+from lrtrain import integrators
+
+WIDTH = 256
+
+
+def digits_batches(batch: int, seed: int = 0):
+  x, y = load_digits(return_X_y=True)
+  x = (x / 16.0).astype(np.float32)
+  y = y.astype(np.int32)
+  rng = np.random.default_rng(seed)
+  while True:
+    idx = rng.permutation(len(x))
+    for i in range(0, len(x) - batch + 1, batch):
+      j = idx[i:i + batch]
+      yield {"x": jnp.asarray(x[j]), "y": jnp.asarray(y[j])}
+
+
+def capacities(params) -> tuple[int, ...]:
+  return tuple(f.capacity for _, f in fz.factor_paths(params))
+
+
+def ranks(params) -> tuple[int, ...]:
+  return tuple(int(f.rank) for _, f in fz.factor_paths(params))
+
+
+def adaptive_run(steps: int = 2000, tau: float = 0.05, r0: int = 2,
+                 r_max: int = 128, lr: float = 0.05, batch: int = 64) -> dict:
+  """Compilations and bucket changes of a rank-adaptive KLS run."""
+  params = width.make_params("kls_adaptive", WIDTH, r0, jax.random.PRNGKey(0),
+                             d_in=64)
+  integ = integrators.build("kls", optax.sgd(lr, momentum=0.9), adaptive=True,
+                            tau=tau, r_min=2, r_max=r_max)
+  state = integ.init(params)
+  step = jax.jit(lambda p, s, b: integ.step(width.loss_fn, p, s, b),
+                 donate_argnums=(0, 1))
+  data = digits_batches(batch)
+  counter = common.compile_counter()
+  bucket_changes, trace = 0, []
+  t_start = time.perf_counter()
+  with counter.counting():
+    params, state, _ = integ.resize(params, state)  # initial bucketing
+    for t in range(steps):
+      t0 = time.perf_counter()
+      params, state, aux = step(params, state, next(data))
+      jax.block_until_ready(aux["loss"])
+      dt = time.perf_counter() - t0
+      caps_before = capacities(params)
+      params, state, changed = integ.resize(params, state)
+      if changed and capacities(params) != caps_before:
+        bucket_changes += 1
+      trace.append((t, dt * 1e3, ranks(params), capacities(params),
+                    float(aux["loss"])))
+  wall = time.perf_counter() - t_start
+  final_r = trace[-1][2]
+  # Steady-state time: median of the last 200 steps (no compile inside).
+  tail_ms = statistics.median(x[1] for x in trace[-200:])
+  return dict(steps=steps, tau=tau, r0=r0, compilations=counter.count,
+              compile_seconds=counter.seconds, bucket_changes=bucket_changes,
+              bucket_limit=int(np.log2(r_max)) + 1, wall_seconds=wall,
+              final_ranks=final_r, final_capacities=trace[-1][3],
+              final_loss=trace[-1][4], tail_ms=tail_ms,
+              rank_trace=[(t, list(r), list(c)) for t, _, r, c, _ in trace[::50]])
+
+
+def fixed_rank_ms(rank_list, steps: int = 100, batch: int = 64) -> float:
+  """Step time of fixed-rank KLS (capacity = r) at the given per-layer ranks."""
+  key = jax.random.PRNGKey(0)
+  params = width.make_params("kls", WIDTH, 2, key, d_in=64)
+  for i, r in enumerate(rank_list):
+    n, m = params[f"fc{i}"]["kernel"].shape
+    W = jax.random.normal(jax.random.fold_in(key, i), (n, m)) / np.sqrt(m)
+    params[f"fc{i}"]["kernel"] = fz.lowrank.from_dense(W, r)
+  integ = integrators.build("kls", optax.sgd(0.05, momentum=0.9), adaptive=False)
+  state = integ.init(params)
+  step = jax.jit(lambda p, s, b: integ.step(width.loss_fn, p, s, b)[:2],
+                 donate_argnums=(0, 1))
+  b = next(digits_batches(batch))
+  res = common.time_steps(lambda c: step(c[0], c[1], b), (params, state),
+                          steps=steps, repeats=3)
+  return res["ms"]
+
+
+def seeds_vmapped(num_seeds: int = 8, steps: int = 200, rank: int = 32,
+                  batch: int = 64) -> dict:
+  """Throughput of num_seeds runs vmapped in one program vs one by one.
+
+  Method: rank-adaptive KLS with a fixed capacity (no bucket changes inside
+  the measured window), so every seed has the same shapes.
+  """
+  tx = optax.sgd(0.05, momentum=0.9)
+  integ = integrators.build("kls", tx, adaptive=True, tau=0.05, r_min=2,
+                            r_max=rank)
+  cap = fz.lowrank.bucket_capacity(rank, 64)
+  init = lambda k: width.make_params("kls_adaptive", WIDTH, rank, k, d_in=64,
+                                     capacity=cap)
+  keys = jax.random.split(jax.random.PRNGKey(0), num_seeds)
+  data = digits_batches(batch)
+  b = next(data)
+
+  one = jax.jit(lambda p, s: integ.step(width.loss_fn, p, s, b)[:2])
+  p1 = init(keys[0])
+  s1 = integ.init(p1)
+  seq = common.time_steps(lambda c: one(*c), (p1, s1), steps=steps, repeats=3)
+
+  pv = jax.vmap(init)(keys)
+  sv = jax.vmap(integ.init)(pv)
+  many = jax.jit(jax.vmap(lambda p, s: integ.step(width.loss_fn, p, s, b)[:2]))
+  vm = common.time_steps(lambda c: many(*c), (pv, sv), steps=steps, repeats=3)
+  seq_throughput = 1e3 / seq["ms"]               # steps/s of one seed
+  vm_throughput = num_seeds * 1e3 / vm["ms"]       # seed-steps/s
+  return dict(num_seeds=num_seeds, sequential_ms_per_step=seq["ms"],
+              vmapped_ms_per_step=vm["ms"],
+              speedup=vm_throughput / seq_throughput)

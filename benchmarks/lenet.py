@@ -1,0 +1,81 @@
+"""LeNet5 at batch 128 on Fashion-MNIST shapes (28 x 28 x 1, 10 classes).
+
+Methods: dense, KLS rank-adaptive (tau 0.1), GeoLoRA (tau 0.1), CondLR
+(approx_orth, 50% compression); each with the im2col and the XLA conv
+routine, so the conv implementation choice is measured, not assumed.
+Random inputs of the real shapes: timing does not depend on the pixels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import common
+from lrtrain import integrators, models
+
+BATCH = 128
+
+# Ranks: the DLRT paper's r_max caps for LeNet5 (10 / 25 / 250) as the
+# starting point of the adaptive methods; CondLR at 50% compression.
+SETUPS = {
+    "dense": dict(kind="dense", rank=0, integrator=("dense", {})),
+    "kls_adaptive": dict(kind="lowrank", rank=10, integrator=(
+        "kls", dict(adaptive=True, tau=0.1))),
+    "geolora": dict(kind="lowrank", rank=10, integrator=(
+        "geolora", dict(tau=0.1))),
+    "condlr": dict(kind="lowrank", rank=10, integrator=(
+        "condlr", dict(variant="approx_orth", kappa_tau=0.1))),
+}
+
+
+def build(method: str, impl: str):
+  setup = SETUPS[method]
+  cfg = models.default_model_config()
+  cfg.name = "lenet5"
+  cfg.conv_impl = impl
+  cfg.factor.kind = setup["kind"]
+  cfg.factor.rank = max(setup["rank"], 1)
+  model = models.build(cfg, num_classes=10, input_shape=(28, 28, 1))
+  x = jnp.zeros((BATCH, 28, 28, 1))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  name, kw = setup["integrator"]
+  integ = integrators.build(name, optax.sgd(0.05, momentum=0.9), **kw)
+  return model, params, integ
+
+
+def bench(method: str, impl: str, *, steps: int, repeats: int) -> dict:
+  model, params, integ = build(method, impl)
+  state = integ.init(params)
+  params, state, _ = integ.resize(params, state)
+
+  def loss_fn(p, batch):
+    logits = model.apply({"params": p}, batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["y"]).mean(), {}
+
+  kx, ky = jax.random.split(jax.random.PRNGKey(1))
+  batch = {"x": jax.random.normal(kx, (BATCH, 28, 28, 1)),
+           "y": jax.random.randint(ky, (BATCH,), 0, 10)}
+  step = jax.jit(lambda p, s, b: integ.step(loss_fn, p, s, b)[:2],
+                 donate_argnums=(0, 1))
+  res = common.time_steps(lambda c: step(c[0], c[1], batch), (params, state),
+                          steps=steps, repeats=repeats)
+  res.pop("carry")
+  return dict(method=method, impl=impl, **res)
+
+
+def run(*, steps: int, repeats: int, impls=("im2col", "xla"), log=print):
+  rows = []
+  for impl in impls:
+    dense_ms = None
+    for method in SETUPS:
+      r = bench(method, impl, steps=steps, repeats=repeats)
+      dense_ms = dense_ms or r["ms"]
+      r["ratio"] = r["ms"] / dense_ms
+      rows.append(r)
+      log(f"lenet5 {impl:6s} {method:13s} {r['ms']:8.2f} ms  x{r['ratio']:.2f} dense")
+  return rows

@@ -1,0 +1,183 @@
+"""Step time vs width and rank (the DLRT paper's timing figure), memory, FLOPs.
+
+MLP with three hidden n x n layers (input dimension n, 10 outputs), batch
+256. The hidden layers are dense, LowRank (KLS fixed / KLS adaptive settled /
+GeoLoRA / CondLR), Lora adapters on a dense base (plain optax on A, B), or
+dense with GaLore's projected optimizer; the output layer is always dense.
+The model is written directly on the factorization API (the Flax Dense layer
+issues the same operations) so the benchmark isolates integrator cost.
+
+"KLS adaptive (settled)" is the rank-adaptive step at active rank r with
+r_min = r_max = r: the whole augment / QR / SVD / truncate path runs, the
+rank stays put, which is the regime of a run whose ranks have settled.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import common
+from lrtrain import factorizations as fz
+from lrtrain import integrators
+
+METHODS = ("dense", "kls", "kls_adaptive", "geolora", "condlr", "lora", "galore")
+BATCH = 256
+CLASSES = 10
+
+
+def make_params(method: str, n: int, r: int, key, d_in: int | None = None,
+                capacity: int | None = None) -> dict:
+  """Three hidden n-wide layers of the method's kind and a dense output.
+
+  The first layer maps d_in (default n) to n; capacity overrides the
+  LowRank buffer size (default: r, or the power-of-two bucket for adaptive).
+  """
+  keys = jax.random.split(key, 8)
+  params = {}
+  for i in range(3):
+    m = n if (i or d_in is None) else d_in
+    W = jax.random.normal(keys[i], (n, m)) / np.sqrt(m)
+    if method in ("dense", "galore"):
+      kernel = W.T
+    elif method == "lora":
+      kernel = fz.lora.init(keys[4 + i], W, r)
+    else:
+      adaptive = method in ("kls_adaptive", "geolora")
+      cap = capacity or (fz.lowrank.bucket_capacity(r, min(n, m)) if adaptive
+                         else r)
+      kernel = fz.lowrank.from_dense(W, r, capacity=cap)
+    params[f"fc{i}"] = {"kernel": kernel, "bias": jnp.zeros((n,))}
+  params["out"] = {"kernel": jax.random.normal(keys[3], (n, CLASSES)) / np.sqrt(n),
+                   "bias": jnp.zeros((CLASSES,))}
+  return params
+
+
+def forward(params, x):
+  for i in range(3):
+    k = params[f"fc{i}"]["kernel"]
+    x = (fz.apply(k, x) if fz.is_factor(k) else x @ k) + params[f"fc{i}"]["bias"]
+    x = jax.nn.relu(x)
+  return x @ params["out"]["kernel"] + params["out"]["bias"]
+
+
+def loss_fn(params, batch):
+  logits = forward(params, batch["x"])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+  return loss, {}
+
+
+def make_integrator(method: str, r: int, lr: float = 0.01):
+  tx = optax.sgd(lr, momentum=0.9)
+  if method == "dense":
+    return integrators.build("dense", tx)
+  if method == "kls":
+    return integrators.build("kls", tx, adaptive=False)
+  if method == "kls_adaptive":
+    return integrators.build("kls", tx, adaptive=True, tau=0.1, r_min=r, r_max=r)
+  if method == "geolora":
+    return integrators.build("geolora", tx, tau=0.1, r_min=r, r_max=r)
+  if method == "condlr":
+    return integrators.build("condlr", tx, variant="approx_orth", kappa_tau=0.1)
+  if method == "lora":
+    return integrators.build("lora", tx)
+  if method == "galore":
+    return integrators.build("galore", tx, rank=r, learning_rate=lr)
+  raise ValueError(method)
+
+
+def step_flops(method: str, n: int, r: int, b: int = BATCH) -> float:
+  """Analytic matmul FLOPs of one training step (2 per multiply-add).
+
+  Forward + backward of a linear map costs 3x its forward (2 b m n each).
+  Factored forward: x V (b n r), S^T (b r r), U^T (b r n). Integrator extras:
+  QR of n x k ~ 4 n k^2, SVD of k x k ~ 22 k^3 (k = augmented width).
+  """
+  dense_layer = 2 * b * n * n
+  out = 3 * 2 * b * n * CLASSES
+  lr_layer = 2 * b * (2 * n * r + r * r)
+  if method in ("dense", "galore"):
+    f = 3 * (3 * dense_layer)
+    if method == "galore":  # projection in and out of the rank-r subspace
+      f += 3 * (2 * 2 * n * n * r)
+    return f + out
+  if method == "lora":
+    return 3 * (3 * dense_layer - 2 * b * n * n + 3 * lr_layer) + out
+  if method == "kls":  # K/L pass + S pass (two forward+backward), QR n x r x2
+    return 3 * (2 * 3 * lr_layer + 2 * 4 * n * r * r) + 2 * out
+  if method == "kls_adaptive":
+    k = 2 * r
+    return 3 * (2 * 3 * lr_layer + 2 * 4 * n * k * k + 22 * k ** 3) + 2 * out
+  if method == "geolora":
+    k = 2 * r
+    return 3 * (3 * lr_layer + 2 * 4 * n * k * k + 22 * k ** 3) + out
+  if method == "condlr":  # one backward, QR retractions n x r, SVD r x r
+    return 3 * (3 * lr_layer + 2 * 4 * n * r * r + 22 * r ** 3) + out
+  raise ValueError(method)
+
+
+def trainable_bytes(params, state) -> int:
+  """Bytes of trainable params + optimizer state (frozen leaves excluded)."""
+  from lrtrain.integrators import base
+  frozen = base.frozen_mask(params)
+  p = jax.tree.map(lambda x, f: None if f else x, params, frozen)
+  return common.nbytes(p) + common.nbytes(state)
+
+
+def analytic_bytes(method: str, n: int, r: int, moments: int = 1) -> int:
+  """float32 bytes of r(n + m) + r^2 per layer (dense: n m) times (1 + moments),
+  plus the dense output layer and biases."""
+  per = n * n if method in ("dense", "galore") else (
+      2 * n * r if method == "lora" else r * (2 * n) + r * r)
+  total = 3 * (per + n) + n * CLASSES + CLASSES
+  return 4 * total * (1 + moments)
+
+
+def bench_point(method: str, n: int, r: int, *, steps: int, repeats: int,
+                key=jax.random.PRNGKey(0)) -> dict:
+  params = make_params(method, n, r, key)
+  integ = make_integrator(method, r)
+  state = integ.init(params)
+  kx, ky = jax.random.split(jax.random.PRNGKey(1))
+  batch = {"x": jax.random.normal(kx, (BATCH, n)),
+           "y": jax.random.randint(ky, (BATCH,), 0, CLASSES)}
+  step = jax.jit(lambda p, s, b: integ.step(loss_fn, p, s, b)[:2],
+                 donate_argnums=(0, 1))
+
+  def run(carry):
+    p, s = carry
+    return step(p, s, batch)
+
+  res = common.time_steps(run, (params, state), steps=steps, repeats=repeats)
+  p, s = res.pop("carry")
+  flops = step_flops(method, n, r)
+  out = dict(method=method, n=n, r=r, **res, flops=flops,
+             gflops=flops / (res["ms"] * 1e-3) / 1e9,
+             bytes=trainable_bytes(p, s),
+             analytic_bytes=analytic_bytes(method, n, r))
+  return out
+
+
+def ranks_for(n: int, ranks=(8, 32, 64, 128)) -> list[int]:
+  return sorted({r for r in (*ranks, n // 4) if 2 * r <= n})
+
+
+def run(widths, *, steps: int, repeats: int, methods=METHODS, log=print,
+        ranks=(8, 32, 64, 128)) -> list[dict]:
+  """All (width, rank, method) points; dense once per width."""
+  rows = []
+  for n in widths:
+    dense = bench_point("dense", n, 0, steps=steps, repeats=repeats)
+    rows.append(dict(dense, ratio=1.0))
+    log(f"n={n:5d} dense          {dense['ms']:9.2f} ms")
+    for r in ranks_for(n, ranks):
+      for m in methods:
+        if m == "dense":
+          continue
+        pt = bench_point(m, n, r, steps=steps, repeats=repeats)
+        pt["ratio"] = pt["ms"] / dense["ms"]
+        rows.append(pt)
+        log(f"n={n:5d} r={r:4d} {m:13s} {pt['ms']:9.2f} ms  x{pt['ratio']:.2f} dense")
+  return rows
