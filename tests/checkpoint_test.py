@@ -1,0 +1,113 @@
+"""Checkpoints: round trip with changed capacities, kill-and-resume gives
+bitwise the same params as an uninterrupted run, corrupt ones refused."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lrtrain import checkpoint, sweep, train
+from lrtrain import factorizations as fz
+from lrtrain.integrators import buckets
+
+
+def test_round_trip_after_capacity_change(tmp_path):
+  f = fz.lowrank.init(jax.random.key(0), 12, 10, 3)
+  params = {"fc1": {"kernel": f, "bias": jnp.arange(12.0)}}
+  grown = {"fc1": {"kernel": fz.lowrank.resize(f, 8), "bias": params["fc1"]["bias"]}}
+  tx = optax.adam(1e-3)
+  st = tx.init(grown)
+  ck = checkpoint.Checkpoints(str(tmp_path / "ck"))
+  rng = jax.random.key_data(jax.random.key(3))
+  ck.save(5, params=grown, opt_state=st, rng=rng)
+  meta, g = ck.restore_leaves(ck.latest_step())
+  # the template has capacity 3, the checkpoint 8: shapes come from the save
+  p = checkpoint.rebuild(params, g["params"], meta["groups"]["params"]["paths"], "params")
+  assert p["fc1"]["kernel"].capacity == 8
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(grown)):
+    np.testing.assert_array_equal(a, b)
+  o = checkpoint.rebuild(jax.eval_shape(tx.init, p), g["opt_state"],
+                         meta["groups"]["opt_state"]["paths"], "opt")
+  assert jax.tree.structure(o) == jax.tree.structure(st)
+  np.testing.assert_array_equal(g["rng"][0], rng)
+  with pytest.raises(checkpoint.CheckpointError, match="do not match"):
+    checkpoint.rebuild({"other": params}, g["params"],
+                       meta["groups"]["params"]["paths"], "params")
+
+
+def config(steps):
+  c = sweep.load_config_module("configs/digits.py").get_config(
+      f"runlocal,steps={steps}")
+  c.train.num_steps = steps
+  c.train.checkpoint_every = 3
+  c.train.eval_every = 0
+  c.diagnostics.enabled = False
+  c.integrator.tau = 0.3             # ranks shrink: capacity buckets move
+  c.optimizer.schedule = "constant"  # cosine would depend on num_steps
+  return c
+
+
+def final_leaves(wd, step):
+  ck = checkpoint.Checkpoints(os.path.join(wd, "checkpoints"))
+  _, g = ck.restore_leaves(step)
+  return g["params"] + g["opt_state"]
+
+
+def test_kill_and_resume_is_bitwise_equal(tmp_path):
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  s_full = train.train_and_evaluate(config(8), full)
+  # an interrupted run: killed after its step-6 checkpoint (a shorter run of
+  # the same config leaves exactly that state), then the command is rerun
+  train.train_and_evaluate(config(6), part)
+  s_part = train.train_and_evaluate(config(8), part)
+  a, b = final_leaves(full, 8), final_leaves(part, 8)
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert s_full["ranks"] == s_part["ranks"]
+  steps = [r for r in open(os.path.join(part, "metrics.jsonl"))
+           if '"train/loss"' in r]
+  assert len(steps) == 8             # rows after the checkpoint not duplicated
+
+
+def test_corrupt_checkpoint_refused(tmp_path):
+  wd = str(tmp_path)
+  train.train_and_evaluate(config(3), wd)
+  step_dir = os.path.join(wd, "checkpoints", "3")
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as fh:
+        fh.write(b"garbage")
+  before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+  with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+    train.train_and_evaluate(config(5), wd)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
+
+
+@pytest.mark.slow
+def test_killed_process_resumes(tmp_path):
+  """A real kill: the child dies right after its step-3 checkpoint."""
+  wd = str(tmp_path / "killed")
+  code = (
+      "import os, sys\n"
+      "from lrtrain import checkpoint, train\n"
+      "from tests import checkpoint_test as t\n"
+      "orig = checkpoint.Checkpoints.save\n"
+      "def save(self, step, **kw):\n"
+      "  orig(self, step, **kw)\n"
+      "  if step == 3: os._exit(9)\n"
+      "checkpoint.Checkpoints.save = save\n"
+      f"train.train_and_evaluate(t.config(6), {wd!r})\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                     text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert r.returncode == 9, r.stderr[-2000:]
+  resumed = train.train_and_evaluate(config(6), wd)
+  ref = train.train_and_evaluate(config(6), str(tmp_path / "ref"))
+  for x, y in zip(final_leaves(wd, 6), final_leaves(str(tmp_path / "ref"), 6)):
+    np.testing.assert_array_equal(x, y)
+  assert resumed["ranks"] == ref["ranks"]
