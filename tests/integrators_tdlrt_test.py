@@ -237,8 +237,8 @@ def test_zero_gradient_step_keeps_kernels():
   # r_max = 4: the default floor(min(n, m) / 2) = 2 of the 5 x 8 fc layer
   # would truncate its rank 3.
   integ = tdlrt.make(optax.sgd(0.1, momentum=0.9), tau=0.0, r_max=4)
-  new, _, aux = integ.step(const, params, integ.init(params),
-                           _mixed_batch(jax.random.PRNGKey(33)))
+  new, _, aux = jax.jit(functools.partial(integ.step, const))(
+      params, integ.init(params), _mixed_batch(jax.random.PRNGKey(33)))
   np.testing.assert_allclose(tucker.materialize(new["conv"]),
                              tucker.materialize(params["conv"]), atol=1e-5)
   np.testing.assert_allclose(fz.materialize(new["fc"]),
@@ -262,7 +262,8 @@ def test_fixed_rank_and_adapt_spatial():
   # Spatial modes adapt too: with a large tau they shrink below 3.
   params = _mixed_params(jax.random.PRNGKey(36))
   integ = tdlrt.make(optax.sgd(0.01), tau=0.6, r_min=1, adapt_spatial=True)
-  new, _, _ = integ.step(_mixed_loss, params, integ.init(params), batch)
+  new, _, _ = jax.jit(functools.partial(integ.step, _mixed_loss))(
+      params, integ.init(params), batch)
   assert int(new["conv"].ranks[2]) < 3
 
 
