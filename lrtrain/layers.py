@@ -230,6 +230,18 @@ class Conv(nn.Module):
     return y
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling with stride 2 (NHWC; odd trailing rows/cols dropped).
+
+  Written as a reshape and a max rather than lax.reduce_window: on the CPU
+  the reduce_window gradient (select-and-scatter) measured 5.7x slower for
+  a (128, 24, 24, 20) LeNet5 activation (45 ms vs 8 ms, forward + backward).
+  """
+  b, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 def _tucker_node(key, spec: FactorSpec, c_out: int, c_in: int, kh: int, kw: int,
                  *, name: str, dtype=jnp.float32) -> fz.Tucker:
   """Tucker kernel with channel ranks spec.tucker_ranks, full spatial modes."""

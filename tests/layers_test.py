@@ -1,5 +1,6 @@
 """Tests of the factorized Flax Dense and Conv layers."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +149,15 @@ def test_layers_jit_and_grad_through_factors():
   assert isinstance(g["kernel"], fz.LowRank)
   assert float(jnp.abs(g["kernel"].S).sum()) > 0
   np.testing.assert_allclose(jax.jit(loss)(p), loss(p), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 24, 3), (2, 7, 7, 4), (1, 5, 6, 2)])
+def test_max_pool_2x2_matches_reduce_window(shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  want = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), want)
+  # Gradients agree too (no ties with continuous inputs).
+  g1 = jax.grad(lambda v: (layers.max_pool_2x2(v) ** 2).sum())(x)
+  g2 = jax.grad(lambda v: (nn.max_pool(v, (2, 2), strides=(2, 2),
+                                       padding="VALID") ** 2).sum())(x)
+  np.testing.assert_allclose(g1, g2, atol=1e-6)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from lrtrain.layers import Conv, Dense
+from lrtrain.layers import Conv, Dense, max_pool_2x2
 
 MIN_SIDE = 16  # two VALID 5x5 convs and two 2x2 pools need >= 16 pixels
 
@@ -27,7 +27,7 @@ def check_input(input_shape: tuple) -> None:
 
 
 def _pool(x):
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  return max_pool_2x2(x)
 
 
 class LeNet5(nn.Module):

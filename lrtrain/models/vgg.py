@@ -14,7 +14,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from lrtrain.layers import Conv, Dense
+from lrtrain.layers import Conv, Dense, max_pool_2x2
 
 CHANNELS = (32, 32, "pool", 64, 64, "pool", 128, "pool")
 FC_WIDTH = 128
@@ -39,7 +39,7 @@ class VGG(nn.Module):
     i = 0
     for c in CHANNELS:
       if c == "pool":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        x = max_pool_2x2(x)
         continue
       i += 1
       name = f"conv{i}"
