@@ -388,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   progress = writers_lib.Progress(total, step, enabled=config.logging.progress,
                                   every=max(config.train.log_every, 1))
   t = config.train
-  last_good = step
+  last_good = step       # the latest finite checkpoint (never overwritten)
   pending = None         # (step, aux on device) of the previous step
   t_loop, step0 = time.time(), step
 
@@ -404,8 +404,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       bad = [paths[i] for i in np.flatnonzero(~ok[:len(paths)])] or ["loss"]
       raise DivergedError(
           f"non-finite loss or parameters at step {s} (layer "
-          f"{', '.join(bad[:3])}); last good checkpoint: step {last_good} in "
-          f"{ckpts.directory}")
+          f"{', '.join(bad[:3])}); last good checkpoint: "
+          + (f"step {last_good} in {ckpts.directory}" if ckpts.latest_step()
+             is not None else "none saved yet"))
     progress.update(s, float(aux["loss"]))
     if every(t.log_every, s) or s == total:
       row = {"train/loss": aux.pop("loss"), "train/accuracy": aux.pop("accuracy", 0.0)}
