@@ -172,3 +172,15 @@ def test_guarded_inverse():
                              jnp.diag(jnp.array([0.5, 2.0, 0.0, 0.0])))
   np.testing.assert_allclose(base.guarded_inverse(jnp.zeros((4, 4)), 2),
                              jnp.diag(jnp.array([1.0, 1.0, 0.0, 0.0])))
+
+
+def test_guarded_inverse_diagonal_path_matches_svd_path():
+  # A diagonal core takes the entrywise branch; a rotated copy of it takes
+  # the SVD branch. Both must agree with the pseudo-inverse.
+  d = jnp.array([3.0, -1.5, 1e-9, 0.0])
+  Q = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(3), (4, 4)))[0]
+  S_diag, S_rot = jnp.diag(d), Q @ jnp.diag(d) @ Q.T
+  want = jnp.diag(jnp.array([1 / 3.0, -1 / 1.5, 0.0, 0.0]))
+  np.testing.assert_allclose(base.guarded_inverse(S_diag, 4), want, atol=1e-6)
+  np.testing.assert_allclose(base.guarded_inverse(S_rot, 4), Q @ want @ Q.T,
+                             atol=1e-5)

@@ -271,12 +271,30 @@ def stop_frozen(params: Params) -> Params:
 def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
   """Pseudo-inverse of a (C, C) core: singular values below rel_eps * max
   are dropped; an all-zero core (adapter start) gets the identity on its
-  active r x r block."""
+  active r x r block.
+
+  A diagonal core (what every truncation leaves) is inverted entrywise; the
+  SVD runs only for a general core (lax.cond), which saves one C x C SVD per
+  layer and step in GeoLoRA.
+  """
   C = S.shape[-1]
-  A, s, Bt = jnp.linalg.svd(S.astype(jnp.float32))
-  inv = jnp.where(s > rel_eps * s[0], 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-  Sinv = (Bt.T * inv[None, :]) @ A.T
-  return jnp.where(s[0] > 0, Sinv, jnp.diag(column_mask(r, C)))
+  S = S.astype(jnp.float32)
+
+  def general(S):
+    A, s, Bt = jnp.linalg.svd(S)
+    inv = jnp.where(s > rel_eps * s[0], 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+    return (Bt.T * inv[None, :]) @ A.T, s[0]
+
+  def diagonal(S):
+    d = jnp.diagonal(S)
+    a = jnp.abs(d)
+    top = jnp.max(a)
+    inv = jnp.where(a > rel_eps * top, 1.0 / jnp.where(a > 0, d, 1.0), 0.0)
+    return jnp.diag(inv), top
+
+  is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
+  Sinv, top = jax.lax.cond(is_diag, diagonal, general, S)
+  return jnp.where(top > 0, Sinv, jnp.diag(column_mask(r, C)))
 
 
 def float_mask(tree: Params) -> Params:
