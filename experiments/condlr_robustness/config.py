@@ -79,11 +79,13 @@ def get_sweep(arg=None):
   runlocal = "runlocal" in (arg or "")
   dense = [{"integrator.name": "dense", "model.factor.kind": "dense",
             "model.factor.conv_kind": "dense"}]
-  methods = [{"integrator.name": "kls"}, {"integrator.name": "factors"},
+  # Plain factors diverged at the paper's lr 0.1 (NaN at step 7 in our
+  # run, cr 0.5), so they train at lr 0.01; every other method uses 0.1.
+  methods = [{"integrator.name": "kls"},
+             {"integrator.name": "factors", "optimizer.learning_rate": 0.01},
              {"integrator.name": "condlr", "integrator.variant": "mean"}]
   methods += [{"integrator.name": "condlr", "integrator.variant": "approx_orth",
                "integrator.kappa_tau": t} for t in (0.1, 0.5)]
   if runlocal:
-    return cu.product(cu.sweep("study.cr", [0.8]),
-                      [methods[1], methods[3]])
+    return cu.product(cu.sweep("study.cr", [0.8]), [methods[3]])
   return cu.chain(dense, cu.product(cu.sweep("study.cr", COMPRESSIONS), methods))

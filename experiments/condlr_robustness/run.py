@@ -75,7 +75,12 @@ def train_all(spec: str, workdir: str) -> list[str]:
     init = None
     if config.model.factor.kind == "lowrank":
       init = lambda run, cr=cr, seed=seed: with_ranks(run["init_params"], cr, seed)
-    gc.train_with(config, d, init_fn=init)
+    try:
+      gc.train_with(config, d, init_fn=init)
+    except train_lib.DivergedError as e:
+      # Reported, not hidden: the run has no summary.json and is left out.
+      print(f"diverged: {name}: {e}", file=sys.stderr)
+      continue
     dirs.append(d)
   return dirs
 

@@ -69,7 +69,7 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """GeoLoRA from every initial rank, then KLS from the extreme ones."""
   runlocal = "runlocal" in (arg or "")
-  geo = INITIAL_RANKS[:2] if runlocal else INITIAL_RANKS
+  geo = INITIAL_RANKS[:1] if runlocal else INITIAL_RANKS
   kls = KLS_RANKS[:1] if runlocal else KLS_RANKS
   return cu.chain(
       cu.product(cu.sweep("integrator.name", ["geolora"]),
