@@ -120,7 +120,8 @@ def savefig(fig, path: str) -> str:
 def custom_run(config, workdir: str, *, params: Any = None,
                integrator: Any = None, num_steps: int | None = None,
                eval_every: int | None = None,
-               prepare: Callable[[Any], Any] | None = None) -> dict:
+               prepare: Callable[[Any], Any] | None = None,
+               start_step: int = 0) -> dict:
   """Train from a given params tree with a given integrator; write a workdir.
 
   The runner (`lrtrain.train.train_and_evaluate`) always starts from the
@@ -140,6 +141,8 @@ def custom_run(config, workdir: str, *, params: Any = None,
     eval_every: steps between validation passes (default config.train's).
     prepare: optional map applied to the initial params (e.g. a change of
       factorization) before the optimizer state is built.
+    start_step: position in the training data stream (a run continuing
+      another one sees the batches that run would have seen next).
 
   Returns:
     The summary dict.
@@ -163,7 +166,8 @@ def custom_run(config, workdir: str, *, params: Any = None,
   state = integ.init(params)
   params, state, _ = integ.resize(params, state)
   step_fn = jax.jit(lambda p, s, b: integ.step(loss_fn, p, s, b))
-  batches = ds.batches("train", config.train.batch_size, seed=config.seed)
+  batches = ds.batches("train", config.train.batch_size, seed=config.seed,
+                       start_step=start_step)
   rows, t_loop, t_first = [], 0.0, 0.0
   for step in range(1, total + 1):
     batch = sharder.batch(next(batches))
