@@ -3,7 +3,7 @@ recompilation on the second call, dtype preservation, same result with and
 without jit, checkpointable state, vmap over seeds. Methods whose module is
 not available yet are skipped."""
 
-import importlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -74,10 +74,18 @@ def _setup(name, dtype=jnp.float32, seed=0):
 NAMES = sorted(integrators.METHODS)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(name, dtype=jnp.float32):
+  """(integrator, jitted step, params, state, batch), compiled once per
+  method and dtype and shared by the tests below (keeps the battery fast)."""
+  integ, p, st, batch = _setup(name, dtype)
+  step = jax.jit(lambda p, s, b: integ.step(_loss, p, s, b))
+  return integ, step, p, st, batch
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_no_recompile_and_same_as_eager(name):
-  integ, p, st, batch = _setup(name)
-  step = jax.jit(lambda p, s, b: integ.step(_loss, p, s, b))
+  integ, step, p, st, batch = _jitted(name)
   p1, s1, aux1 = step(p, st, batch)
   p2, s2, aux2 = step(p1, s1, batch)
   assert step._cache_size() == 1
@@ -92,10 +100,9 @@ def test_jit_no_recompile_and_same_as_eager(name):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", NAMES)
 def test_dtypes_preserved(name, dtype):
-  integ, p, st, batch = _setup(name, dtype)
-  step = jax.jit(lambda p, s: integ.step(_loss, p, s, batch))
-  q, st2, _ = step(p, st)
-  q, st3, _ = step(q, st2)
+  integ, step, p, st, batch = _jitted(name, dtype)
+  q, st2, _ = step(p, st, batch)
+  q, st3, _ = step(q, st2, batch)
   assert jax.tree.map(lambda a: a.dtype, q) == jax.tree.map(lambda a: a.dtype, p)
   assert (jax.tree.map(lambda a: (a.shape, a.dtype), st3)
           == jax.tree.map(lambda a: (a.shape, a.dtype), st))
@@ -105,21 +112,21 @@ def test_dtypes_preserved(name, dtype):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_is_checkpointable(name):
-  integ, p, st, batch = _setup(name)
+  integ, step, p, st, batch = _jitted(name)
   leaves, treedef = jax.tree.flatten((p, st))
   assert all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
   # A host round trip (what a checkpoint does) gives the same next step.
   restored = jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
   restored = jax.tree.map(jnp.asarray, restored)
-  a = integ.step(_loss, p, st, batch)
-  b = integ.step(_loss, *restored, batch)
+  a = step(p, st, batch)
+  b = step(*restored, batch)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_over_seeds(name):
-  integ, _, _, batch = _setup(name)
+  integ, _, _, _, batch = _jitted(name)
   seeds = jnp.arange(3)
 
   def one_bucketed(seed):
