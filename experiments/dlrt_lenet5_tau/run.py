@@ -68,8 +68,13 @@ def summarize(workdir: str, out: str) -> list[dict]:
   """Aggregate the runs over seeds; write the CSVs and the figure."""
   runs = U.read_runs(workdir)
   groups: dict[str, list[dict]] = {}
+  first: dict[str, list[dict]] = {}
   for name, r in runs.items():
     groups.setdefault(_tau_of(name), []).append(r["summary"])
+    # Ranks at the first logged step: how much of the final rank was set by
+    # the first truncation of the initial spectrum.
+    row0 = next((m for m in r["metrics"] if "rank/fc1" in m), {})
+    first.setdefault(_tau_of(name), []).append(row0)
   dense_total = None
   rows = []
   fit = paper_accounting()
@@ -91,6 +96,8 @@ def summarize(workdir: str, out: str) -> list[dict]:
         row[f"rank_{l}_mean"] = float(ranks[l].mean())
         row[f"rank_{l}_min"] = int(ranks[l].min())
         row[f"rank_{l}_max"] = int(ranks[l].max())
+        row[f"rank_{l}_first_log"] = float(np.mean(
+            [m.get(f"rank/{l}", np.nan) for m in first[tau]]))
       # Training holds the augmented basis: 2r columns, capped at min(n, m).
       train = sum(lowrank_cost(np.minimum(2 * ranks[l], min(SHAPES[l])), *SHAPES[l])
                   for l in LAYERS) + fixed
@@ -100,7 +107,8 @@ def summarize(workdir: str, out: str) -> list[dict]:
     row["wall_s_mean"] = float(np.mean([s["time/wall_s"] for s in ss]))
     rows.append(row)
   cols = ["tau", "seeds", "test_acc_mean", "test_acc_std",
-          *[f"rank_{l}_{k}" for l in LAYERS for k in ("mean", "min", "max")],
+          *[f"rank_{l}_{k}" for l in LAYERS
+            for k in ("mean", "min", "max", "first_log")],
           "eval_cr_mean", "train_cr_mean", "paper_acct_cr_mean", "wall_s_mean"]
   U.write_csv(os.path.join(out, "tau_sweep.csv"), rows, cols)
   U.write_csv(os.path.join(out, "paper_accounting.csv"), [{

@@ -20,7 +20,7 @@ References:
 
 from lrtrain import config_utils as cu
 
-METHODS = ("kls", "factors", "uv")
+METHODS = ("kls", "factors", "uv", "factors_lr_div10")
 _ARGS = dict(runlocal=False, dataset="fashion_mnist", seed=0, steps=200,
              max_train=10000, rank=20, lr=0.05)
 

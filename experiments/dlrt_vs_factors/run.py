@@ -3,7 +3,8 @@
   python -m experiments.dlrt_vs_factors.run [--runlocal] [--dataset=mnist]
       [--workdir runs/dlrt_vs_factors] [--out experiments/dlrt_vs_factors/results]
 
-Runs the three methods of config.py with `dlrt_util.custom_run` (one loop
+Runs the three methods of config.py (and a diagnostic: SGD on U, S, V at
+lr / 10) with `dlrt_util.custom_run` (one loop
 for all three, so the curves are comparable), then writes
 results/curves.csv (method, step, validation accuracy), results/final.csv
 (test accuracy beside the paper's) and results/accuracy_vs_step.png.
@@ -24,6 +25,7 @@ import dataclasses
 import os
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from experiments import dlrt_util as U
@@ -34,6 +36,9 @@ from lrtrain.integrators import base
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "config.py")
+# The paper's three methods, then a diagnostic that is not in the paper:
+# SGD on U, S, V at a tenth of the learning rate (does it only diverge?).
+METHODS = ("kls", "factors", "uv", "factors_lr_div10")
 
 
 def to_two_factor(params):
@@ -79,9 +84,12 @@ def run_all(workdir: str, *, runlocal: bool = False, dataset: str = "fashion_mni
                                "" if dataset == "fashion_mnist" else f"dataset={dataset}") if x)
   base_cfg = mod.get_config(extra or None)
   out = {}
-  for method in ("kls", "factors", "uv"):
-    name = "factors" if method == "uv" else method
-    cfg = cu.apply_overrides(base_cfg, {"integrator.name": name})
+  for method in METHODS:
+    name = "kls" if method == "kls" else "factors"
+    over = {"integrator.name": name}
+    if method == "factors_lr_div10":
+      over["optimizer.learning_rate"] = base_cfg.optimizer.learning_rate / 10
+    cfg = cu.apply_overrides(base_cfg, over)
     integ, prep = None, None
     if method == "uv":
       integ = two_factor(optim.build(cfg.optimizer, cfg.train.num_steps))
@@ -98,7 +106,8 @@ def summarize(workdir: str, out: str, summaries: dict) -> list[dict]:
   fig, ax = U.new_figure(1, 1)
   a = ax[0][0]
   labels = {"kls": "DLRT fixed-rank KLS", "factors": "SGD on U, S, V",
-            "uv": "SGD on U V^T"}
+            "uv": "SGD on U V^T (S = I frozen)",
+            "factors_lr_div10": "SGD on U, S, V, lr / 10 (diagnostic)"}
   for i, (m, s) in enumerate(summaries.items()):
     rows = U.read_jsonl(os.path.join(workdir, m, "metrics.jsonl"))
     st, acc = U.series(rows, "eval/accuracy")
@@ -106,8 +115,13 @@ def summarize(workdir: str, out: str, summaries: dict) -> list[dict]:
                for x, y in zip(st, acc)]
     a.plot(st, 100 * acc, "o-", ms=3, color=f"C{i}", label=labels[m])
     p = pub["dlrt" if m == "kls" else "vanilla_uvt_sgd"]
+    st_l, loss = U.series(rows, "train/loss")
+    bad = st_l[~np.isfinite(loss)]
+    # The frozen identity core of 'uv' is not trained: r^2 per layer less.
+    core = sum(int(r) ** 2 for r in s["ranks"].values()) if m == "uv" else 0
     final.append({"method": m, "test_acc": 100 * s["test/accuracy"],
-                  "params_train": s["params/train"],
+                  "diverged_at_logged_step": int(bad[0]) if len(bad) else "",
+                  "params_train": s["params/train"] - core,
                   "train_loop_s": s["time/train_loop_s"], "steps": s["steps"],
                   "paper_method": p["method"], "paper_test_acc": p["test_acc"],
                   "paper_epochs": p["epochs"]})
