@@ -92,17 +92,21 @@ def _model(cfg, ds):
 # --------------------------------------------------------------------------
 
 
-def train_all(runlocal: bool, workdir: str):
-  """Pre-train, then fine-tune every sweep point. Returns (datasets, pre)."""
+def train_all(runlocal: bool, workdir: str, train: bool = True):
+  """Pre-train, then fine-tune every sweep point (train=False: only load
+  the data and the pre-trained params). Returns (datasets, pre)."""
   pre_spec = gc.config_spec(STUDY, runlocal, "stage=pretrain")
   pre_cfg = sweep_lib.expand(pre_spec)[0][1]
   full = data_lib.load(pre_cfg.data)
   ds_a, ds_b = task_dataset(full, pre_cfg.study.task_a), task_dataset(full, pre_cfg.study.task_b)
   pre_dir = os.path.join(workdir, "pretrain")
-  gc.train_with(pre_cfg, pre_dir, dataset=ds_a)
+  if train:
+    gc.train_with(pre_cfg, pre_dir, dataset=ds_a)
   model, like = _model(pre_cfg, full)
   pre = gc.restore_params(pre_dir, like)
   for name, cfg, _ in sweep_lib.expand(gc.config_spec(STUDY, runlocal)):
+    if not train:
+      break
     gc.train_with(cfg, os.path.join(workdir, "finetune", name), dataset=ds_b,
                   init_fn=lambda run: from_pretrained(run["init_params"], pre))
   return (full, ds_a, ds_b), (model, pre, pre_cfg)
@@ -286,7 +290,7 @@ def report(workdir: str, results: str, datasets, pre_info) -> dict[str, str]:
 def main(argv=None) -> dict[str, str]:
   a = gc.parse_args(STUDY, argv)
   t = time.time()
-  datasets, pre_info = train_all(a.runlocal, a.workdir)
+  datasets, pre_info = train_all(a.runlocal, a.workdir, train=not a.report_only)
   if not a.report_only:
     gc.write_wall_time(a.results, time.time() - t, "pre-training + fine-tuning")
   return report(a.workdir, a.results, datasets, pre_info)
