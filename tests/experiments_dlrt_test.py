@@ -140,9 +140,9 @@ def test_mlp_rank_dynamics_runlocal(tmp_path):
 def test_vs_factors_runlocal(tmp_path):
   rows = vs_factors.main(["--runlocal", "--workdir", str(tmp_path / "w"),
                           "--out", str(tmp_path / "r")])
-  assert [r["method"] for r in rows] == list(vs_factors.METHODS)
+  assert [r["method"] for r in rows] == list(vs_factors.RUNLOCAL_METHODS)
   curves = _rows(tmp_path / "r" / "curves.csv")
-  assert {c["method"] for c in curves} == set(vs_factors.METHODS)
+  assert {c["method"] for c in curves} == set(vs_factors.RUNLOCAL_METHODS)
 
 
 @pytest.mark.slow
