@@ -111,4 +111,11 @@ def get_sweep(arg=None):
                         cu.sweep("optimizer.learning_rate", lrs))
   if runlocal:
     return cu.chain(lora[:1], full)
-  return cu.chain(lora, full, sweep_lr)
+  # Full fine-tuning and the r = 8 learning-rate sweep first, so a run cut
+  # short still has both ends of every comparison.
+  first = [p for p in lora if p["model.factor.rank"] in (1, 8)
+           and not p["model.factor.rank_stabilised"]]
+  rest = [p for p in lora if p not in first]
+  rest.sort(key=lambda p: (p["model.factor.rank_stabilised"],
+                           RANKS.index(p["model.factor.rank"]) % 2))
+  return cu.chain(full, first, sweep_lr, rest)
