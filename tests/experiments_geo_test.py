@@ -54,6 +54,9 @@ def test_condlr_runlocal(tmp_path):
   fg = _rows(out["fgsm_csv"])
   assert [float(r["eps"]) for r in fg] == [0.0, 0.05]
   assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in fg)
+  # eps = 0 through the [0, 1] pixel wrapper = clean accuracy on the
+  # standardised inputs (64 examples: allow one rounding flip).
+  assert abs(float(fg[0]["accuracy"]) - float(fg[0]["clean_standardised"])) <= 1 / 64
   kap = _rows(out["kappa_csv"])[0]
   # approx_orth with tau = 0.1 keeps kappa(S) <= 1.1 (log10 1.1 = 0.0414).
   for layer in condlr_run.LAYERS:
