@@ -70,16 +70,16 @@ def test_condlr_per_layer_ranks():
   from lrtrain import models
   from lrtrain import config_utils as cu
   cfg = cu.base_config().model
-  cfg.name, cfg.factor.kind, cfg.factor.conv_kind, cfg.factor.rank = (
-      "lenet5", "lowrank", "lowrank", 4)
-  m = models.build(cfg, num_classes=10, input_shape=(28, 28, 1))
-  p = models.init_params(m, jax.random.key(0), (28, 28, 1))
+  cfg.name, cfg.widths, cfg.factor.kind, cfg.factor.rank = "mlp", (40, 30), "lowrank", 4
+  m = models.build(cfg, num_classes=10, input_shape=(8, 8, 1))
+  p = models.init_params(m, jax.random.key(0), (8, 8, 1))
   q = condlr_run.with_ranks(p, 0.5, 0)
-  assert condlr_run.per_layer_ranks(q, 0.5) == {"conv1": 10, "conv2": 25, "fc1": 250}
-  assert int(q["fc1"]["kernel"].rank) == 250
-  U = np.asarray(q["conv2"]["kernel"].U)
-  np.testing.assert_allclose(U.T @ U, np.eye(U.shape[1]), atol=1e-4)
-  y = m.apply({"params": q}, np.zeros((2, 28, 28, 1), np.float32))
+  # ceil(0.5 min(n, m)): fc1 (40, 64) -> 20, fc2 (30, 40) -> 15.
+  assert condlr_run.per_layer_ranks(q, 0.5) == {"fc1": 20, "fc2": 15}
+  assert int(q["fc1"]["kernel"].rank) == 20
+  U = np.asarray(q["fc2"]["kernel"].U)
+  np.testing.assert_allclose(U.T @ U, np.eye(U.shape[1]), atol=1e-5)
+  y = m.apply({"params": q}, np.zeros((2, 8, 8, 1), np.float32))
   assert y.shape == (2, 10)
 
 
