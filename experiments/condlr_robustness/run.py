@@ -143,6 +143,11 @@ def pixel_range(name: str) -> float:
   return 16.0 if name == "digits" else 255.0
 
 
+COLORS = {"dense": "k", "KLS (DLRT)": "tab:purple", "plain factors": "tab:red",
+          "condlr mean": "tab:green", "condlr approx tau=0.1": "tab:blue",
+          "condlr approx tau=0.5": "tab:orange"}
+
+
 def report(workdir: str, results: str) -> dict[str, str]:
   """results/*.csv and *.png from the finished runs under workdir."""
   cache, fg_rows, kap_rows, sum_rows, curves = {}, [], [], [], []
@@ -182,7 +187,7 @@ def report(workdir: str, results: str) -> dict[str, str]:
     for lab, pts in sorted(groups.items()):
       pts.sort()
       a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-             ls="--" if lab == "dense" else "-", label=lab)
+             ls="--" if lab == "dense" else "-", label=lab, color=COLORS.get(lab))
     a.set_title(f"FGSM, LeNet5, compression {cr:.0%}")
     a.set_xlabel("eps (L_inf, [0, 1] pixels)")
     a.set_ylabel("test accuracy")
@@ -196,7 +201,8 @@ def report(workdir: str, results: str) -> dict[str, str]:
       a = ax[i, j]
       for lab, c, l, st, v in curves:
         if c in (cr, 0.0) and l == layer and len(v):
-          a.plot(st, v, ls="--" if lab == "dense" else "-", label=lab)
+          a.plot(st, v, ls="--" if lab == "dense" else "-", label=lab,
+                 color=COLORS.get(lab))
       a.set_title(f"{layer}, cr {cr:.0%}")
       a.set_xlabel("step")
       a.set_ylabel("log10 kappa (active rank)")
