@@ -27,18 +27,30 @@ def block(tree):
 
 
 def time_steps(step: Callable, carry, *, steps: int, warmup: int = 3,
-               repeats: int = 3) -> dict:
+               repeats: int = 3, budget_s: float | None = None,
+               min_steps: int = 5) -> dict:
   """Median ms/step of `carry = step(carry)` over `steps` steps, `repeats` times.
 
   Each step is timed individually (dispatch + wait), so the median ignores
-  the occasional hiccup of a shared machine.
+  the occasional hiccup of a shared machine. With `budget_s`, a step that
+  is slow (judged on the last warm-up step) is timed over fewer steps,
+  max(min_steps, budget_s / t_step) per repeat, and one warm-up step is
+  used after the compiling one; the count used is returned.
 
   Returns:
     {"ms": median over repeats of the per-repeat medians, "ms_min", "ms_max",
-     "carry": the final carry}.
+     "steps": timed steps per repeat, "carry": the final carry}.
   """
-  for _ in range(warmup):
+  carry = block(step(carry))            # compiles
+  t_warm = 0.0
+  for _ in range(max(warmup - 1, 1)):
+    t0 = time.perf_counter()
     carry = block(step(carry))
+    t_warm = time.perf_counter() - t0
+    if budget_s is not None and t_warm * steps > budget_s:
+      break
+  if budget_s is not None:
+    steps = int(min(steps, max(min_steps, budget_s // max(t_warm, 1e-9))))
   medians = []
   for _ in range(repeats):
     times = []
@@ -48,7 +60,7 @@ def time_steps(step: Callable, carry, *, steps: int, warmup: int = 3,
       times.append(time.perf_counter() - t0)
     medians.append(statistics.median(times) * 1e3)
   return {"ms": statistics.median(medians), "ms_min": min(medians),
-          "ms_max": max(medians), "carry": carry}
+          "ms_max": max(medians), "steps": steps, "carry": carry}
 
 
 class CompileCounter:

@@ -132,23 +132,28 @@ def run_case(label, name, kind, rank, input_shape, num_classes, task, *,
   return out
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="fewer timed steps")
-  ap.add_argument("--out", default=RESULTS)
-  ap.add_argument("--cases", default="", help="comma-separated case labels")
-  args = ap.parse_args(argv)
-  steps, repeats = (10, 2) if args.quick else (30, 3)
-  wanted = set(filter(None, args.cases.split(",")))
+def measure(quick: bool = False, cases=()) -> list[dict]:
+  """Overhead rows for every case (or the labels in `cases`)."""
+  steps, repeats = (3, 1) if quick else (30, 3)
   rows = []
   for case in CASES:
-    if wanted and case[0] not in wanted:
+    if cases and case[0] not in cases:
       continue
     r = run_case(*case, steps=steps, repeats=repeats)
     rows.append(r)
     print(f"{r['case']:20s} step {r['train_step_ms']:8.2f} ms   diagnostics "
           f"{r['diagnostics_ms']:8.2f} ms   overhead at period {PERIOD}: "
           f"{100 * r['overhead_fraction']:.2f}%  (target <= 3%)", flush=True)
+  return rows
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="fewer timed steps")
+  ap.add_argument("--out", default=RESULTS)
+  ap.add_argument("--cases", default="", help="comma-separated case labels")
+  args = ap.parse_args(argv)
+  rows = measure(args.quick, set(filter(None, args.cases.split(","))))
   result = {
       "period": PERIOD, "batch": BATCH, "target_fraction": 0.03,
       "device": str(jax.devices()[0]), "backend": jax.default_backend(),

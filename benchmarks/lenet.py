@@ -68,11 +68,12 @@ def bench(method: str, impl: str, *, steps: int, repeats: int) -> dict:
   return dict(method=method, impl=impl, **res)
 
 
-def run(*, steps: int, repeats: int, impls=("im2col", "xla"), log=print):
+def run(*, steps: int, repeats: int, impls=("im2col", "xla"), log=print,
+        methods=tuple(SETUPS)):
   rows = []
   for impl in impls:
     dense_ms = None
-    for method in SETUPS:
+    for method in methods:
       r = bench(method, impl, steps=steps, repeats=repeats)
       dense_ms = dense_ms or r["ms"]
       r["ratio"] = r["ms"] / dense_ms

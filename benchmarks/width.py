@@ -136,7 +136,7 @@ def analytic_bytes(method: str, n: int, r: int, moments: int = 1) -> int:
 
 
 def bench_point(method: str, n: int, r: int, *, steps: int, repeats: int,
-                key=jax.random.PRNGKey(0)) -> dict:
+                budget_s: float | None = None, key=jax.random.PRNGKey(0)) -> dict:
   params = make_params(method, n, r, key)
   integ = make_integrator(method, r)
   state = integ.init(params)
@@ -150,7 +150,8 @@ def bench_point(method: str, n: int, r: int, *, steps: int, repeats: int,
     p, s = carry
     return step(p, s, batch)
 
-  res = common.time_steps(run, (params, state), steps=steps, repeats=repeats)
+  res = common.time_steps(run, (params, state), steps=steps, repeats=repeats,
+                          budget_s=budget_s)
   p, s = res.pop("carry")
   flops = step_flops(method, n, r)
   out = dict(method=method, n=n, r=r, **res, flops=flops,
@@ -165,19 +166,25 @@ def ranks_for(n: int, ranks=(8, 32, 64, 128)) -> list[int]:
 
 
 def run(widths, *, steps: int, repeats: int, methods=METHODS, log=print,
-        ranks=(8, 32, 64, 128)) -> list[dict]:
-  """All (width, rank, method) points; dense once per width."""
+        ranks=(8, 32, 64, 128), budget_s: float | None = None) -> list[dict]:
+  """All (width, rank, method) points; dense once per width.
+
+  budget_s caps the timed seconds per repeat of a slow point (see
+  common.time_steps); the steps used are recorded per row.
+  """
+  kw = dict(steps=steps, repeats=repeats, budget_s=budget_s)
   rows = []
   for n in widths:
-    dense = bench_point("dense", n, 0, steps=steps, repeats=repeats)
+    dense = bench_point("dense", n, 0, **kw)
     rows.append(dict(dense, ratio=1.0))
-    log(f"n={n:5d} dense          {dense['ms']:9.2f} ms")
+    log(f"n={n:5d} dense          {dense['ms']:9.2f} ms  ({dense['steps']} steps)")
     for r in ranks_for(n, ranks):
       for m in methods:
         if m == "dense":
           continue
-        pt = bench_point(m, n, r, steps=steps, repeats=repeats)
+        pt = bench_point(m, n, r, **kw)
         pt["ratio"] = pt["ms"] / dense["ms"]
         rows.append(pt)
-        log(f"n={n:5d} r={r:4d} {m:13s} {pt['ms']:9.2f} ms  x{pt['ratio']:.2f} dense")
+        log(f"n={n:5d} r={r:4d} {m:13s} {pt['ms']:9.2f} ms  x{pt['ratio']:.2f} dense"
+            f"  ({pt['steps']} steps)")
   return rows

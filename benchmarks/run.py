@@ -1,0 +1,166 @@
+"""Run every benchmark, write benchmarks/results/<date>.json, regenerate the
+tables and plots of benchmarks/README.md.
+
+  python -m benchmarks.run            # full (tens of minutes on 2 CPU cores)
+  python -m benchmarks.run --quick    # < 2 minutes: breakage check, no timing claims
+
+Ratios are measured side by side in one process; absolute times are context
+only (the machine is shared and its load drifts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+
+import lrtrain  # noqa: F401  (sets single-threaded OpenBLAS before any LAPACK call)
+from benchmarks import adaptive, common, diagnostics_overhead, lenet, width
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+
+def machine() -> dict:
+  return dict(platform=platform.platform(), python=sys.version.split()[0],
+              jax=jax.__version__, backend=jax.default_backend(),
+              devices=[str(d) for d in jax.devices()], cpus=os.cpu_count(),
+              load_avg=os.getloadavg())
+
+
+def targets(res: dict) -> list[dict]:
+  """Each target of the benchmark spec with its measured value and verdict."""
+  out = []
+  rows = res["width"]
+
+  def ratio(method, n, r):
+    for x in rows:
+      if x["method"] == method and x["n"] == n and x["r"] == r:
+        return x["ratio"]
+    return None
+
+  g = ratio("geolora", 1024, 256)
+  out.append(dict(target="GeoLoRA step <= 1.3x dense at n=1024, r=256",
+                  value=g, met=None if g is None else g <= 1.3))
+  g = ratio("geolora", 4096, 64)
+  out.append(dict(target="GeoLoRA >= 8x faster than dense at n=4096, r=64",
+                  value=None if g is None else 1 / g,
+                  met=None if g is None else 1 / g >= 8))
+  kls = [x["ratio"] for x in rows if x["method"] in ("kls", "kls_adaptive")
+         and x["r"] == x["n"] // 4]
+  worst = max(kls) if kls else None
+  out.append(dict(target="KLS <= 3.3x dense at r = n/4, every width (worst)",
+                  value=worst, met=None if worst is None else worst <= 3.3))
+  a = res.get("adaptive")
+  if a:
+    lim = 1 + a["bucket_changes"]
+    out.append(dict(target="compilations <= 1 + bucket changes",
+                    value=f"{a['compilations']} (bucket changes "
+                          f"{a['bucket_changes']})",
+                    met=a["compilations"] <= lim))
+    out.append(dict(target="bucket changes <= log2(r_max) + 1",
+                    value=f"{a['bucket_changes']} <= {a['bucket_limit']}",
+                    met=a["bucket_changes"] <= a["bucket_limit"]))
+    tr = a["tail_ms"] / a["fixed_rank_ms"]
+    out.append(dict(target="adaptive step within 1.5x of fixed rank at the "
+                           "same ranks", value=tr, met=tr <= 1.5))
+  mem = [x["bytes"] / x["analytic_bytes"] for x in rows]
+  if mem:
+    fixed = [x["bytes"] / x["analytic_bytes"] for x in rows
+             if x["method"] in ("kls", "condlr", "dense")]
+    out.append(dict(target="trainable params + optimizer state <= 1.1x "
+                           "analytic (fixed-rank methods, worst)",
+                    value=max(fixed), met=max(fixed) <= 1.1))
+  d = res.get("diagnostics")
+  if d:
+    worst = max(x["overhead_fraction"] for x in d)
+    out.append(dict(target="diagnostics <= 3% of wall time at period 100",
+                    value=worst, met=worst <= 0.03))
+  s = res.get("seeds")
+  if s:
+    out.append(dict(target="8 vmapped seeds >= 4x throughput of 8 sequential",
+                    value=s["speedup"], met=s["speedup"] >= 4))
+  return out
+
+
+def run(quick: bool) -> dict:
+  t0 = time.perf_counter()
+  res = dict(date=datetime.date.today().isoformat(), quick=quick,
+             machine=machine(), section_seconds={})
+  log = lambda s: print(s, flush=True)
+
+  def section(name, fn):
+    ts = time.perf_counter()
+    res[name] = fn()
+    res["section_seconds"][name] = time.perf_counter() - ts
+    log(f"[{name}: {res['section_seconds'][name]:.0f} s]")
+
+  section("matmul_gflops", lambda: common.matmul_gflops(1024 if quick else 2048))
+  log(f"matmul roofline: {res['matmul_gflops']:.1f} GFLOP/s")
+  if quick:
+    section("width", lambda: width.run([128], steps=5, repeats=1, ranks=(8,),
+                                       log=log))
+    section("lenet", lambda: lenet.run(steps=3, repeats=1, impls=("im2col",),
+                                       methods=("dense", "kls_adaptive"),
+                                       log=log))
+  else:
+    # Slow points (large n and r) are timed over fewer steps: at most ~8 s
+    # per repeat, at least 5 steps; each row records the count.
+    section("width", lambda: width.run([512, 1024, 2048, 4096, 5120], steps=50,
+                                       repeats=3, log=log, budget_s=8.0))
+    section("lenet", lambda: lenet.run(steps=50, repeats=3, log=log))
+
+  def adaptive_section():
+    a = adaptive.adaptive_run(steps=60 if quick else 2000)
+    a["fixed_rank_ms"] = adaptive.fixed_rank_ms(a["final_ranks"],
+                                                steps=10 if quick else 100)
+    return a
+
+  section("adaptive", adaptive_section)
+  log(f"adaptive: {res['adaptive']['compilations']} compilations, "
+      f"{res['adaptive']['bucket_changes']} bucket changes, final ranks "
+      f"{res['adaptive']['final_ranks']}")
+  if quick:
+    section("seeds", lambda: adaptive.seeds_vmapped(num_seeds=4, steps=5,
+                                                    methods=("kls_adaptive",),
+                                                    scaling=False))
+  else:
+    section("seeds", adaptive.seeds_vmapped)
+  log(f"seeds vmapped speedup: {res['seeds']['speedup']:.2f}x")
+  cases = ("lenet5/lowrank",) if quick else ()
+  section("diagnostics", lambda: diagnostics_overhead.measure(quick=quick,
+                                                              cases=cases))
+  for row in res["width"]:
+    row["roofline_fraction"] = row["gflops"] / res["matmul_gflops"]
+  res["targets"] = targets(res)
+  res["wall_seconds"] = time.perf_counter() - t0
+  return res
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--out", default=None, help="results JSON path")
+  args = ap.parse_args(argv)
+  res = run(args.quick)
+  os.makedirs(RESULTS, exist_ok=True)
+  name = res["date"] + ("-quick" if args.quick else "")
+  path = args.out or os.path.join(RESULTS, f"{name}.json")
+  with open(path, "w") as f:
+    json.dump(res, f, indent=1, default=float)
+  print(f"wrote {path}")
+  if not args.quick:
+    from benchmarks import report
+    report.write(res)
+  for t in res["targets"]:
+    print(f"{'MET ' if t['met'] else 'NOT '} {t['target']}: {t['value']}")
+
+
+if __name__ == "__main__":
+  main()
