@@ -30,6 +30,12 @@ def _fmt(v):
   return str(v)
 
 
+def _spread(r) -> str:
+  if r.get("ms_min") is None:
+    return "(first run's log)"
+  return f"[{r['ms_min']:.2f}, {r['ms_max']:.2f}]"
+
+
 def plot_width(rows, path):
   widths = sorted({r["n"] for r in rows})
   fig, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths), 3.6),
@@ -79,7 +85,7 @@ def tables(res) -> str:
   for r in res["width"]:
     out.append(f"| {r['n']} | {r['r'] or '-'} | {r['method']} | {r['ms']:.2f} | "
                f"{r.get('steps', '-')} | "
-               f"[{r['ms_min']:.2f}, {r['ms_max']:.2f}] | {r['ratio']:.2f} | "
+               f"{_spread(r)} | {r['ratio']:.2f} | "
                f"{r['roofline_fraction']:.2f} | "
                f"{r['bytes'] / r['analytic_bytes']:.2f} |")
   out.append("\n![step time vs rank](results/width.png)\n")
@@ -88,7 +94,7 @@ def tables(res) -> str:
              "\n|---|---|---|---|---|")
   for r in res["lenet"]:
     out.append(f"| {r['impl']} | {r['method']} | {r['ms']:.2f} | "
-               f"[{r['ms_min']:.2f}, {r['ms_max']:.2f}] | {r['ratio']:.2f} |")
+               f"{_spread(r)} | {r['ratio']:.2f} |")
   a = res["adaptive"]
   out.append("\n### Rank-adaptive run (digits MLP, KLS, "
              f"{a['steps']} steps, tau {a['tau']}, from rank {a['r0']})\n")

@@ -89,17 +89,31 @@ def targets(res: dict) -> list[dict]:
   return out
 
 
-def run(quick: bool) -> dict:
+WIDTHS = (512, 1024, 2048, 4096, 5120)
+
+
+def run(quick: bool, *, widths=WIDTHS, import_log: str = "",
+        partial_path: str = "") -> dict:
+  """All sections. `widths` are timed now; with `import_log`, the other
+  widths' rows come from that earlier run's printed log (same benchmark
+  code, recorded per row as `source`). `partial_path` gets the results so
+  far after every section and width row."""
   t0 = time.perf_counter()
   res = dict(date=datetime.date.today().isoformat(), quick=quick,
              machine=machine(), section_seconds={})
   log = lambda s: print(s, flush=True)
+
+  def save(_=None):
+    if partial_path:
+      with open(partial_path, "w") as f:
+        json.dump(res, f, indent=1, default=float)
 
   def section(name, fn):
     ts = time.perf_counter()
     res[name] = fn()
     res["section_seconds"][name] = time.perf_counter() - ts
     log(f"[{name}: {res['section_seconds'][name]:.0f} s]")
+    save()
 
   section("matmul_gflops", lambda: common.matmul_gflops(1024 if quick else 2048))
   log(f"matmul roofline: {res['matmul_gflops']:.1f} GFLOP/s")
@@ -112,8 +126,16 @@ def run(quick: bool) -> dict:
   else:
     # Slow points (large n and r) are timed over fewer steps: at most ~8 s
     # per repeat, at least 5 steps; each row records the count.
-    section("width", lambda: width.run([512, 1024, 2048, 4096, 5120], steps=50,
-                                       repeats=3, log=log, budget_s=8.0))
+    imported = (width.rows_from_log(import_log, set(WIDTHS) - set(widths))
+                if import_log else [])
+
+    def width_rows(rows):
+      res["width"] = imported + rows
+      save()
+
+    section("width", lambda: imported + width.run(
+        list(widths), steps=50, repeats=3, log=log, budget_s=8.0,
+        on_row=width_rows))
     section("lenet", lambda: lenet.run(steps=50, repeats=3, log=log))
 
   def adaptive_section():
@@ -147,11 +169,17 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--out", default=None, help="results JSON path")
+  ap.add_argument("--widths", default="", help="comma-separated widths to time "
+                  f"(default all of {WIDTHS})")
+  ap.add_argument("--import_log", default="", help="printed log of an earlier "
+                  "run: rows of the widths not timed now")
   args = ap.parse_args(argv)
-  res = run(args.quick)
   os.makedirs(RESULTS, exist_ok=True)
-  name = res["date"] + ("-quick" if args.quick else "")
+  name = datetime.date.today().isoformat() + ("-quick" if args.quick else "")
   path = args.out or os.path.join(RESULTS, f"{name}.json")
+  widths = tuple(int(w) for w in args.widths.split(",") if w) or WIDTHS
+  res = run(args.quick, widths=widths, import_log=args.import_log,
+            partial_path=path)
   with open(path, "w") as f:
     json.dump(res, f, indent=1, default=float)
   print(f"wrote {path}")
