@@ -50,7 +50,7 @@ def point(n: int, r: int, *, steps: int = 20) -> dict:
   svd = jax.jit(lambda a: jnp.linalg.svd(a))
   out = dict(n=n, r=r, capacity=C,
              qr_ms=_time(qr, X, steps=steps), svd_ms=_time(svd, S, steps=steps))
-  params = width.make_params("geolora", n, r, key)
+  params = width.make_params("geolora", n, r, key, init="random")
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
   batch = {"x": jax.random.normal(kx, (width.BATCH, n)),
            "y": jax.random.randint(ky, (width.BATCH,), 0, width.CLASSES)}
