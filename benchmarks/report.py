@@ -131,13 +131,14 @@ def tables(res) -> str:
                "capacity bucket, >= 2r), jitted alone; the augmentation does 2 "
                "QRs and the truncation 1 SVD per layer, 3 layers. grad = one "
                "forward + backward of the factored model.\n")
-    out.append("| n | r | C | qr ms | svd ms | 3 x (2 qr + svd) ms | grad ms | "
+    out.append("| n | r | C | qr ms (GFLOP/s) | svd ms (GFLOP/s) | 3 x (2 qr + svd) ms | grad ms | "
                "GeoLoRA step ms | KLS-adaptive step ms | dense step ms | "
                "factorization share of GeoLoRA |\n|---|---|---|---|---|---|---|"
                "---|---|---|---|")
     for b in res["breakdown"]:
-      out.append(f"| {b['n']} | {b['r']} | {b['capacity']} | {b['qr_ms']:.1f} | "
-                 f"{b['svd_ms']:.1f} | {b['factorization_ms']:.1f} | "
+      out.append(f"| {b['n']} | {b['r']} | {b['capacity']} | {b['qr_ms']:.1f} "
+                 f"({b['qr_gflops']:.1f}) | {b['svd_ms']:.1f} ({b['svd_gflops']:.1f}) | "
+                 f"{b['factorization_ms']:.1f} | "
                  f"{b['grad_ms']:.1f} | {b['geolora_step_ms']:.1f} | "
                  f"{b['kls_adaptive_step_ms']:.1f} | {b['dense_step_ms']:.1f} | "
                  f"{100 * b['geolora_factorization_share']:.0f}% |")

@@ -93,7 +93,7 @@ WIDTHS = (512, 1024, 2048, 4096, 5120)
 
 
 def run(quick: bool, *, widths=WIDTHS, import_log: str = "",
-        partial_path: str = "") -> dict:
+        partial_path: str = "", ranks=(8, 32, 64, 128)) -> dict:
   """All sections. `widths` are timed now; with `import_log`, the other
   widths' rows come from that earlier run's printed log (same benchmark
   code, recorded per row as `source`). `partial_path` gets the results so
@@ -135,7 +135,7 @@ def run(quick: bool, *, widths=WIDTHS, import_log: str = "",
 
     section("width", lambda: imported + width.run(
         list(widths), steps=50, repeats=3, log=log, budget_s=8.0,
-        on_row=width_rows))
+        on_row=width_rows, ranks=ranks))
     section("lenet", lambda: lenet.run(steps=50, repeats=3, log=log))
 
   def adaptive_section():
@@ -171,6 +171,9 @@ def main(argv=None):
   ap.add_argument("--out", default=None, help="results JSON path")
   ap.add_argument("--widths", default="", help="comma-separated widths to time "
                   f"(default all of {WIDTHS})")
+  ap.add_argument("--ranks", default="", help="comma-separated ranks for the "
+                  "widths timed now (default 8,32,64,128 and n/4; given: "
+                  "only these)")
   ap.add_argument("--import_log", default="", help="printed log of an earlier "
                   "run: rows of the widths not timed now")
   args = ap.parse_args(argv)
@@ -178,8 +181,10 @@ def main(argv=None):
   name = datetime.date.today().isoformat() + ("-quick" if args.quick else "")
   path = args.out or os.path.join(RESULTS, f"{name}.json")
   widths = tuple(int(w) for w in args.widths.split(",") if w) or WIDTHS
+  ranks = tuple(int(r) for r in args.ranks.split(",") if r)
   res = run(args.quick, widths=widths, import_log=args.import_log,
-            partial_path=path)
+            partial_path=path, ranks=ranks or (8, 32, 64, 128))
+  res["ranks_timed_now"] = list(ranks) or "default"
   with open(path, "w") as f:
     json.dump(res, f, indent=1, default=float)
   print(f"wrote {path}")

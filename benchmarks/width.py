@@ -168,7 +168,10 @@ def bench_point(method: str, n: int, r: int, *, steps: int, repeats: int,
 
 
 def ranks_for(n: int, ranks=(8, 32, 64, 128)) -> list[int]:
-  return sorted({r for r in (*ranks, n // 4) if 2 * r <= n})
+  """The given ranks and n/4 (only the given ones if n/4 is not among the
+  defaults' companions, i.e. when a custom rank list is passed)."""
+  extra = (n // 4,) if tuple(ranks) == (8, 32, 64, 128) else ()
+  return sorted({r for r in (*ranks, *extra) if 2 * r <= n})
 
 
 # Augmented methods at r = n/4 work on n x n/2 bases (QR of 4096 x 2048 and
