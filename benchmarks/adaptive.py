@@ -135,16 +135,16 @@ def seeds_vmapped(num_seeds: int = 8, steps: int = 200, rank: int = 32,
     seq = common.time_steps(lambda c: one(*c), (p1, integ.init(p1)),
                             steps=steps, repeats=3)
     many = jax.jit(jax.vmap(lambda p, s: integ.step(width.loss_fn, p, s, b)[:2]))
-    scaling = {}
+    by_k = {}
     for k in sorted({1, 2, 4, num_seeds}) if scaling else [num_seeds]:
       pv = jax.vmap(init)(keys[:k])
       vm = common.time_steps(lambda c: many(*c), (pv, jax.vmap(integ.init)(pv)),
                              steps=steps, repeats=3)
-      scaling[k] = vm["ms"]
+      by_k[k] = vm["ms"]
     out[method] = dict(sequential_ms_per_step=seq["ms"],
-                       vmapped_ms_per_step=scaling[num_seeds],
-                       vmapped_ms_by_seeds=scaling,
-                       speedup=num_seeds * seq["ms"] / scaling[num_seeds])
+                       vmapped_ms_per_step=by_k[num_seeds],
+                       vmapped_ms_by_seeds=by_k,
+                       speedup=num_seeds * seq["ms"] / by_k[num_seeds])
   main = out[methods[0]]
   return dict(num_seeds=num_seeds, width=width_, rank=rank, batch=batch,
               method=methods[0], by_method=out, **main)
