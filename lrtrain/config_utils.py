@@ -196,6 +196,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
   m.factor.kind = "lowrank"
   m.factor.conv_kind = "same"
   m.factor.rank = 16
+  m.factor.clip_rank = False
   m.factor.capacity = 0
   m.factor.tucker_ranks = (8, 8)
   m.factor.alpha = 1.0

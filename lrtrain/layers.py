@@ -35,7 +35,7 @@ from lrtrain.factorizations import conv as conv_lib
 from lrtrain.factorizations import lora, lowrank, tucker
 
 KINDS = ("dense", "lowrank", "lora", "tucker")
-INITS = ("random", "svd")
+INITS = ("random", "flat", "svd")
 _dense_init = nn.initializers.lecun_normal()
 
 
@@ -46,15 +46,19 @@ class FactorSpec:
   Attributes:
     kind: 'dense' | 'lowrank' | 'lora' | 'tucker' (conv only).
     rank: LowRank / Lora rank r.
+    clip_rank: cap `rank` at floor(min(n, m) / 2) per layer (the default
+      r_max of the rank-adaptive integrators) instead of rejecting a rank
+      too large for a layer; one request then fits every layer.
     capacity: LowRank buffer columns (0 = rank; capped at min(n, m)).
     tucker_ranks: (r_out, r_in) channel ranks of a Tucker kernel; the spatial
       modes stay full.
     alpha: Lora scale numerator (0 = rank, i.e. scale 1).
     rank_stabilised: Lora scale alpha / sqrt(r) (rsLoRA) instead of alpha / r.
-    init: 'random' or 'svd' (module docstring).
+    init: 'random', 'flat' or 'svd' (see `matrix_node`).
   """
   kind: str = "lowrank"
   rank: int = 16
+  clip_rank: bool = False
   capacity: int = 0
   tucker_ranks: tuple[int, int] = (8, 8)
   alpha: float = 0.0
@@ -75,7 +79,7 @@ def _layer_name(module: nn.Module) -> str:
 
 def _check_matrix_rank(name: str, spec: FactorSpec, n: int, m: int) -> int:
   """Capacity of a LowRank/Lora (n, m) kernel; ValueError naming the layer."""
-  if not 1 <= spec.rank <= min(n, m):
+  if not 1 <= spec.rank <= min(n, m):  # the caller has applied clip_rank
     raise ValueError(
         f"layer '{name}': rank {spec.rank} must be in [1, min(n, m)] = "
         f"[1, {min(n, m)}] for its ({n}, {m}) weight; lower model.factor.rank "
@@ -103,6 +107,8 @@ def matrix_node(key: jax.Array, spec: FactorSpec, n: int, m: int, *, name: str,
   Raises:
     ValueError: rank outside [1, min(n, m)] (the message names the layer).
   """
+  if spec.clip_rank:
+    spec = dataclasses.replace(spec, rank=min(spec.rank, max(1, min(n, m) // 2)))
   capacity = _check_matrix_rank(name, spec, n, m)
   fan_in = m if fan_in is None else fan_in
   kd, kf = jax.random.split(key)
@@ -122,6 +128,7 @@ def matrix_node(key: jax.Array, spec: FactorSpec, n: int, m: int, *, name: str,
   # gives E||W||_F^2 = n m / fan_in, the dense init's value.
   scale = math.sqrt(n * m / (fan_in * spec.rank))
   return lowrank.init(kf, n, m, spec.rank, capacity=capacity, scale=scale,
+                      spectrum="flat" if spec.init == "flat" else "halfnormal",
                       dtype=dtype)
 
 

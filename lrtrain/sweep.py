@@ -133,7 +133,7 @@ def run_all(config_spec: str, workdir: str, *, vmap_seeds: bool = False) -> list
 
 COLUMNS = ("run", "test/accuracy", "test/loss", "params/train", "params/eval",
            "params/compression", "steps", "time/wall_s", "time/steps_per_sec",
-           "ranks")
+           "time/steady_steps_per_sec", "time/vs_dense", "ranks")
 
 
 def summarize(workdir: str) -> tuple[str, str, list[dict]]:
@@ -145,7 +145,7 @@ def summarize(workdir: str) -> tuple[str, str, list[dict]]:
   Raises:
     FileNotFoundError: no finished runs under workdir.
   """
-  rows = []
+  rows, keys = [], []
   for name in sorted(os.listdir(workdir) if os.path.isdir(workdir) else []):
     path = os.path.join(workdir, name, "summary.json")
     if not os.path.exists(path):
@@ -159,8 +159,10 @@ def summarize(workdir: str) -> tuple[str, str, list[dict]]:
         v = " ".join(f"{k.split('/', 1)[-1]}:{x}" for k, x in v.items())
       row[col] = v
     rows.append(row)
+    keys.append((s.get("integrator"), _model_name(os.path.join(workdir, name))))
   if not rows:
     raise FileNotFoundError(f"no summary.json under {workdir}/*/")
+  _relative_speed(rows, keys)
   csv_path = os.path.join(workdir, "summary.csv")
   with open(csv_path, "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -169,6 +171,26 @@ def summarize(workdir: str) -> tuple[str, str, list[dict]]:
   png_path = os.path.join(workdir, "summary.png")
   _plot(rows, png_path)
   return csv_path, png_path, rows
+
+
+def _model_name(run_dir: str) -> str | None:
+  try:
+    with open(os.path.join(run_dir, "config.json")) as fh:
+      return json.load(fh).get("model", {}).get("name")
+  except (OSError, ValueError):
+    return None
+
+
+def _relative_speed(rows, keys) -> None:
+  """time/vs_dense: steady steps/s over that of the sweep's first dense run
+  on the same model (None when the sweep has no such run)."""
+  dense = {}
+  for row, (integ, model) in zip(rows, keys):
+    if integ == "dense" and row.get("time/steady_steps_per_sec"):
+      dense.setdefault(model, row["time/steady_steps_per_sec"])
+  for row, (_, model) in zip(rows, keys):
+    rate, ref = row.get("time/steady_steps_per_sec"), dense.get(model)
+    row["time/vs_dense"] = rate / ref if rate and ref else None
 
 
 def _plot(rows, path):

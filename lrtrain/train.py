@@ -277,7 +277,8 @@ def prepare_workdir(config, workdir: str) -> None:
 
 
 def finish_run(config, workdir: str, ds, eval_fn, params, sharder: Sharder, *,
-               steps: int, t_start: float, steps_per_sec: float) -> dict:
+               steps: int, t_start: float, steps_per_sec: float,
+               steady_steps_per_sec: float | None = None) -> dict:
   """Test evaluation, summary.json and plots/ of a finished run."""
   t = config.train
   test = evaluate(eval_fn, params, ds, "test", t.eval_batch_size, sharder)
@@ -293,6 +294,7 @@ def finish_run(config, workdir: str, ds, eval_fn, params, sharder: Sharder, *,
       "ranks": host_ranks(params),
       "time/wall_s": time.time() - t_start,
       "time/steps_per_sec": steps_per_sec,
+      "time/steady_steps_per_sec": steady_steps_per_sec,
       "integrator": config.integrator.name,
       "devices": jax.device_count(),
   }
@@ -391,6 +393,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   last_good = step       # the latest finite checkpoint (never overwritten)
   pending = None         # (step, aux on device) of the previous step
   t_loop, step0 = time.time(), step
+  # Steady rate: from the end of the first (compiling) step to the end of the
+  # last, host work in between (evals, checkpoints, resizes) included.
+  marks = {}
 
   def every(n, s):
     return n > 0 and s % n == 0
@@ -399,6 +404,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     """Fetch a step's aux, check it, log it; returns the host dict."""
     s, aux = p
     aux = jax.device_get(aux)
+    marks.setdefault("first", (s, time.time()))
+    marks["last"] = (s, time.time())
     ok = np.asarray(aux.pop("finite"))
     if not ok.all():
       bad = [paths[i] for i in np.flatnonzero(~ok[:len(paths)])] or ["loss"]
@@ -450,9 +457,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     progress.close()
     writer.close()
 
+  steady = None
+  if "first" in marks and marks["last"][0] > marks["first"][0]:
+    (s0, t0), (s1, t1) = marks["first"], marks["last"]
+    steady = (s1 - s0) / max(t1 - t0, 1e-9)
   summary = finish_run(config, workdir, ds, eval_fn, params, sharder,
                        steps=step, t_start=t_start,
-                       steps_per_sec=(step - step0) / max(time.time() - t_loop, 1e-9))
+                       steps_per_sec=(step - step0) / max(time.time() - t_loop, 1e-9),
+                       steady_steps_per_sec=steady)
   ckpts.close()
   logging.info("done: %s", json.dumps(summary["ranks"]))
   return summary

@@ -51,6 +51,11 @@ def test_lowrank_init_invariants():
   assert np.all(s[:3] > 0) and np.all(s[3:] == 0)
   assert np.all(np.diff(s[:3]) <= 0)
   np.testing.assert_array_equal(np.asarray(f.S), np.diag(s))
+  flat = lowrank.init(jax.random.PRNGKey(2), 9, 13, 3, capacity=5, scale=2.0,
+                      spectrum="flat")
+  np.testing.assert_array_equal(np.diag(np.asarray(flat.S)), [2, 2, 2, 0, 0])
+  with pytest.raises(ValueError, match="spectrum"):
+    lowrank.init(jax.random.PRNGKey(2), 9, 13, 3, spectrum="uniform")
 
 
 @pytest.mark.parametrize("frozen_base", [False, True])

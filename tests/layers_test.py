@@ -1,5 +1,7 @@
 """Tests of the factorized Flax Dense and Conv layers."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,6 +89,29 @@ def test_rank_too_large_names_layer():
     layers.FactorSpec(kind="cp")
   with pytest.raises(ValueError, match="NHWC"):
     layers.Conv(4).init(KEY, jnp.zeros((2, 8, 3)))
+
+
+def test_clip_rank_caps_each_layer_at_half_its_min_dim():
+  spec = layers.FactorSpec(kind="lowrank", rank=250, clip_rank=True)
+  x = jnp.zeros((1, 800))
+  for n, want in ((500, 250), (20, 10), (3, 1)):
+    node = layers.Dense(n, factor=spec).init(KEY, x)["params"]["kernel"]
+    assert int(node.rank) == want and node.capacity == want
+  small = layers.FactorSpec(kind="lowrank", rank=4, clip_rank=True)
+  node = layers.Dense(500, factor=small).init(KEY, x)["params"]["kernel"]
+  assert int(node.rank) == 4     # a request below the cap is kept
+  with pytest.raises(ValueError, match=r"layer 'fc': rank 250"):
+    layers.Dense(20, factor=dataclasses.replace(spec, clip_rank=False),
+                 name="fc").init(KEY, x)
+
+
+def test_flat_init_is_scaled_orthogonal():
+  spec = layers.FactorSpec(kind="lowrank", rank=8, init="flat")
+  p = layers.Dense(64, factor=spec).init(KEY, jnp.zeros((1, 256)))["params"]
+  s = np.linalg.svd(np.asarray(fz.materialize(p["kernel"])), compute_uv=False)
+  # eight equal singular values with sum of squares n = 64 (the dense init's E)
+  np.testing.assert_allclose(s[:8], np.sqrt(64 / 8), rtol=1e-5)
+  assert np.all(s[8:] < 1e-5)
 
 
 def test_capacity_capped_at_min_dim():

@@ -123,3 +123,22 @@ def test_vmapped_seeds_match_sequential(sweep_file, tmp_path):
       sb = json.load(fh)
     assert sa["test/accuracy"] == pytest.approx(sb["test/accuracy"], abs=1e-3)
   assert losses(vm[0]) != losses(vm[1])   # the seeds really differ
+
+
+def test_summarize_speed_relative_to_dense_on_the_same_model(tmp_path):
+  def fake(name, integ, model, rate):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({
+        "integrator": integ, "test/accuracy": 0.5, "params/compression": 0.1,
+        "time/steady_steps_per_sec": rate}))
+    (d / "config.json").write_text(json.dumps({"model": {"name": model}}))
+  fake("a_dense", "dense", "mlp", 40.0)
+  fake("b_kls", "kls", "mlp", 10.0)
+  fake("c_dense", "dense", "lenet5", 8.0)
+  fake("d_geo", "geolora", "lenet5", 6.0)
+  fake("e_kls", "kls", "vgg", 3.0)            # no dense run on this model
+  _, _, rows = sweep.summarize(str(tmp_path))
+  rel = {r["run"]: r["time/vs_dense"] for r in rows}
+  assert rel == {"a_dense": 1.0, "b_kls": 0.25, "c_dense": 1.0, "d_geo": 0.75,
+                 "e_kls": None}

@@ -84,11 +84,16 @@ def random_orthonormal(key: jax.Array, n: int, r: int, dtype=jnp.float32):
   q = q * jnp.sign(jnp.diagonal(rr))[None, :]
   return q.astype(dtype)
 
+SPECTRA = ("halfnormal", "flat")
+
 
 def init(key: jax.Array, n: int, m: int, rank: int, *,
          capacity: int | None = None, scale: float = 1.0,
-         dtype=jnp.float32) -> LowRank:
-  """Random orthonormal U, V and S = scale * diag(sorted |N(0, 1)|).
+         spectrum: str = "halfnormal", dtype=jnp.float32) -> LowRank:
+  """Random orthonormal U, V and S = scale * diag(s).
+
+  s is sorted |N(0, 1)| draws (spectrum 'halfnormal') or all ones
+  ('flat', an orthogonal init of rank r). Both have E s_i^2 = 1.
 
   Args:
     key: PRNG key.
@@ -97,17 +102,24 @@ def init(key: jax.Array, n: int, m: int, rank: int, *,
     rank: initial active rank.
     capacity: buffer columns (>= rank); defaults to rank.
     scale: multiplies the singular values.
+    spectrum: 'halfnormal' or 'flat'.
     dtype: factor dtype.
 
   Raises:
-    ValueError: impossible shape, rank or capacity.
+    ValueError: impossible shape, rank or capacity, or unknown spectrum.
   """
+  if spectrum not in SPECTRA:
+    raise ValueError(f"LowRank.init: spectrum must be one of {SPECTRA}, got "
+                     f"{spectrum!r}")
   capacity = _check_rank(n, m, rank, capacity)
   ku, kv, ks = jax.random.split(key, 3)
   mask = column_mask(rank, capacity)
   U = random_orthonormal(ku, n, capacity) * mask
   V = random_orthonormal(kv, m, capacity) * mask
-  s = jnp.sort(jnp.abs(jax.random.normal(ks, (capacity,))))[::-1] * scale
+  if spectrum == "flat":
+    s = jnp.full((capacity,), scale, jnp.float32)
+  else:
+    s = jnp.sort(jnp.abs(jax.random.normal(ks, (capacity,))))[::-1] * scale
   S = jnp.diag(s * mask)
   return LowRank(U.astype(dtype), S.astype(dtype), V.astype(dtype),
                  jnp.asarray(rank, jnp.int32))

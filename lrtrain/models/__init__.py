@@ -39,11 +39,12 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.factor.kind = "lowrank"         # dense layers: dense|lowrank|lora
   m.factor.conv_kind = "same"       # conv layers: dense|lowrank|tucker|lora|same
   m.factor.rank = 16                # initial rank r of LowRank / Lora layers
+  m.factor.clip_rank = False        # cap rank at min(n, m) // 2 per layer
   m.factor.capacity = 0             # LowRank buffer columns (0 = rank)
   m.factor.tucker_ranks = (8, 8)    # Tucker (r_out, r_in) channel ranks
   m.factor.alpha = 0.0              # Lora scale numerator (0 = rank: scale 1)
   m.factor.rank_stabilised = False  # Lora scale alpha / sqrt(r) (rsLoRA)
-  m.factor.init = "random"          # random|svd (SVD of a dense init)
+  m.factor.init = "random"          # random|flat|svd (see layers.matrix_node)
   m.dense_layers = ("head",)        # layer paths/patterns kept dense
   m.conv_impl = "im2col"            # im2col|xla
   # Transformer (char LM for (T,) int inputs, ViT for images).
@@ -81,7 +82,9 @@ class FactorPolicy:
     tr = tuple(int(t) for t in f.tucker_ranks)
     if len(tr) != 2:
       raise ValueError(f"model.factor.tucker_ranks={tr} must be (r_out, r_in)")
-    base = FactorSpec(kind="lowrank", rank=int(f.rank), capacity=int(f.capacity),
+    base = FactorSpec(kind="lowrank", rank=int(f.rank),
+                      clip_rank=bool(f.get("clip_rank", False)),
+                      capacity=int(f.capacity),
                       tucker_ranks=tr, alpha=float(f.alpha),
                       rank_stabilised=bool(f.rank_stabilised), init=str(f.init))
     return cls(kind=f.kind, conv_kind=f.conv_kind, base=base,
