@@ -38,6 +38,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
 _LIST = flags.DEFINE_bool("list", False, "List the sweep points.")
 _INDEX = flags.DEFINE_integer("index", None, "Run one sweep point.")
 _ALL = flags.DEFINE_bool("all", False, "Run every sweep point in sequence.")
+_KEEP_GOING = flags.DEFINE_bool(
+    "keep_going", False, "With --all: a run that diverges is recorded "
+    "(<run>/failed.json) and the sweep goes on; exit status 1 at the end.")
 _VMAP = flags.DEFINE_bool("vmap_seeds", False,
                           "Train the seeds of one configuration together.")
 
@@ -105,8 +108,17 @@ def seed_groups(points) -> list[list[int]]:
   return list(groups.values())
 
 
-def run_all(config_spec: str, workdir: str, *, vmap_seeds: bool = False) -> list[str]:
-  """Run every point not yet finished; returns the run directories."""
+FAILED = "failed.json"
+
+
+def run_all(config_spec: str, workdir: str, *, vmap_seeds: bool = False,
+            keep_going: bool = False) -> list[str]:
+  """Run every point not yet finished; returns the run directories.
+
+  keep_going: a run that diverges (train.DivergedError) leaves
+  <run>/failed.json with the error and the sweep goes on (it is retried on
+  the next call); without it the error propagates.
+  """
   from lrtrain import train  # pylint: disable=g-import-not-at-top
   points = expand(config_spec)
   dirs = [os.path.join(workdir, name) for name, _, _ in points]
@@ -123,21 +135,39 @@ def run_all(config_spec: str, workdir: str, *, vmap_seeds: bool = False) -> list
       continue
     for i in todo:
       logging.info("run %s", points[i][0])
-      train.train_and_evaluate(points[i][1], dirs[i])
+      failed = os.path.join(dirs[i], FAILED)
+      if os.path.exists(failed):
+        os.remove(failed)
+      try:
+        train.train_and_evaluate(points[i][1], dirs[i])
+      except train.DivergedError as e:
+        if not keep_going:
+          raise
+        logging.warning("run %s diverged: %s", points[i][0], e)
+        with open(failed, "w") as fh:
+          json.dump({"error": str(e)}, fh)
   return dirs
+
+
+def failed_runs(dirs) -> list[str]:
+  """The run directories that hold a failed.json and no summary.json."""
+  return [d for d in dirs if os.path.exists(os.path.join(d, FAILED))
+          and not os.path.exists(os.path.join(d, "summary.json"))]
 
 
 # --------------------------------------------------------------------------
 # Aggregation.
 # --------------------------------------------------------------------------
 
-COLUMNS = ("run", "test/accuracy", "test/loss", "params/train", "params/eval",
+COLUMNS = ("run", "status", "test/accuracy", "test/loss", "params/train", "params/eval",
            "params/compression", "steps", "time/wall_s", "time/steps_per_sec",
-           "time/steady_steps_per_sec", "time/vs_dense", "ranks")
+           "time/steady_steps_per_sec", "time/vs_dense", "step_compilations",
+           "ranks")
 
 
 def summarize(workdir: str) -> tuple[str, str, list[dict]]:
-  """Collect <workdir>/*/summary.json into summary.csv and summary.png.
+  """Collect <workdir>/*/summary.json into summary.csv and summary.png
+(runs that diverged under --keep_going get a row with their error).
 
   Returns:
     (csv path, png path, rows).
@@ -149,11 +179,16 @@ def summarize(workdir: str) -> tuple[str, str, list[dict]]:
   for name in sorted(os.listdir(workdir) if os.path.isdir(workdir) else []):
     path = os.path.join(workdir, name, "summary.json")
     if not os.path.exists(path):
+      fail = os.path.join(workdir, name, FAILED)
+      if os.path.exists(fail):
+        with open(fail) as fh:
+          rows.append({"run": name, "status": "diverged: " + json.load(fh)["error"]})
+        keys.append((None, None))
       continue
     with open(path) as fh:
       s = json.load(fh)
-    row = {"run": name}
-    for col in COLUMNS[1:]:
+    row = {"run": name, "status": "ok"}
+    for col in COLUMNS[2:]:
       v = s.get(col)
       if col == "ranks" and isinstance(v, dict):
         v = " ".join(f"{k.split('/', 1)[-1]}:{x}" for k, x in v.items())
@@ -201,7 +236,8 @@ def _plot(rows, path):
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   pts = [(r["params/compression"], r["test/accuracy"], r["run"]) for r in rows
-         if r["params/compression"] is not None and r["test/accuracy"] is not None]
+         if r.get("params/compression") is not None
+         and r.get("test/accuracy") is not None]
   ax.scatter([p[0] for p in pts], [p[1] for p in pts])
   for x, y, name in pts:
     ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -215,7 +251,8 @@ def _plot(rows, path):
 
 def format_table(rows) -> str:
   """The rows as an aligned text table."""
-  cols = [c for c in COLUMNS if c != "time/steps_per_sec"]
+  cols = [c for c in COLUMNS if c not in ("time/steps_per_sec", "status")]
+  cols.append("status")
 
   def fmt(v):
     if isinstance(v, float):
@@ -253,7 +290,13 @@ def main(argv):
       name, config, _ = points[_INDEX.value]
       train.train_and_evaluate(config, os.path.join(_WORKDIR.value, name))
     elif _ALL.value:
-      run_all(_CONFIG.value, _WORKDIR.value, vmap_seeds=_VMAP.value)
+      dirs = run_all(_CONFIG.value, _WORKDIR.value, vmap_seeds=_VMAP.value,
+                     keep_going=_KEEP_GOING.value)
+      bad = failed_runs(dirs)
+      if bad:
+        print("error: diverged (see failed.json): " + ", ".join(bad),
+              file=sys.stderr)
+        return 1
     else:
       raise app.UsageError("one of --list, --index, --all or summarize")
   except (config_utils.ConfigError, train.WorkdirError, train.DivergedError,

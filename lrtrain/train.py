@@ -276,9 +276,18 @@ def prepare_workdir(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
 
 
+def _cache_size(jitted) -> int | None:
+  """Compiled variants of a jitted function (one per input shape set: each
+  capacity-bucket change of a rank-adaptive run adds one); None if this jax
+  does not expose the count."""
+  size = getattr(jitted, "_cache_size", None)
+  return int(size()) if callable(size) else None
+
+
 def finish_run(config, workdir: str, ds, eval_fn, params, sharder: Sharder, *,
                steps: int, t_start: float, steps_per_sec: float,
-               steady_steps_per_sec: float | None = None) -> dict:
+               steady_steps_per_sec: float | None = None,
+               step_compilations: int | None = None) -> dict:
   """Test evaluation, summary.json and plots/ of a finished run."""
   t = config.train
   test = evaluate(eval_fn, params, ds, "test", t.eval_batch_size, sharder)
@@ -295,6 +304,7 @@ def finish_run(config, workdir: str, ds, eval_fn, params, sharder: Sharder, *,
       "time/wall_s": time.time() - t_start,
       "time/steps_per_sec": steps_per_sec,
       "time/steady_steps_per_sec": steady_steps_per_sec,
+      "step_compilations": step_compilations,
       "integrator": config.integrator.name,
       "devices": jax.device_count(),
   }
@@ -464,7 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   summary = finish_run(config, workdir, ds, eval_fn, params, sharder,
                        steps=step, t_start=t_start,
                        steps_per_sec=(step - step0) / max(time.time() - t_loop, 1e-9),
-                       steady_steps_per_sec=steady)
+                       steady_steps_per_sec=steady,
+                       step_compilations=_cache_size(step_fn))
   ckpts.close()
   logging.info("done: %s", json.dumps(summary["ranks"]))
   return summary

@@ -68,6 +68,10 @@ def test_summary_fields(digits_run):
   assert s["params/eval"] < s["params/dense"]
   assert set(s["ranks"]) == {"rank/fc1", "rank/fc2"}
   assert s["ranks"] == summary["ranks"]
+  # The step compiles once per capacity bucket: at most once per step here.
+  assert 1 <= s["step_compilations"] <= s["steps"]
+  # Steady rate leaves out the first (compiling) step.
+  assert s["time/steady_steps_per_sec"] > s["time/steps_per_sec"] > 0
 
 
 def test_rerun_finished_is_resume(digits_run):

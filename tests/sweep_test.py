@@ -142,3 +142,29 @@ def test_summarize_speed_relative_to_dense_on_the_same_model(tmp_path):
   rel = {r["run"]: r["time/vs_dense"] for r in rows}
   assert rel == {"a_dense": 1.0, "b_kls": 0.25, "c_dense": 1.0, "d_geo": 0.75,
                  "e_kls": None}
+
+
+def test_keep_going_records_a_diverged_run_and_goes_on(sweep_file, tmp_path):
+  wd = str(tmp_path / "runs")
+  spec = sweep_file
+  # lr 1e30 makes the first point blow up; the second trains normally.
+  with open(spec, "a") as fh:
+    fh.write("\n_orig = get_sweep\n"
+             "def get_sweep(arg=None):\n"
+             "  return [{'optimizer.learning_rate': 1e30}, {'integrator.tau': 0.3}]\n")
+  from lrtrain import train
+  with pytest.raises(train.DivergedError):
+    sweep.run_all(spec, wd)
+  dirs = sweep.run_all(spec, wd, keep_going=True)
+  assert [os.path.basename(d) for d in sweep.failed_runs(dirs)] == ["learning_rate=1e+30"]
+  with open(os.path.join(dirs[0], sweep.FAILED)) as fh:
+    assert "non-finite" in json.load(fh)["error"]
+  assert os.path.exists(os.path.join(dirs[1], "summary.json"))
+  _, _, rows = sweep.summarize(wd)
+  status = {r["run"]: r["status"] for r in rows}
+  assert status["tau=0.3"] == "ok"
+  assert status["learning_rate=1e+30"].startswith("diverged: non-finite")
+  r = subprocess.run([sys.executable, "-m", "lrtrain.sweep", "--config", spec,
+                      "--workdir", wd, "--all", "--keep_going"],
+                     capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 1 and "diverged (see failed.json)" in r.stderr
