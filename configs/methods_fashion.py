@@ -59,8 +59,9 @@ def get_config(arg=None):
   c.model.widths = (512, 512)       # MLP hidden units (784 -> 512 -> 512 -> 10)
   c.model.factor.kind = kind
   c.model.factor.conv_kind = conv_kind
-  c.model.factor.rank = a.rank      # LowRank / Lora rank (capped per layer)
-  c.model.factor.tucker_ranks = (10, 10)
+  c.model.factor.rank = a.rank      # LowRank / Lora rank requested ...
+  c.model.factor.clip_rank = True   # ... capped at min(n, m) // 2 per layer
+  c.model.factor.tucker_ranks = (10, 10)  # capped at half the channels
 
   c.integrator.name = name
   c.integrator.adaptive = adaptive

@@ -47,7 +47,8 @@ class FactorSpec:
     kind: 'dense' | 'lowrank' | 'lora' | 'tucker' (conv only).
     rank: LowRank / Lora rank r.
     clip_rank: cap `rank` at floor(min(n, m) / 2) per layer (the default
-      r_max of the rank-adaptive integrators) instead of rejecting a rank
+      r_max of the rank-adaptive integrators), and each Tucker channel rank
+      at half its channel count (at least 1), instead of rejecting a rank
       too large for a layer; one request then fits every layer.
     capacity: LowRank buffer columns (0 = rank; capped at min(n, m)).
     tucker_ranks: (r_out, r_in) channel ranks of a Tucker kernel; the spatial
@@ -251,8 +252,11 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 def _tucker_node(key, spec: FactorSpec, c_out: int, c_in: int, kh: int, kw: int,
                  *, name: str, dtype=jnp.float32) -> fz.Tucker:
-  """Tucker kernel with channel ranks spec.tucker_ranks, full spatial modes."""
+  """Tucker kernel with channel ranks spec.tucker_ranks, full spatial modes
+  (with spec.clip_rank each capped at half its channel count, at least 1)."""
   r_out, r_in = spec.tucker_ranks
+  if spec.clip_rank:
+    r_out, r_in = min(r_out, max(1, c_out // 2)), min(r_in, max(1, c_in // 2))
   for what, r, d in (("r_out", r_out, c_out), ("r_in", r_in, c_in)):
     if not 1 <= r <= d:
       raise ValueError(

@@ -53,3 +53,14 @@ def test_runlocal_end_to_end(name, tmp_path):
   assert any("eval/loss" in r for r in rows)
   assert os.path.exists(tmp_path / "summary.json")
   assert os.listdir(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("arg", ["", ":runlocal"])
+def test_methods_fashion_every_point_builds_its_model(arg):
+  """Every (model, method) point traces its init on 28x28x1 inputs: ranks
+  and Tucker ranks fit every layer (LeNet5's conv1 has one input channel)."""
+  from lrtrain import models
+  points = sweep.expand(path("methods_fashion") + arg)
+  assert len(points) == 18
+  for run_name, c, _ in points:
+    models.build(c.model, num_classes=10, input_shape=(28, 28, 1))

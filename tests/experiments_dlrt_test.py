@@ -11,6 +11,7 @@ import pytest
 
 from experiments import dlrt_util
 from experiments.cuttlefish_stable_rank import run as cuttlefish
+from experiments.dlrt_gap_vs_steps import run as gap_steps
 from experiments.dlrt_lenet5_tau import run as lenet_tau
 from experiments.dlrt_mlp_rank_dynamics import run as mlp_ranks
 from experiments.dlrt_vs_factors import run as vs_factors
@@ -143,6 +144,29 @@ def test_vs_factors_runlocal(tmp_path):
   assert [r["method"] for r in rows] == list(vs_factors.RUNLOCAL_METHODS)
   curves = _rows(tmp_path / "r" / "curves.csv")
   assert {c["method"] for c in curves} == set(vs_factors.RUNLOCAL_METHODS)
+
+
+def test_paper_gap_steps_and_sign():
+  pg = gap_steps.paper_gap()
+  assert [p["step"] for p in pg[:2]] == [391, 782]
+  # the authors' DLRT run trails their dense run after every logged epoch
+  assert all(p["gap"] > 2.0 for p in pg) and pg[0]["gap"] > 10.0
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_gap_vs_steps_runlocal(tmp_path):
+  final = gap_steps.main(["--runlocal", "--workdir", str(tmp_path / "w"),
+                          "--out", str(tmp_path / "r")])
+  assert final["steps"] == 3 and final["dlrt_eval_params"] < final["dense_params"]
+  # rank 8 requested, clipped to 8 / 8 / 8 (conv1 cap 10) at most
+  assert 1 <= final["rank_fc1"] <= 8
+  curves = _rows(tmp_path / "r" / "curves.csv")
+  assert [int(c["step"]) for c in curves] == [2, 3]
+  for c in curves:
+    gap = float(c["dense_val_acc"]) - float(c["dlrt_val_acc"])
+    assert abs(gap - float(c["gap"])) < 1e-3
+  assert os.path.getsize(tmp_path / "r" / "gap_vs_steps.png") > 0
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.factor.kind = "lowrank"         # dense layers: dense|lowrank|lora
   m.factor.conv_kind = "same"       # conv layers: dense|lowrank|tucker|lora|same
   m.factor.rank = 16                # initial rank r of LowRank / Lora layers
-  m.factor.clip_rank = False        # cap rank at min(n, m) // 2 per layer
+  m.factor.clip_rank = False        # cap ranks at half the layer's dims (layers.FactorSpec)
   m.factor.capacity = 0             # LowRank buffer columns (0 = rank)
   m.factor.tucker_ranks = (8, 8)    # Tucker (r_out, r_in) channel ranks
   m.factor.alpha = 0.0              # Lora scale numerator (0 = rank: scale 1)
