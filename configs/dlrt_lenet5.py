@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.model.name = "lenet5"
   c.model.factor.kind = "lowrank"
   c.model.factor.conv_kind = "lowrank"
-  c.model.factor.rank = a.rank      # initial rank (capped per layer by r_max)
+  c.model.factor.rank = a.rank      # initial rank (adaptive: clamped to r_max by the first truncation)
 
   c.integrator.name = a.method
   c.integrator.tau = a.tau

@@ -90,13 +90,18 @@ class Checkpoints:
     arrays, meta = {}, {"step": int(step), "fingerprint": fingerprint,
                         "groups": {}, "extra": extra or {}}
     i = 0
+    empty = {}   # orbax refuses zero-size arrays: their shape goes in meta
     for name in GROUPS:
       leaves = jax.tree.leaves(groups[name])
       meta["groups"][name] = {"start": i, "paths": leaf_paths(groups[name])}
       for leaf in leaves:
-        arrays[_key(i)] = leaf
+        if np.size(leaf) == 0:
+          empty[_key(i)] = [list(np.shape(leaf)), np.dtype(leaf.dtype).name]
+        else:
+          arrays[_key(i)] = leaf
         i += 1
     meta["num_leaves"] = i
+    meta["empty"] = empty
     with _quiet():
       self._mngr.save(int(step), args=ocp.args.Composite(
           arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
@@ -144,9 +149,14 @@ class Checkpoints:
                             "refusing to restart silently - delete it or use "
                             "another workdir") from e
     n = meta.get("num_leaves", -1)
+    empty = meta.get("empty", {})
+    arrays = dict(arrays)
+    for k, (shape, dtype) in empty.items():
+      arrays.setdefault(k, np.zeros(shape, jax.numpy.dtype(dtype)))
     if len(arrays) != n or any(_key(i) not in arrays for i in range(n)):
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
-                            f"corrupt: {len(arrays)} arrays, metadata says {n}")
+                            f"corrupt: {len(arrays) - len(empty)} arrays and "
+                            f"{len(empty)} empty ones, metadata says {n}")
     groups = {}
     for name in GROUPS:
       g = meta["groups"][name]
