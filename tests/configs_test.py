@@ -61,6 +61,6 @@ def test_methods_fashion_every_point_builds_its_model(arg):
   and Tucker ranks fit every layer (LeNet5's conv1 has one input channel)."""
   from lrtrain import models
   points = sweep.expand(path("methods_fashion") + arg)
-  assert len(points) == 18
+  assert len(points) == 20
   for run_name, c, _ in points:
     models.build(c.model, num_classes=10, input_shape=(28, 28, 1))
