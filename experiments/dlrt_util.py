@@ -41,6 +41,21 @@ def run_sweep(config_file: str, workdir: str, *, runlocal: bool = False,
   return sweep.run_all(config_spec(config_file, runlocal, extra), workdir)
 
 
+def study_args(argv, doc: str, study: str, here: str):
+  """The common command line of a study's run.py: --runlocal, --dataset,
+  --workdir (runs/<study>), --out (<study>/results); also the sweep's
+  extra config argument for --dataset."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  p.add_argument("--runlocal", action="store_true", help="CI smoke variant")
+  p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist|mnist")
+  p.add_argument("--workdir", default=os.path.join("runs", study))
+  p.add_argument("--out", default=os.path.join(here, "results"))
+  a = p.parse_args(argv)
+  a.extra = "" if a.dataset == "fashion_mnist" else f"dataset={a.dataset}"
+  return a
+
+
 def read_jsonl(path: str) -> list[dict]:
   """Rows of a metrics.jsonl file ([] when missing)."""
   if not os.path.exists(path):

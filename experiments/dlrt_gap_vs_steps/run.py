@@ -16,7 +16,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -96,14 +95,8 @@ def summarize(workdir: str, out: str) -> dict:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--runlocal", action="store_true", help="CI smoke variant")
-  p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist|mnist")
-  p.add_argument("--workdir", default=os.path.join("runs", "dlrt_gap_vs_steps"))
-  p.add_argument("--out", default=os.path.join(HERE, "results"))
-  a = p.parse_args(argv)
-  extra = "" if a.dataset == "fashion_mnist" else f"dataset={a.dataset}"
-  U.run_sweep(CONFIG, a.workdir, runlocal=a.runlocal, extra=extra)
+  a = U.study_args(argv, __doc__, "dlrt_gap_vs_steps", HERE)
+  U.run_sweep(CONFIG, a.workdir, runlocal=a.runlocal, extra=a.extra)
   final = summarize(a.workdir, a.out)
   print(final)
   return final

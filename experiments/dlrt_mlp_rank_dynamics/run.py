@@ -18,7 +18,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -101,14 +100,8 @@ def _plot(runs, order, rows, pub, out):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--runlocal", action="store_true", help="CI smoke variant")
-  p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist|mnist")
-  p.add_argument("--workdir", default=os.path.join("runs", "dlrt_mlp_rank_dynamics"))
-  p.add_argument("--out", default=os.path.join(HERE, "results"))
-  a = p.parse_args(argv)
-  extra = "" if a.dataset == "fashion_mnist" else f"dataset={a.dataset}"
-  U.run_sweep(CONFIG, a.workdir, runlocal=a.runlocal, extra=extra)
+  a = U.study_args(argv, __doc__, "dlrt_mlp_rank_dynamics", HERE)
+  U.run_sweep(CONFIG, a.workdir, runlocal=a.runlocal, extra=a.extra)
   rows = summarize(a.workdir, a.out)
   for r in rows:
     print(r)
