@@ -78,6 +78,11 @@ def _layer_name(module: nn.Module) -> str:
   return "/".join(str(p) for p in path) or module.name or type(module).__name__
 
 
+def _clipped(r: int, d: int) -> int:
+  """FactorSpec.clip_rank: r capped at half of d (at least 1)."""
+  return min(r, max(1, d // 2))
+
+
 def _check_matrix_rank(name: str, spec: FactorSpec, n: int, m: int) -> int:
   """Capacity of a LowRank/Lora (n, m) kernel; ValueError naming the layer."""
   if not 1 <= spec.rank <= min(n, m):  # the caller has applied clip_rank
@@ -109,7 +114,7 @@ def matrix_node(key: jax.Array, spec: FactorSpec, n: int, m: int, *, name: str,
     ValueError: rank outside [1, min(n, m)] (the message names the layer).
   """
   if spec.clip_rank:
-    spec = dataclasses.replace(spec, rank=min(spec.rank, max(1, min(n, m) // 2)))
+    spec = dataclasses.replace(spec, rank=_clipped(spec.rank, min(n, m)))
   capacity = _check_matrix_rank(name, spec, n, m)
   fan_in = m if fan_in is None else fan_in
   kd, kf = jax.random.split(key)
@@ -256,7 +261,7 @@ def _tucker_node(key, spec: FactorSpec, c_out: int, c_in: int, kh: int, kw: int,
   (with spec.clip_rank each capped at half its channel count, at least 1)."""
   r_out, r_in = spec.tucker_ranks
   if spec.clip_rank:
-    r_out, r_in = min(r_out, max(1, c_out // 2)), min(r_in, max(1, c_in // 2))
+    r_out, r_in = _clipped(r_out, c_out), _clipped(r_in, c_in)
   for what, r, d in (("r_out", r_out, c_out), ("r_in", r_in, c_in)):
     if not 1 <= r <= d:
       raise ValueError(

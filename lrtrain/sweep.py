@@ -166,8 +166,9 @@ COLUMNS = ("run", "status", "test/accuracy", "test/loss", "params/train", "param
 
 
 def summarize(workdir: str) -> tuple[str, str, list[dict]]:
-  """Collect <workdir>/*/summary.json into summary.csv and summary.png
-(runs that diverged under --keep_going get a row with their error).
+  """Collect <workdir>/*/summary.json into summary.csv and summary.png.
+
+  A run that diverged under --keep_going gets a row with its error.
 
   Returns:
     (csv path, png path, rows).

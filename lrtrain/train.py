@@ -414,8 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     """Fetch a step's aux, check it, log it; returns the host dict."""
     s, aux = p
     aux = jax.device_get(aux)
-    marks.setdefault("first", (s, time.time()))
     marks["last"] = (s, time.time())
+    marks.setdefault("first", marks["last"])
     ok = np.asarray(aux.pop("finite"))
     if not ok.all():
       bad = [paths[i] for i in np.flatnonzero(~ok[:len(paths)])] or ["loss"]

@@ -84,6 +84,7 @@ def random_orthonormal(key: jax.Array, n: int, r: int, dtype=jnp.float32):
   q = q * jnp.sign(jnp.diagonal(rr))[None, :]
   return q.astype(dtype)
 
+
 SPECTRA = ("halfnormal", "flat")
 
 

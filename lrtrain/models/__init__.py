@@ -83,7 +83,7 @@ class FactorPolicy:
     if len(tr) != 2:
       raise ValueError(f"model.factor.tucker_ranks={tr} must be (r_out, r_in)")
     base = FactorSpec(kind="lowrank", rank=int(f.rank),
-                      clip_rank=bool(f.get("clip_rank", False)),
+                      clip_rank=bool(f.clip_rank),
                       capacity=int(f.capacity),
                       tucker_ranks=tr, alpha=float(f.alpha),
                       rank_stabilised=bool(f.rank_stabilised), init=str(f.init))
