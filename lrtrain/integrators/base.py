@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from lrtrain import factorizations as fz
+from lrtrain.integrators import linalg
 
 Params = Any
 State = Any
@@ -89,7 +90,7 @@ def truncation_rank(sigma: jax.Array, tau: float | jax.Array, r_min,
   Returns:
     () int32 rank in [r_min, r_max].
   """
-  s2 = jnp.square(sigma.astype(jnp.float32))
+  s2 = jnp.square(sigma.astype(linalg.work_dtype(sigma)))
   tail = jnp.cumsum(s2[::-1])[::-1]           # tail[j] = sum_{i >= j} s_i^2
   theta2 = jnp.square(tau) * tail[0]
   r = jnp.sum(tail > theta2).astype(jnp.int32)
@@ -181,52 +182,47 @@ def with_weight_decay(tx: optax.GradientTransformation,
 # --------------------------------------------------------------------------
 
 
-def column_mask(r, C: int, dtype=jnp.float32) -> jax.Array:
-  """(C,) ones on the first r entries (r may be traced)."""
-  return (jnp.arange(C) < r).astype(dtype)
+column_mask = linalg.column_mask
 
 
 def orth(X: jax.Array, r) -> jax.Array:
-  """Orthonormal basis of the first r columns of X (n, C), sign-fixed so
-  that diag(R) >= 0, columns >= r zeroed (QR of zero columns is junk)."""
-  Q, R = jnp.linalg.qr(X.astype(jnp.float32))
-  d = jnp.sign(jnp.diagonal(R))
-  d = jnp.where(d == 0, 1.0, d)
-  return Q * d[None, :] * column_mask(r, X.shape[-1])
+  """Orthonormal basis of the first r columns of X (n, C), the Q of
+  X = Q R with diag(R) > 0, columns >= r zeroed (`linalg.orth`)."""
+  return linalg.orth(X, r)
 
 
-def augment(U: jax.Array, D: jax.Array, r, *, exact: bool = False):
+def augment(U: jax.Array, D: jax.Array, r, *, exact: bool = True):
   """Orthonormal basis of span[U[:, :r] | D[:, :r]] inside C columns.
 
-  The active columns are gathered into the first 2r columns (zeros after),
-  then orthonormalised; columns >= min(2r, C) are masked. If 2r > C only
-  the first C directions are kept (U first, so span(U) is always kept).
+  U's r columns come first, unchanged (`linalg.extend`), then min(r, C - r)
+  new orthonormal directions (the first ones of D when 2r > C, so span(U)
+  is always kept); columns after are zero. Callers may then use
+  U^^T U = [I; 0] without forming it.
+
+  With exact=False (and always under `linalg.implementation("lapack")`)
+  the basis is the sign-fixed Householder QR of [U | D] instead, whose
+  first block equals U only to rounding: the caller maps S with the
+  Galerkin matrix U^^T U.
 
   Args:
-    U: (n, C) orthonormal active columns.
+    U: (n, C) orthonormal active columns, zero after.
     D: (n, C) new directions (K1 or an update of K), active columns < r.
     r: active rank (int or traced int).
-    exact: put U itself in the first r columns (GeoLoRA's block formula
-      assumes U^ = [U | U_new]); otherwise the QR output is used and the
-      caller maps S with the Galerkin matrix U^T U (self-correcting).
 
   Returns:
-    (n, C) float32 basis U^ with min(2r, C) active columns.
+    (n, C) basis U^ with min(2r, C) active columns, in the working dtype
+    (float64 for float64 inputs, else float32).
   """
-  n, C = U.shape
-  j = jnp.arange(C)
-  src = jnp.where(j < r, j, C + j - r)
-  X = jnp.take(jnp.concatenate([U, D], axis=1).astype(jnp.float32), src,
-               axis=1) * column_mask(2 * r, C)
-  Uh = orth(X, jnp.minimum(2 * r, C))
-  if exact:
-    Uh = jnp.where((j < r)[None, :], U.astype(jnp.float32), Uh)
-  return Uh
+  if not exact or linalg.current() == "lapack":
+    return linalg.householder_augment(U, D, r)
+  return linalg.extend(U, D, r)
 
 
 def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
              rank=None):
   """SVD truncation of a (C, C) core: the rank rule of `truncation_rank`.
+
+  The SVD is `linalg.core_svd` (eigenvectors of S^T S where tau allows).
 
   Args:
     S: (C, C) augmented core (zero outside its active block).
@@ -240,14 +236,14 @@ def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
     new factors are U^ P, V^ Q and S_new = diag(sigma[:r_new]) = P^T S Q.
   """
   C = S.shape[-1]
-  P, sigma, Qt = jnp.linalg.svd(S.astype(jnp.float32))
+  P, sigma, Q = linalg.core_svd(S, tau if adaptive else None)
   if adaptive:
     r_new = truncation_rank(sigma, tau, jnp.minimum(r_min, C),
                             jnp.minimum(r_max, C))
   else:
     r_new = jnp.asarray(rank, jnp.int32)
-  mask = column_mask(r_new, C)
-  return P * mask, Qt.T * mask, jnp.diag(sigma * mask), r_new
+  mask = column_mask(r_new, C, sigma.dtype)
+  return P * mask, Q * mask, jnp.diag(sigma * mask), r_new
 
 
 def rank_bounds(f, r_min: int, r_max: int) -> tuple[int, int]:
@@ -278,7 +274,7 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
   layer and step in GeoLoRA.
   """
   C = S.shape[-1]
-  S = S.astype(jnp.float32)
+  S = S.astype(linalg.work_dtype(S))
 
   def general(S):
     A, s, Bt = jnp.linalg.svd(S)
@@ -294,7 +290,7 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
 
   is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
   Sinv, top = jax.lax.cond(is_diag, diagonal, general, S)
-  return jnp.where(top > 0, Sinv, jnp.diag(column_mask(r, C)))
+  return jnp.where(top > 0, Sinv, jnp.diag(column_mask(r, C, S.dtype)))
 
 
 def float_mask(tree: Params) -> Params:

@@ -5,7 +5,7 @@ For every LowRank node W = U S V^T (+ frozen W0), from one backward pass at W:
   g_K = g_U S^-T ;  g_L = g_V S^-1       (guarded inverse; S = 0 -> I)
   (d_K, d_L, d_S) = opt(g_K, g_L, g_S)   (one optax state, with the other params)
   K1 = U S + d_K ;  L1 = V S^T + d_L ;  S1 = S + d_S
-  U^ = [U | U_new] = orth[U | d_K] ;  V^ likewise
+  U^ = [U | U_new], U_new = orth((I - U U^T) d_K) ;  V^ likewise
   S^ = [[ S1,          L1^T V_new ],
         [ U_new^T K1,  0          ]]     (2r x 2r, assembled directly;
                                           Galerkin form in `_core_step`)
@@ -41,6 +41,7 @@ import optax
 from lrtrain import factorizations as fz
 from lrtrain.integrators import base
 from lrtrain.integrators import buckets
+from lrtrain.integrators import linalg
 from lrtrain.integrators import transport as tr
 from lrtrain.integrators.kls import aligned_maps
 
@@ -105,30 +106,34 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
           return base.restore_frozen(p, q)
         return q if base.is_float(p) else p
       i = next(counter)
-      f32 = jnp.float32
+      wd = linalg.work_dtype(p.U)
       C, r = p.capacity, p.rank
-      cm = base.column_mask(r, C)
-      U, V = p.U.astype(f32), p.V.astype(f32)
-      K1, L1, S1 = (q[0].astype(f32) * cm, q[1].astype(f32) * cm,
-                    q[2].astype(f32) * cm[:, None] * cm[None, :])
-      # U^ = orth[U | d_K] from a sign-fixed QR, not U pasted in: pasting
-      # lets orthonormality errors accumulate step after step, while the QR
-      # output is orthonormal to rounding every step. With M = U^^T U,
-      # N = V^^T V the core is the Galerkin projection
-      #   S^ = U^^T [U S1 V^T + (I - U U^T) K1 V^T + U L1^T (I - V V^T)] V^,
-      # which is the block matrix [[S1, L1^T V_new], [U_new^T K1, 0]] when
-      # U^ = [U | U_new] exactly.
-      Uh = base.augment(U, d[0].astype(f32) * cm, r)
-      Vh = base.augment(V, d[1].astype(f32) * cm, r)
-      M, N = Uh.T @ U, Vh.T @ V
-      A = Uh.T @ K1 - M @ (U.T @ K1)
-      B = Vh.T @ L1 - N @ (V.T @ L1)
-      S_hat = M @ S1 @ N.T + A @ N.T + M @ B.T
+      cm = base.column_mask(r, C, wd)
+      U, V = p.U.astype(wd), p.V.astype(wd)
+      K1, L1, S1 = (q[0].astype(wd) * cm, q[1].astype(wd) * cm,
+                    q[2].astype(wd) * cm[:, None] * cm[None, :])
+      # U^ = [U | U_new]: U is kept as U^'s first block (linalg.extend), so
+      # M = U^^T U = [I; 0] and N = V^^T V = [I; 0] exactly and the
+      # Galerkin core
+      #   S^ = U^^T [U S1 V^T + (I - U U^T) K1 V^T + U L1^T (I - V V^T)] V^
+      # is the block matrix [[S1, L1^T V_new], [U_new^T K1, 0]], assembled
+      # from the n x r products with the new blocks only.
+      Uh, Un = linalg.extend(U, d[0].astype(wd) * cm, r, with_block=True)
+      Vh, Vn = linalg.extend(V, d[1].astype(wd) * cm, r, with_block=True)
+      A = jnp.roll(jnp.pad(Un.T @ K1, ((0, C - Un.shape[1]), (0, 0))), r,
+                   axis=0)                       # rows r..: U_new^T K1
+      B = jnp.roll(jnp.pad(Vn.T @ L1, ((0, C - Vn.shape[1]), (0, 0))), r,
+                   axis=0)                       # rows r..: V_new^T L1
+      nm = 1.0 - cm
+      S_hat = S1 + (A * nm[:, None]) * cm[None, :] + (B * nm[:, None] * cm[None, :]).T
       lo, hi = base.rank_bounds(p, r_min, r_max)
       P, Q, S_new, r_new = base.truncate(S_hat, tau=tau, r_min=lo, r_max=hi,
                                          adaptive=adaptive, rank=r)
       U_new, V_new = Uh @ P, Vh @ Q
-      finals[i] = (P.T @ M, Q.T @ N, U_new.T @ U, V_new.T @ V)
+      # P^T M = U_new^T U = P^T [I; 0]: the first r rows of P.
+      PM, QN = (P * cm[:, None]).T, (Q * cm[:, None]).T
+      finals[i] = (PM, QN, PM, QN)
+      U_new, S_new, V_new = linalg.polish(U_new, S_new, V_new, r_new)
       dt = p.dtype
       return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
                         jnp.asarray(r_new, jnp.int32), p.W0)

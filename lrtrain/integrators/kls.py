@@ -52,6 +52,7 @@ import optax
 from lrtrain import factorizations as fz
 from lrtrain.integrators import base
 from lrtrain.integrators import buckets
+from lrtrain.integrators import linalg
 from lrtrain.integrators import transport as tr
 
 
@@ -235,17 +236,22 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     def new_basis(i, p, k):
       C = p.capacity
       r = p.rank
-      cm = base.column_mask(r, C)
-      K1, L1 = k[0] * cm, k[1] * cm
+      wd = linalg.work_dtype(p.U)
+      cm = base.column_mask(r, C, wd)
+      K1, L1 = k[0].astype(wd) * cm, k[1].astype(wd) * cm
       if adaptive:
+        # U and V stay the first blocks of U^, V^: M = U^^T U = [I; 0] and
+        # N likewise, so S^0 = M S N^T = S and the moments need no map.
         Uh = base.augment(p.U, K1, r)
         Vh = base.augment(p.V, L1, r)
         r_aug = jnp.minimum(2 * r, C)
+        M = N = None
+        S0 = p.S.astype(wd)
       else:
         Uh, Vh, r_aug = base.orth(K1, r), base.orth(L1, r), r
-      M = Uh.T @ p.U.astype(jnp.float32)
-      N = Vh.T @ p.V.astype(jnp.float32)
-      S0 = M @ p.S.astype(jnp.float32) @ N.T
+        M = Uh.T @ p.U.astype(wd)
+        N = Vh.T @ p.V.astype(wd)
+        S0 = M @ p.S.astype(wd) @ N.T
       bases[i] = (Uh, Vh, M, N, r_aug)
       dt = p.dtype
       return fz.LowRank(Uh.astype(dt), S0.astype(dt), Vh.astype(dt),
@@ -259,9 +265,9 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     s_like = s_tree(params)
     s_state = tr.transport(
         state.s, s_like,
-        aligned_maps(params, lambda i, p: (tr.Congruence(bases[i][2],
-                                                         bases[i][3]),),
-                     others=True),
+        aligned_maps(params, lambda i, p: (
+            None if adaptive else tr.Congruence(bases[i][2], bases[i][3]),),
+            others=True),
         enabled=transport, second_rule=transport_rule)
 
     # --- S sub-step (and non-factor parameters): backward pass 2. ---
@@ -279,19 +285,26 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     finals = {}
 
     def finish(i, p, q):
-      Uh, Vh, _, _, r_aug = bases[i]
+      Uh, Vh, M, N, r_aug = bases[i]
       dt = q.dtype
       C = q.capacity
-      am = base.column_mask(r_aug, C)
-      S1 = q.S.astype(jnp.float32) * am[:, None] * am[None, :]
+      wd = Uh.dtype
+      am = base.column_mask(r_aug, C, wd)
+      S1 = q.S.astype(wd) * am[:, None] * am[None, :]
       lo, hi = base.rank_bounds(q, r_min, r_max)
       if adaptive:
         P, Q, S_new, r_new = base.truncate(S1, tau=tau, r_min=lo, r_max=hi)
         U_new, V_new = Uh @ P, Vh @ Q
+        # U_new^T U = P^T U^^T U = P^T [I; 0]: P's first r rows.
+        cm = base.column_mask(p.rank, C, wd)[:, None]
+        to_old = ((P * cm).T, (Q * cm).T)
       else:
         P = Q = None
         S_new, r_new, U_new, V_new = S1, p.rank, Uh, Vh
-      finals[i] = (P, Q, U_new, V_new)
+        to_old = (M, N)
+      finals[i] = (P, Q) + to_old
+      if adaptive:
+        U_new, S_new, V_new = linalg.polish(U_new, S_new, V_new, r_new)
       return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
                         jnp.asarray(r_new, jnp.int32), p.W0)
 
@@ -310,8 +323,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     kl_state = tr.transport(
         kl_state, kl0,
         aligned_maps(params, lambda i, p: (
-            tr.Congruence(None, finals[i][3].T @ p.V.astype(jnp.float32)),
-            tr.Congruence(None, finals[i][2].T @ p.U.astype(jnp.float32))),
+            tr.Congruence(None, finals[i][3]), tr.Congruence(None, finals[i][2])),
             others=False),
         enabled=transport, second_rule=transport_rule)
 

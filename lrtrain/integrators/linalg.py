@@ -1,0 +1,364 @@
+"""Orthogonalization and core SVDs on the matmul path.
+
+The rank-adaptive steps orthonormalize an augmented basis [U | D] and take
+the SVD of a small core every step. LAPACK's Householder QR and SVD are
+BLAS-2 bound and (on a CPU) single-threaded; here both go through matrix
+products, Cholesky factorizations of small Gram matrices and symmetric
+eigensolvers of small matrices:
+
+  extend(U, D, r)   [U | Q] with U kept as it is: the new block D is
+                    projected off U twice (block Gram-Schmidt with
+                    reorthogonalization) and orthonormalized by shifted
+                    Cholesky QR, repeated until its Gram matrix is the
+                    identity to working precision.
+  orth(X, r)        the same for X alone (retractions, fixed-rank bases).
+  core_svd(S, tau)  P, sigma, Q of a (C, C) core from the eigenvectors of
+                    S^T S; the left vectors are S Q orthonormalized.
+
+Robustness, all decided inside the jitted program:
+  * inactive (masked) columns get a unit diagonal in the Gram matrix, so
+    they stay zero and cost nothing in the factorization;
+  * rank-deficient or zero new blocks (rank >= batch, a zero gradient) are
+    filled: a tiny multiple (16 u ||D||) of fixed, spread-out Walsh vectors
+    is added before projecting, so the block has full rank; directions D
+    does not have get arbitrary orthonormal completions (whose core entries
+    are zero), and the span of D is kept to within 16 u relative;
+  * a shift of the Gram matrix makes each Cholesky factorization succeed
+    for any finite input; the passes repeat while the Gram matrix is off
+    the identity by more than 1e-2 (at most `MAX_PASSES`), and the last
+    one, on a nearly orthonormal input, is unshifted;
+  * if the passes do not reach the identity (non-finite input, a
+    pathological fill), the Householder path runs instead (lax.cond, so it
+    costs nothing when not taken).
+
+Precision: float64 inputs are factorized in float64, everything else in
+float32.
+
+`implementation("lapack")` (a context manager, read at trace time) switches
+every call back to Householder QR and LAPACK's SVD, for comparisons.
+
+The eigenvector route of `core_svd` squares the singular values, so it is
+used only where that cannot change the truncation rule: it needs
+tau^2 >= GRAM_TAU2 * C * u (u the unit roundoff of the working precision;
+tau >= 0.035 for C = 128 in float32, any tau >= 1e-6 in float64). Below
+that bound the LAPACK SVD runs. Its error: singular values to u ||S||^2 / sigma_i, and
+the truncated core P diag(sigma) Q^T differs from the SVD's by
+O(u kappa ||S||) with kappa = sigma_1 / sigma_r (tests check the bound).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("matmul", "lapack")
+MAX_PASSES = 5
+GRAM_TAU2 = 64.0
+_impl = ["matmul"]
+
+
+@contextlib.contextmanager
+def implementation(name: str) -> Iterator[None]:
+  """Trace the factorizations inside this block with `name` ('matmul' or
+  'lapack'). Only programs traced inside the block are affected."""
+  if name not in IMPLS:
+    raise ValueError(f"linalg implementation must be one of {IMPLS}, got {name!r}")
+  _impl.append(name)
+  try:
+    yield
+  finally:
+    _impl.pop()
+
+
+def current() -> str:
+  """The implementation in force ('matmul' unless `implementation` says)."""
+  return _impl[-1]
+
+
+def work_dtype(*xs) -> jnp.dtype:
+  """float64 if any input is float64, else float32."""
+  if any(getattr(x, "dtype", None) == jnp.float64 for x in xs if x is not None):
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
+def column_mask(r, C: int, dtype=jnp.float32) -> jax.Array:
+  """(C,) ones on the first r entries (r may be traced)."""
+  return (jnp.arange(C) < r).astype(dtype)
+
+
+def walsh(n: int, k: int, dtype) -> jax.Array:
+  """(n, k) columns of a Walsh-Hadamard matrix (columns 1..k), unit norm.
+
+  Entry (i, j) is (-1)^popcount(i & (j + 1)) / sqrt(n): spread over all
+  rows, mutually orthogonal when n is a power of two, and never aligned
+  with coordinate axes (which an identity-like basis may contain)."""
+  i = lax.broadcasted_iota(jnp.int32, (n, k), 0)
+  j = lax.broadcasted_iota(jnp.int32, (n, k), 1) + 1
+  parity = lax.population_count(i & j) & 1
+  return ((1 - 2 * parity).astype(dtype)) / jnp.sqrt(jnp.asarray(n, dtype))
+
+
+def _project(U, X):
+  """X - U (U^T X); U None means no projection."""
+  return X if U is None else X - U @ (U.T @ X)
+
+
+def _cholesky_pass(X, mask, eps, always_shift=False):
+  """One Cholesky QR pass: X = Q R with R^T R = X^T X + s I.
+
+  The shift s = u (n + k) max_i ||x_i||^2 makes the factorization succeed
+  for any input; it is applied to the first pass (always_shift) and to any
+  input whose Gram matrix is off the identity by more than 1e-2, and not to
+  nearly orthonormal inputs (it would leave a defect of s in Q^T Q).
+
+  Returns (Q, off): Q with inactive columns zero and `off`, the largest
+  entry of |X^T X - I| on the active block (how far X was from orthonormal).
+  """
+  k = X.shape[-1]
+  G = X.T @ X
+  active = mask[:, None] * mask[None, :]
+  off = jnp.max(jnp.abs((G - jnp.eye(k, dtype=G.dtype)) * active))
+  G = G * active
+  scale = jnp.max(jnp.diagonal(G))
+  n = X.shape[0]
+  shift = eps * (n + k) * scale
+  if not always_shift:
+    shift = jnp.where(off > 1e-2, shift, 0.0)
+  G = G + jnp.diag(shift * mask + (1.0 - mask))
+  L = jnp.linalg.cholesky(G)
+  Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(k, dtype=L.dtype),
+                                           lower=True)
+  Q = (X @ Linv.T) * mask[None, :]
+  return Q, off
+
+
+def _orthonormalize(U, X, mask, dtype):
+  """Orthonormal Q (n, k) with span(Q) = span(X) (active columns), Q ⟂ U.
+
+  Returns (Q, ok): ok is False when the passes did not reach the identity.
+  """
+  n, k = X.shape
+  eps = jnp.finfo(dtype).eps
+  norm = jnp.sqrt(jnp.sum(jnp.square(X)))
+  delta = jnp.where(norm > 0, 16.0 * eps * norm, 1.0)
+  X = (X + delta * walsh(n, k, dtype)) * mask[None, :]
+  X = _project(U, X)
+  Q, _ = _cholesky_pass(X, mask, eps, always_shift=True)
+
+  def cond(c):
+    _, off, t = c
+    return (off > 1e-2) & (t < MAX_PASSES)
+
+  def body(c):
+    Q, _, t = c
+    Q, off = _cholesky_pass(_project(U, Q), mask, eps)
+    return Q, off, t + 1
+
+  # Second pass always (reorthogonalization); more while far from I.
+  Q, off = _cholesky_pass(_project(U, Q), mask, eps)
+  Q, off, _ = lax.while_loop(cond, body, (Q, off, jnp.asarray(2)))
+  # `off` is the defect of the last pass's input; its output is then
+  # orthonormal to about u (1 + off) / (1 - off).
+  ok = jnp.all(jnp.isfinite(Q)) & (off <= 1e-2)
+  return Q, ok
+
+
+def _householder(X, r):
+  """Sign-fixed Householder QR basis of the first r columns of X."""
+  Q, R = jnp.linalg.qr(X)
+  d = jnp.sign(jnp.diagonal(R))
+  d = jnp.where(d == 0, 1.0, d)
+  return Q * d[None, :] * column_mask(r, X.shape[-1], X.dtype)
+
+
+def orth(X: jax.Array, r) -> jax.Array:
+  """Orthonormal basis of the first r columns of X (n, C), columns >= r zero.
+
+  For a full-rank X this is the Q of X = Q R with diag(R) > 0 (the same Q
+  as a sign-fixed Householder QR, to rounding). Returned in the working
+  dtype (float64 for float64 X, else float32).
+  """
+  dtype = work_dtype(X)
+  X = X.astype(dtype)
+  C = X.shape[-1]
+  if current() == "lapack":
+    return _householder(X, r)
+  mask = column_mask(r, C, dtype)
+  Q, ok = _orthonormalize(None, X * mask[None, :], mask, dtype)
+  return lax.cond(ok, lambda: Q, lambda: _householder(X * mask[None, :], r))
+
+
+def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
+  """Orthonormal basis [U[:, :r] | Q] of span[U[:, :r] | D[:, :r]] in C
+  columns, with the first r columns equal to U's exactly.
+
+  Q has min(r, C - r) columns (the first ones of D when 2r > C), at columns
+  r .. r + min(r, C - r) - 1; columns after are zero. U must be orthonormal
+  on its first r columns and zero after.
+
+  Exactness of U's block makes U^^T U = [I; 0] known without a product
+  (callers use it), and the new block Q is orthogonal to U to working
+  precision.
+
+  with_block=True also returns the new block alone, (n, C // 2) with its
+  columns first (products with it cost half of those with U^), so that
+  U^[:, r + j] = block[:, j].
+  """
+  dtype = work_dtype(U, D)
+  n, C = U.shape
+  U = U.astype(dtype) * column_mask(r, C, dtype)[None, :]
+  D = D.astype(dtype)
+  H = max(C // 2, 1)
+  if current() == "lapack":
+    Uh = _householder_extend(U, D, r)
+    return (Uh, jnp.roll(Uh, -r, axis=1)[:, :H]) if with_block else Uh
+  k = jnp.minimum(r, C - r)              # new columns: always <= C // 2
+  mask = column_mask(k, H, dtype)
+  Q, ok = _orthonormalize(U, D[:, :H] * mask[None, :], mask, dtype)
+  Q = jnp.pad(Q, ((0, 0), (0, C - H)))
+  # Move the new block behind U's r columns.
+  shifted = jnp.roll(Q, r, axis=1)
+  Uh = U + shifted
+  Uh = lax.cond(ok, lambda: Uh, lambda: _householder_extend(U, D, r))
+  if with_block:
+    return Uh, jnp.roll(Uh, -r, axis=1)[:, :H]
+  return Uh
+
+
+def _householder_extend(U, D, r):
+  """Householder QR of [U | D] (active columns gathered first), U's block
+  replaced by U itself (its QR block equals U up to rounding and signs
+  fixed to match)."""
+  n, C = U.shape
+  j = jnp.arange(C)
+  src = jnp.where(j < r, j, C + j - r)
+  X = jnp.take(jnp.concatenate([U, D], axis=1), src, axis=1) * column_mask(
+      2 * r, C, U.dtype)
+  Uh = _householder(X, jnp.minimum(2 * r, C))
+  return jnp.where((j < r)[None, :], U, Uh)
+
+
+def householder_augment(U: jax.Array, D: jax.Array, r) -> jax.Array:
+  """The LAPACK-path augmented basis: sign-fixed QR of [U | D] (the first
+  r columns are the QR's, not U pasted in)."""
+  dtype = work_dtype(U, D)
+  n, C = U.shape
+  j = jnp.arange(C)
+  src = jnp.where(j < r, j, C + j - r)
+  X = jnp.take(jnp.concatenate([U, D], axis=1).astype(dtype), src, axis=1) * \
+      column_mask(2 * r, C, dtype)
+  return _householder(X, jnp.minimum(2 * r, C))
+
+
+def gram_route(C: int, tau, dtype) -> bool:
+  """Whether `core_svd` may use the eigenvectors of S^T S for a (C, C) core
+  truncated at `tau` (a Python float) in `dtype` (module docstring)."""
+  if current() == "lapack":
+    return False
+  if tau is None:
+    return True
+  eps = float(jnp.finfo(dtype).eps)
+  return float(tau) ** 2 >= GRAM_TAU2 * C * eps
+
+
+def core_svd(S: jax.Array, tau=None, keep=None):
+  """P, sigma, Q (descending sigma) of a square core S = P diag(sigma) Q^T.
+
+  Args:
+    S: (C, C) core.
+    tau: the truncation tolerance the values will be used with (a Python
+      float), or None when no tolerance rule reads them (fixed rank).
+      Decides the route (`gram_route`).
+    keep: optional traced count of leading columns of P that must be
+      orthonormal (the kept rank); the others may be zero. Default: all.
+
+  Returns:
+    (P, sigma, Q) in the working dtype.
+  """
+  dtype = work_dtype(S)
+  S = S.astype(dtype)
+  C = S.shape[-1]
+  if not gram_route(C, tau, dtype):
+    P, sigma, Qt = jnp.linalg.svd(S)
+    return P, sigma, Qt.T
+  lam, W = jnp.linalg.eigh(S.T @ S)
+  lam, W = lam[::-1], W[:, ::-1]
+  sigma = jnp.sqrt(jnp.maximum(lam, 0.0))
+  return left_vectors(S, W, sigma, keep), sigma, W
+
+
+def left_vectors(S, Q, sigma, keep=None):
+  """Orthonormal P with P diag(sigma) ~ S Q on the first `keep` columns
+  (S Q has orthogonal columns of norms sigma; directions with sigma ~ 0 get
+  an orthonormal completion)."""
+  C = S.shape[-1]
+  dtype = S.dtype
+  k = C if keep is None else keep
+  mask = column_mask(k, C, dtype)
+  Y = (S @ Q) * mask[None, :]
+  P, ok = _orthonormalize(None, Y, mask, dtype)
+  return lax.cond(ok, lambda: P, lambda: _householder(Y, k))
+
+
+POLISH_TOL = 32.0
+
+
+def defect_estimate(X: jax.Array, r) -> jax.Array:
+  """About max_i ||(X^T X - I)[i, :]|| on the first r columns, from two
+  products with fixed probe vectors (2 n C flops each, no Gram matrix)."""
+  dtype = X.dtype
+  C = X.shape[-1]
+  z = walsh(C, 2, dtype) * column_mask(r, C, dtype)[:, None]
+  E = X.T @ (X @ z) - z
+  return jnp.sqrt(jnp.asarray(C, dtype)) * jnp.max(jnp.abs(E))
+
+
+def polish(U: jax.Array, S: jax.Array, V: jax.Array, r):
+  """Re-orthonormalize U and V where rounding has drifted them, keeping
+  W = U S V^T: U' = U R_U^-1, V' = V R_V^-1, S' = R_U S R_V^T.
+
+  Steps that keep an orthonormal U as the first block of the next basis
+  accumulate its rounding errors; this bounds them at POLISH_TOL * u. The
+  check costs two matrix-vector products per factor; the Cholesky pass
+  runs (lax.cond) only when the estimate is above the bound, which in
+  float32 is every few tens of steps. S' is then triangular rather than
+  diagonal for one step; optimizer moments are not mapped by R (it is the
+  identity to POLISH_TOL * u).
+
+  Args:
+    U, V: (n, C), (m, C) factors, orthonormal on their first r columns
+      to rounding, zero after.
+    S: (C, C) core.
+    r: active rank.
+
+  Returns:
+    (U', S', V') in the working dtype.
+  """
+  dtype = work_dtype(U, S, V)
+  U, S, V = U.astype(dtype), S.astype(dtype), V.astype(dtype)
+  C = U.shape[-1]
+  eps = jnp.finfo(dtype).eps
+  mask = column_mask(r, C, dtype)
+  need = jnp.maximum(defect_estimate(U, r), defect_estimate(V, r)) > (
+      POLISH_TOL * eps)
+
+  def factor(X):
+    G = X.T @ X * mask[:, None] * mask[None, :] + jnp.diag(1.0 - mask)
+    L = jnp.linalg.cholesky(G)
+    Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(C, dtype=dtype),
+                                             lower=True)
+    return (X @ Linv.T) * mask[None, :], L.T
+
+  def do(_):
+    U2, Ru = factor(U)
+    V2, Rv = factor(V)
+    ok = jnp.all(jnp.isfinite(U2)) & jnp.all(jnp.isfinite(V2))
+    S2 = Ru @ S @ Rv.T
+    return (jnp.where(ok, U2, U), jnp.where(ok, S2, S), jnp.where(ok, V2, V))
+
+  return lax.cond(need, do, lambda _: (U, S, V), None)
