@@ -18,9 +18,10 @@ eigensolvers of small matrices:
 Robustness, all decided inside the jitted program:
   * inactive (masked) columns get a unit diagonal in the Gram matrix, so
     they stay zero and cost nothing in the factorization;
-  * rank-deficient or zero new blocks (rank >= batch, a zero gradient) are
-    filled: a tiny multiple (16 u ||D||) of fixed, spread-out Walsh vectors
-    is added before projecting, so the block has full rank; directions D
+  * rank-deficient or zero new blocks (rank >= batch, a zero gradient)
+    fail a first attempt and are filled for a second one: a tiny multiple
+    (16 u ||D||) of fixed, spread-out Walsh vectors is added before
+    projecting, so the block has full rank; directions D
     does not have get arbitrary orthonormal completions (whose core entries
     are zero), and the span of D is kept to within 16 u relative;
   * a shift of the Gram matrix makes each Cholesky factorization succeed
@@ -137,35 +138,51 @@ def _cholesky_pass(X, mask, eps, always_shift=False):
   return Q, off
 
 
-def _orthonormalize(U, X, mask, dtype):
-  """Orthonormal Q (n, k) with span(Q) = span(X) (active columns), Q ⟂ U.
+def _passes(U, X, mask, eps, max_passes):
+  """Project X off U and Cholesky-QR it until its Gram matrix is the
+  identity: two passes at least (the second one reorthogonalizes), more
+  while the last input was off by more than 1e-2, at most `max_passes`.
 
-  Returns (Q, ok): ok is False when the passes did not reach the identity.
+  Returns (Q, ok): ok is False when the passes did not get there.
   """
-  n, k = X.shape
-  eps = jnp.finfo(dtype).eps
-  norm = jnp.sqrt(jnp.sum(jnp.square(X)))
-  delta = jnp.where(norm > 0, 16.0 * eps * norm, 1.0)
-  X = (X + delta * walsh(n, k, dtype)) * mask[None, :]
-  X = _project(U, X)
-  Q, _ = _cholesky_pass(X, mask, eps, always_shift=True)
+  Q, _ = _cholesky_pass(_project(U, X), mask, eps, always_shift=True)
+  Q, off = _cholesky_pass(_project(U, Q), mask, eps)
 
   def cond(c):
     _, off, t = c
-    return (off > 1e-2) & (t < MAX_PASSES)
+    return (off > 1e-2) & (t < max_passes)
 
   def body(c):
     Q, _, t = c
     Q, off = _cholesky_pass(_project(U, Q), mask, eps)
     return Q, off, t + 1
 
-  # Second pass always (reorthogonalization); more while far from I.
-  Q, off = _cholesky_pass(_project(U, Q), mask, eps)
   Q, off, _ = lax.while_loop(cond, body, (Q, off, jnp.asarray(2)))
   # `off` is the defect of the last pass's input; its output is then
   # orthonormal to about u (1 + off) / (1 - off).
-  ok = jnp.all(jnp.isfinite(Q)) & (off <= 1e-2)
-  return Q, ok
+  return Q, jnp.all(jnp.isfinite(Q)) & (off <= 1e-2)
+
+
+def _orthonormalize(U, X, mask, dtype):
+  """Orthonormal Q (n, k) with span(Q) = span(X) (active columns), Q ⟂ U.
+
+  A full-rank X (condition up to ~1e4) is done in the first attempt, and Q
+  is then the Cholesky QR factor of X's projection, equal to Householder's
+  to rounding. A rank-deficient X fails it and is filled (module
+  docstring) for a second attempt. Returns (Q, ok).
+  """
+  n, k = X.shape
+  eps = jnp.finfo(dtype).eps
+  X = X * mask[None, :]
+  Q, ok = _passes(U, X, mask, eps, 3)
+
+  def filled(_):
+    norm = jnp.sqrt(jnp.sum(jnp.square(X)))
+    delta = jnp.where(norm > 0, 16.0 * eps * norm, 1.0)
+    Xf = (X + delta * walsh(n, k, dtype)) * mask[None, :]
+    return _passes(U, Xf, mask, eps, MAX_PASSES + 1)
+
+  return lax.cond(ok, lambda _: (Q, ok), filled, None)
 
 
 def _householder(X, r):
@@ -288,6 +305,10 @@ def core_svd(S: jax.Array, tau=None, keep=None):
     return P, sigma, Qt.T
   lam, W = jnp.linalg.eigh(S.T @ S)
   lam, W = lam[::-1], W[:, ::-1]
+  # Eigenvectors have arbitrary signs, which rounding differences (a fused
+  # vs an unfused Gram product) flip: fix the largest entry positive.
+  top = jnp.take_along_axis(W, jnp.argmax(jnp.abs(W), axis=0)[None, :], axis=0)
+  W = W * jnp.where(top < 0, -1.0, 1.0).astype(W.dtype)
   sigma = jnp.sqrt(jnp.maximum(lam, 0.0))
   return left_vectors(S, W, sigma, keep), sigma, W
 
@@ -318,47 +339,45 @@ def defect_estimate(X: jax.Array, r) -> jax.Array:
   return jnp.sqrt(jnp.asarray(C, dtype)) * jnp.max(jnp.abs(E))
 
 
+def polish_basis(X: jax.Array, r):
+  """(X', R) with X = X' R, X' orthonormal on its first r columns: a
+  Cholesky QR pass when rounding has drifted X (`defect_estimate` above
+  POLISH_TOL * u), else (X, I). The check costs two matrix-vector
+  products; the pass runs (lax.cond) only when needed, which in float32 is
+  every few tens of steps."""
+  dtype = work_dtype(X)
+  X = X.astype(dtype)
+  C = X.shape[-1]
+  eps = jnp.finfo(dtype).eps
+  mask = column_mask(r, C, dtype)
+  eye = jnp.eye(C, dtype=dtype)
+
+  def do(_):
+    G = X.T @ X * mask[:, None] * mask[None, :] + jnp.diag(1.0 - mask)
+    L = jnp.linalg.cholesky(G)
+    Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+    X2 = (X @ Linv.T) * mask[None, :]
+    ok = jnp.all(jnp.isfinite(X2))
+    return jnp.where(ok, X2, X), jnp.where(ok, L.T, eye)
+
+  need = defect_estimate(X, r) > POLISH_TOL * eps
+  return lax.cond(need, do, lambda _: (X, eye), None)
+
+
 def polish(U: jax.Array, S: jax.Array, V: jax.Array, r):
   """Re-orthonormalize U and V where rounding has drifted them, keeping
   W = U S V^T: U' = U R_U^-1, V' = V R_V^-1, S' = R_U S R_V^T.
 
   Steps that keep an orthonormal U as the first block of the next basis
-  accumulate its rounding errors; this bounds them at POLISH_TOL * u. The
-  check costs two matrix-vector products per factor; the Cholesky pass
-  runs (lax.cond) only when the estimate is above the bound, which in
-  float32 is every few tens of steps. S' is then triangular rather than
-  diagonal for one step; optimizer moments are not mapped by R (it is the
-  identity to POLISH_TOL * u).
-
-  Args:
-    U, V: (n, C), (m, C) factors, orthonormal on their first r columns
-      to rounding, zero after.
-    S: (C, C) core.
-    r: active rank.
+  accumulate its rounding errors; this bounds them at about
+  POLISH_TOL * u (`polish_basis`). S' is triangular rather than diagonal
+  for the one step after a pass; optimizer moments are not mapped by R
+  (the identity to POLISH_TOL * u).
 
   Returns:
     (U', S', V') in the working dtype.
   """
-  dtype = work_dtype(U, S, V)
-  U, S, V = U.astype(dtype), S.astype(dtype), V.astype(dtype)
-  C = U.shape[-1]
-  eps = jnp.finfo(dtype).eps
-  mask = column_mask(r, C, dtype)
-  need = jnp.maximum(defect_estimate(U, r), defect_estimate(V, r)) > (
-      POLISH_TOL * eps)
-
-  def factor(X):
-    G = X.T @ X * mask[:, None] * mask[None, :] + jnp.diag(1.0 - mask)
-    L = jnp.linalg.cholesky(G)
-    Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(C, dtype=dtype),
-                                             lower=True)
-    return (X @ Linv.T) * mask[None, :], L.T
-
-  def do(_):
-    U2, Ru = factor(U)
-    V2, Rv = factor(V)
-    ok = jnp.all(jnp.isfinite(U2)) & jnp.all(jnp.isfinite(V2))
-    S2 = Ru @ S @ Rv.T
-    return (jnp.where(ok, U2, U), jnp.where(ok, S2, S), jnp.where(ok, V2, V))
-
-  return lax.cond(need, do, lambda _: (U, S, V), None)
+  U, Ru = polish_basis(U, r)
+  V, Rv = polish_basis(V, r)
+  S = S.astype(U.dtype)
+  return U, Ru @ S @ Rv.T, V

@@ -66,6 +66,7 @@ from lrtrain import factorizations as fz
 from lrtrain.factorizations import tucker as tk
 from lrtrain.integrators import base
 from lrtrain.integrators import buckets
+from lrtrain.integrators import linalg
 from lrtrain.integrators import transport as tr
 
 RCOND = 1e-4
@@ -298,6 +299,17 @@ def truncate_node(x, moving, bounds, *, tau: float):
     S_new = ModeMaps([None if P is None else P.T for P in Ps]).first(S)
   Us_new = [U if P is None else (U.astype(jnp.float32) @ P).astype(U.dtype)
             for U, P in zip(Us, Ps)]
+  # Bound the rounding drift of the factors (they stay the first blocks of
+  # the next augmented bases): U_i = U_i' R_i, S <- S x_i R_i.
+  Rs = []
+  for i, (U, P) in enumerate(zip(Us_new, Ps)):
+    if P is None:
+      Rs.append(None)
+      continue
+    U2, R = linalg.polish_basis(U, rn[i])
+    Us_new[i] = U2.astype(U.dtype)
+    Rs.append(R.astype(jnp.float32))
+  S_new = ModeMaps(Rs).first(S_new.astype(jnp.float32))
   return rebuild(x, S_new.astype(dt), Us_new, rn), Ps
 
 

@@ -1,0 +1,212 @@
+"""The matmul-path factorizations: orthonormality, agreement with
+Householder QR and LAPACK's SVD, rank-deficient and zero blocks, masked
+columns, float64, and orthonormality over 10,000 float32 steps."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lrtrain import factorizations as fz
+from lrtrain.factorizations import lowrank
+from lrtrain.integrators import base, geolora, kls, linalg
+
+
+def _orth_err(X, r):
+  X = np.asarray(X, np.float64)[:, :r]
+  return np.max(np.abs(X.T @ X - np.eye(r)))
+
+
+def _random_orthonormal(key, n, r, C):
+  Q = jnp.linalg.qr(jax.random.normal(key, (n, r)))[0]
+  return jnp.pad(Q, ((0, 0), (0, C - r)))
+
+
+@pytest.mark.parametrize("n,C,r", [(64, 16, 16), (200, 32, 20), (50, 8, 3)])
+def test_orth_matches_householder_and_masks(n, C, r):
+  X = jax.random.normal(jax.random.PRNGKey(0), (n, C))
+  Q = linalg.orth(X, r)
+  with linalg.implementation("lapack"):
+    H = linalg.orth(X, r)
+  assert _orth_err(Q, r) < 1e-5
+  np.testing.assert_allclose(Q, H, atol=2e-5)
+  assert r == C or float(jnp.max(jnp.abs(Q[:, r:]))) == 0.0
+
+
+def test_orth_ill_conditioned_full_rank():
+  """Condition 1e5 in float32 needs shifted passes; still orthonormal and
+  the same basis as Householder's."""
+  key = jax.random.PRNGKey(1)
+  A = jnp.linalg.qr(jax.random.normal(key, (300, 12)))[0]
+  B = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(2), (12, 12)))[0]
+  X = (A * jnp.logspace(0, -5, 12)[None, :]) @ B
+  Q = linalg.orth(X, 12)
+  assert _orth_err(Q, 12) < 1e-5
+  # Same span: the projection of X onto Q loses nothing.
+  resid = X - Q @ (Q.T @ X)
+  assert float(jnp.linalg.norm(resid)) < 1e-5 * float(jnp.linalg.norm(X))
+
+
+def test_extend_keeps_U_exactly_and_spans_D():
+  n, C, r = 100, 16, 6
+  U = _random_orthonormal(jax.random.PRNGKey(0), n, r, C)
+  D = jax.random.normal(jax.random.PRNGKey(1), (n, C)) * base.column_mask(r, C)
+  Uh = linalg.extend(U, D, r)
+  assert bool(jnp.all(Uh[:, :r] == U[:, :r]))
+  assert _orth_err(Uh, 2 * r) < 1e-5
+  assert float(jnp.max(jnp.abs(Uh[:, 2 * r:]))) == 0.0
+  resid = D - Uh @ (Uh.T @ D)
+  assert float(jnp.linalg.norm(resid)) < 1e-5 * float(jnp.linalg.norm(D))
+  with linalg.implementation("lapack"):
+    Hh = linalg.extend(U, D, r)
+  # The new block agrees with Householder's on [U | D] to rounding.
+  np.testing.assert_allclose(Uh, Hh, atol=3e-5)
+
+
+@pytest.mark.parametrize("kind", ["zero", "rank2", "in_span_of_U"])
+def test_extend_rank_deficient_blocks_get_orthonormal_completions(kind):
+  """Rank >= batch makes the new block rank-deficient; a zero gradient
+  makes it zero; neither may give NaN or a non-orthonormal basis."""
+  n, C, r = 80, 16, 8
+  U = _random_orthonormal(jax.random.PRNGKey(3), n, r, C)
+  key = jax.random.PRNGKey(4)
+  if kind == "zero":
+    D = jnp.zeros((n, C))
+  elif kind == "rank2":
+    D = jax.random.normal(key, (n, 2)) @ jax.random.normal(key, (2, C))
+  else:
+    D = U @ jax.random.normal(key, (C, C))
+  D = D * base.column_mask(r, C)
+  Uh = linalg.extend(U, D, r)
+  assert bool(jnp.all(jnp.isfinite(Uh)))
+  assert bool(jnp.all(Uh[:, :r] == U[:, :r]))
+  assert _orth_err(Uh, 2 * r) < 1e-5
+  resid = D - Uh @ (Uh.T @ D)
+  assert float(jnp.linalg.norm(resid)) <= 1e-5 * (1 + float(jnp.linalg.norm(D)))
+
+
+def test_extend_when_2r_exceeds_capacity():
+  n, C, r = 60, 8, 6
+  U = _random_orthonormal(jax.random.PRNGKey(5), n, r, C)
+  D = jax.random.normal(jax.random.PRNGKey(6), (n, C)) * base.column_mask(r, C)
+  Uh = linalg.extend(U, D, r)
+  assert _orth_err(Uh, C) < 1e-5
+  assert bool(jnp.all(Uh[:, :r] == U[:, :r]))
+  # The two new columns span the first two directions of D off U.
+  D2 = D[:, :2] - U @ (U.T @ D[:, :2])
+  resid = D2 - Uh[:, r:] @ (Uh[:, r:].T @ D2)
+  assert float(jnp.linalg.norm(resid)) < 1e-5 * float(jnp.linalg.norm(D2))
+
+
+def test_core_svd_eigen_route_error_bound():
+  """Values within u ||S||^2 / sigma_i of the SVD's; the truncated core
+  within C u kappa ||S|| of the SVD's truncation; P and Q orthonormal."""
+  C, k = 32, 10
+  key = jax.random.PRNGKey(7)
+  A = jnp.linalg.qr(jax.random.normal(key, (C, C)))[0]
+  B = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(8), (C, C)))[0]
+  s = jnp.concatenate([jnp.logspace(0, -2, k), 1e-4 * jnp.ones(C - k)])
+  S = (A * s) @ B.T
+  assert linalg.gram_route(C, 0.1, jnp.float32)
+  P, sig, Q = linalg.core_svd(S, 0.1)
+  u = float(jnp.finfo(jnp.float32).eps)
+  ref = np.linalg.svd(np.asarray(S, np.float64), compute_uv=False)
+  assert np.all(np.abs(np.asarray(sig) - ref) <= 4 * C * u / np.maximum(ref, 1e-3) + 1e-6)
+  assert _orth_err(P, C) < 1e-5 and _orth_err(Q, C) < 1e-5
+  trunc = (P[:, :k] * sig[:k]) @ Q[:, :k].T
+  Pr, sr, Qrt = np.linalg.svd(np.asarray(S, np.float64))
+  ref_trunc = (Pr[:, :k] * sr[:k]) @ Qrt[:k]
+  kappa = float(ref[0] / ref[k - 1])
+  assert np.linalg.norm(np.asarray(trunc) - ref_trunc, 2) <= C * u * kappa * ref[0]
+
+
+def test_core_svd_small_tau_uses_lapack_svd():
+  """Where squaring the values could move the rank (tau^2 near C u), the
+  route is LAPACK's SVD."""
+  assert not linalg.gram_route(128, 1e-3, jnp.float32)
+  assert linalg.gram_route(128, 1e-3, jnp.float64)
+  S = jnp.diag(jnp.array([1.0, 1e-3, 0.5e-3, 0.0]))
+  P, sig, Q = linalg.core_svd(S, 1e-3)
+  np.testing.assert_allclose(sig, [1.0, 1e-3, 0.5e-3, 0.0], atol=1e-7)
+
+
+def test_polish_restores_orthonormality_and_keeps_W():
+  n, C, r = 40, 8, 5
+  U = _random_orthonormal(jax.random.PRNGKey(9), n, r, C)
+  V = _random_orthonormal(jax.random.PRNGKey(10), n, r, C)
+  drift = 1e-4 * jax.random.normal(jax.random.PRNGKey(11), (n, C)) * base.column_mask(r, C)
+  Ud = U + drift
+  S = jnp.diag(jnp.arange(C, 0, -1.0) * base.column_mask(r, C))
+  U2, S2, V2 = linalg.polish(Ud, S, V, r)
+  assert _orth_err(U2, r) < 1e-5 and _orth_err(Ud, r) > 1e-5
+  np.testing.assert_allclose(U2 @ S2 @ V2.T, Ud @ S @ V.T, atol=1e-5)
+  # Already orthonormal factors are left exactly as they are.
+  U3, S3, V3 = linalg.polish(U, S, V, r)
+  assert bool(jnp.all(U3 == U)) and bool(jnp.all(S3 == S))
+
+
+def _mat_loss(p, b):
+  return 0.5 * jnp.sum(jnp.square(fz.materialize(p["w"]) - b["A"])), {}
+
+
+@pytest.mark.parametrize("method", ["kls", "geolora"])
+def test_orthonormal_after_10000_float32_steps(method):
+  n, m = 16, 12
+  p = {"w": lowrank.init(jax.random.PRNGKey(0), n, m, 3)}
+  mod = kls if method == "kls" else geolora
+  integ = mod.make(optax.sgd(0.2, momentum=0.9), tau=0.3, r_min=1, r_max=6)
+  st = integ.init(p)
+  p, st, _ = integ.resize(p, st)
+  target = jax.random.normal(jax.random.PRNGKey(2), (n, m))
+
+  def body(carry, key):
+    p, st = carry
+    A = target + 0.3 * jax.random.normal(key, (n, m))
+    p, st, aux = integ.step(_mat_loss, p, st, {"A": A})
+    return (p, st), aux["rank/w"]
+
+  (p, st), ranks = jax.jit(lambda c, k: jax.lax.scan(body, c, k))(
+      (p, st), jax.random.split(jax.random.PRNGKey(1), 10_000))
+  f = p["w"]
+  r = int(f.rank)
+  assert len(set(np.asarray(ranks).tolist())) >= 1
+  assert _orth_err(f.U, r) < 1e-5 and _orth_err(f.V, r) < 1e-5
+  assert bool(jnp.all(jnp.isfinite(f.S)))
+
+
+def test_float64_stays_float64():
+  """With x64 on, a float64 factor is augmented, truncated and stepped in
+  float64 (orthonormal to 1e-12), not in float32."""
+  code = textwrap.dedent("""
+      import jax
+      jax.config.update("jax_enable_x64", True)
+      import jax.numpy as jnp, optax, numpy as np
+      from lrtrain import factorizations as fz
+      from lrtrain.factorizations import lowrank
+      from lrtrain.integrators import kls, geolora
+      key = jax.random.PRNGKey(0)
+      A = jax.random.normal(key, (20, 15), jnp.float64)
+      loss = lambda p, b: (0.5 * jnp.sum((fz.materialize(p["w"]) - b) ** 2), {})
+      for mod in (kls, geolora):
+        p = {"w": lowrank.init(key, 20, 15, 3, capacity=8, dtype=jnp.float64)}
+        integ = mod.make(optax.sgd(0.1), tau=0.05, r_min=1, r_max=4)
+        st = integ.init(p)
+        step = jax.jit(lambda p, s: integ.step(loss, p, s, A)[:2])
+        for _ in range(50):
+          p, st = step(p, st)
+        f = p["w"]
+        assert f.U.dtype == jnp.float64, f.U.dtype
+        r = int(f.rank)
+        U = np.asarray(f.U)[:, :r]
+        err = np.max(np.abs(U.T @ U - np.eye(r)))
+        assert err < 1e-12, err
+      print("ok")
+  """)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
