@@ -80,10 +80,18 @@ def tables(res) -> str:
              "in the same run; achieved GFLOP/s from the analytic FLOP count "
              "as a fraction of the matmul roofline; bytes of trainable params + "
              "optimizer state vs the analytic r(n+m)+r^2 count.\n")
-  out.append("| n | r | method | ms/step | steps | spread | x dense | roofline | "
-             "bytes / analytic |\n|---|---|---|---|---|---|---|---|---|")
+  out.append("Floor: the analytic FLOP count (`width.step_flops`: forward and "
+             "backward matmuls, QR 4 n k^2 and SVD 22 k^3 at the augmented width "
+             "k) at the jitted rate of the step's dominant product shape "
+             "(`width.matmul_rate`, measured in the same run).\n")
+  out.append("| n | r | method | ms/step | floor ms | step / floor | steps | spread | "
+             "x dense | roofline | bytes / analytic |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|")
   for r in res["width"]:
+    fl = r.get("floor_ms")
     out.append(f"| {r['n']} | {r['r'] or '-'} | {r['method']} | {r['ms']:.2f} | "
+               f"{'-' if fl is None else f'{fl:.2f}'} | "
+               f"{'-' if fl is None else format(r['ms'] / fl, '.2f')} | "
                f"{r.get('steps', '-')} | "
                f"{_spread(r)} | {r['ratio']:.2f} | "
                f"{r['roofline_fraction']:.2f} | "
@@ -92,33 +100,51 @@ def tables(res) -> str:
   out.append("### LeNet5, batch 128 (28 x 28 x 1)\n")
   out.append("| conv routine | method | ms/step | spread | x dense (same routine) |"
              "\n|---|---|---|---|---|")
-  for r in res["lenet"]:
+  for r in res.get("lenet", []):
     out.append(f"| {r['impl']} | {r['method']} | {r['ms']:.2f} | "
                f"{_spread(r)} | {r['ratio']:.2f} |")
-  a = res["adaptive"]
-  out.append("\n### Rank-adaptive run (digits MLP, KLS, "
-             f"{a['steps']} steps, tau {a['tau']}, from rank {a['r0']})\n")
-  out.append(f"- compilations: {a['compilations']} ({a['compile_seconds']:.1f} s "
-             f"compiling); capacity-bucket changes: {a['bucket_changes']} "
-             f"(limit log2(r_max) + 1 = {a['bucket_limit']})")
-  out.append(f"- final ranks {a['final_ranks']}, capacities "
-             f"{a['final_capacities']}, loss {a['final_loss']:.4f}")
-  out.append(f"- steady step {a['tail_ms']:.2f} ms vs fixed-rank KLS at the "
-             f"same ranks {a['fixed_rank_ms']:.2f} ms")
-  s = res["seeds"]
-  out.append(f"\n### Seeds vmapped (digits-demo shapes: 64 -> {s['width']} x 3 "
-             f"-> 10, batch {s['batch']}, rank {s['rank']})\n")
-  ks = sorted(next(iter(s["by_method"].values()))["vmapped_ms_by_seeds"],
-              key=int)
-  out.append("| method | 1 seed, own program (ms/step) | "
-             + " | ".join(f"{k} vmapped (ms/step)" for k in ks)
-             + f" | throughput x (8 vmapped vs 8 sequential) |\n|---|---|"
-             + "---|" * len(ks) + "---|")
-  for m, v in s["by_method"].items():
-    out.append(f"| {m} | {v['sequential_ms_per_step']:.2f} | "
-               + " | ".join(f"{v['vmapped_ms_by_seeds'][k]:.2f}" for k in ks)
-               + f" | {v['speedup']:.2f} |")
-  out.append("")
+  if res.get("lenet_torch"):
+    ours = {r["method"]: r["ms"] for r in res.get("lenet", []) if r["impl"] == "im2col"}
+    out.append("\n### LeNet5 beside PyTorch (CPU, batch 128, `lenet_torch.py`)\n")
+    out.append("PyTorch in its own venv, run after lrtrain's rows in the same "
+               "benchmark run; the DLRT scheme is three passes (K, L, S) with "
+               "Householder QR of [K | U] and an SVD of the 2r x 2r core, ranks "
+               "held at 10 / 25 / 250 like lrtrain's rows.\n")
+    out.append("| PyTorch | ms/step | lrtrain (im2col) | ms/step | PyTorch / lrtrain |"
+               "\n|---|---|---|---|---|")
+    pairs = {"torch_dense": ["dense"], "torch_dlrt_adaptive": ["kls_adaptive",
+                                                               "geolora"]}
+    for t in res["lenet_torch"]:
+      for mine in pairs.get(t["method"], []):
+        if mine in ours:
+          out.append(f"| {t['method']} | {t['ms']:.2f} | {mine} | {ours[mine]:.2f} | "
+                     f"{t['ms'] / ours[mine]:.2f} |")
+  a = res.get("adaptive")
+  if a:
+    out.append("\n### Rank-adaptive run (digits MLP, KLS, "
+               f"{a['steps']} steps, tau {a['tau']}, from rank {a['r0']})\n")
+    out.append(f"- compilations: {a['compilations']} ({a['compile_seconds']:.1f} s "
+               f"compiling); capacity-bucket changes: {a['bucket_changes']} "
+               f"(limit log2(r_max) + 1 = {a['bucket_limit']})")
+    out.append(f"- final ranks {a['final_ranks']}, capacities "
+               f"{a['final_capacities']}, loss {a['final_loss']:.4f}")
+    out.append(f"- steady step {a['tail_ms']:.2f} ms vs fixed-rank KLS at the "
+               f"same ranks {a['fixed_rank_ms']:.2f} ms")
+  s = res.get("seeds")
+  if s:
+    out.append(f"\n### Seeds vmapped (digits-demo shapes: 64 -> {s['width']} x 3 "
+               f"-> 10, batch {s['batch']}, rank {s['rank']})\n")
+    ks = sorted(next(iter(s["by_method"].values()))["vmapped_ms_by_seeds"],
+                key=int)
+    out.append("| method | 1 seed, own program (ms/step) | "
+               + " | ".join(f"{k} vmapped (ms/step)" for k in ks)
+               + f" | throughput x (8 vmapped vs 8 sequential) |\n|---|---|"
+               + "---|" * len(ks) + "---|")
+    for m, v in s["by_method"].items():
+      out.append(f"| {m} | {v['sequential_ms_per_step']:.2f} | "
+                 + " | ".join(f"{v['vmapped_ms_by_seeds'][k]:.2f}" for k in ks)
+                 + f" | {v['speedup']:.2f} |")
+    out.append("")
   if res.get("diagnostics"):
     out.append("### Diagnostics overhead (period 100, batch 128)\n")
     out.append("| case | train step ms | diagnostics ms | overhead |\n|---|---|---|---|")
@@ -147,7 +173,8 @@ def tables(res) -> str:
 
 def write(res, readme: str = README):
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-  plot_width(res["width"], os.path.join(HERE, "results", "width.png"))
+  if res.get("width"):
+    plot_width(res["width"], os.path.join(HERE, "results", "width.png"))
   text = open(readme).read() if os.path.exists(readme) else f"{BEGIN}\n{END}\n"
   head, rest = text.split(BEGIN, 1)
   tail = rest.split(END, 1)[1]

@@ -15,6 +15,8 @@ rank stays put, which is the regime of a run whose ranks have settled.
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +92,7 @@ def make_integrator(method: str, r: int, lr: float = 0.01):
   if method == "lora":
     return integrators.build("lora", tx)
   if method == "galore":
-    return integrators.build("galore", tx, rank=r, learning_rate=lr)
+    return integrators.build("galore", tx, galore_rank=r)
   raise ValueError(method)
 
 
@@ -122,6 +124,44 @@ def step_flops(method: str, n: int, r: int, b: int = BATCH) -> float:
   if method == "condlr":  # one backward, QR retractions n x r, SVD r x r
     return 3 * (3 * lr_layer + 2 * 4 * n * r * r + 22 * r ** 3) + out
   raise ValueError(method)
+
+
+def floor_width(method: str, n: int, r: int) -> int:
+  """Inner dimension of the product that dominates the method's step: the
+  floor's matmul rate is measured at (BATCH, n) x (n, k) with this k."""
+  if method in ("dense", "galore", "lora"):
+    return n
+  if method in ("kls_adaptive", "geolora"):
+    return min(2 * r, n)
+  return r
+
+
+_RATES: dict = {}
+
+
+def matmul_rate(n: int, k: int) -> float:
+  """Jitted float32 rate in FLOP/s of a linear layer's three products at
+  (BATCH, n) x (n, k): forward x W, backward g W^T and x^T g (cached)."""
+  if (n, k) not in _RATES:
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (BATCH, n))
+    w = jax.random.normal(key, (n, k))
+    g = jax.random.normal(key, (BATCH, k))
+    f = jax.jit(lambda x, w, g: (x @ w, g @ w.T, x.T @ g))
+    common.block(f(x, w, g))
+    ts = []
+    for _ in range(30):
+      t0 = time.perf_counter()
+      common.block(f(x, w, g))
+      ts.append(time.perf_counter() - t0)
+    _RATES[(n, k)] = 3 * 2 * BATCH * n * k / statistics.median(ts)
+  return _RATES[(n, k)]
+
+
+def floor_ms(method: str, n: int, r: int) -> float:
+  """The analytic floor: `step_flops` at the measured rate of the step's
+  dominant product shape (`floor_width`)."""
+  return step_flops(method, n, r) / matmul_rate(n, floor_width(method, n, r)) * 1e3
 
 
 def trainable_bytes(params, state) -> int:
@@ -160,7 +200,9 @@ def bench_point(method: str, n: int, r: int, *, steps: int, repeats: int,
                           budget_s=budget_s)
   p, s = res.pop("carry")
   flops = step_flops(method, n, r)
-  out = dict(method=method, n=n, r=r, **res, flops=flops,
+  fl = floor_ms(method, n, r)
+  out = dict(method=method, n=n, r=r, **res, flops=flops, floor_ms=fl,
+             step_over_floor=res["ms"] / fl,
              gflops=flops / (res["ms"] * 1e-3) / 1e9,
              bytes=trainable_bytes(p, s),
              analytic_bytes=analytic_bytes(method, n, r))

@@ -298,3 +298,69 @@ def float_mask(tree: Params) -> Params:
   clip_by_global_norm) fail on int rank leaves: wrap them as
   `optax.masked(optax.clip_by_global_norm(c), base.float_mask)`."""
   return jax.tree.map(is_float, tree)
+
+
+# --------------------------------------------------------------------------
+# Narrow passes: LowRank nodes at the width of their active rank.
+# --------------------------------------------------------------------------
+
+
+def times_core(X: jax.Array, S: jax.Array) -> jax.Array:
+  """X @ S, as a column scaling when S is diagonal (what every truncation
+  leaves): n C instead of n C^2 work (lax.cond on the check)."""
+  is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
+  return jax.lax.cond(is_diag, lambda: X * jnp.diagonal(S)[None, :].astype(X.dtype),
+                      lambda: X @ S.astype(X.dtype))
+
+
+def _is_lowrank(x) -> bool:
+  return isinstance(x, fz.LowRank)
+
+
+def half_width(params: Params) -> Params:
+  """LowRank nodes cut to their first C // 2 columns (the whole active
+  block when rank <= C // 2, which `resize` keeps at the start of a step
+  of the rank-adaptive methods); other leaves as they are."""
+  def cut(x):
+    if not _is_lowrank(x):
+      return x
+    H = x.capacity // 2
+    return fz.LowRank(x.U[:, :H], x.S[:H, :H], x.V[:, :H], x.rank, x.W0)
+  return jax.tree.map(cut, params, is_leaf=fz.is_factor)
+
+
+def pad_to(tree, like):
+  """Every leaf of `tree` zero-padded (at the end of each axis) to the shape
+  of the matching leaf of `like` (arrays or ShapeDtypeStructs)."""
+  def pad(a, l):
+    a = jnp.asarray(a)
+    if a.shape == tuple(l.shape):
+      return a
+    return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, l.shape)])
+  return jax.tree.map(pad, tree, like)
+
+
+def fits_half(params: Params):
+  """Static: whether any LowRank node can be halved (capacity >= 2);
+  traced: whether every LowRank node's rank is <= capacity // 2."""
+  nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
+           if _is_lowrank(x)]
+  if not nodes or any(x.capacity < 2 for x in nodes):
+    return False, None
+  ok = jnp.all(jnp.stack([x.rank <= x.capacity // 2 for x in nodes]))
+  return True, ok
+
+
+def at_active_width(fn, params: Params):
+  """fn(params), computed on `half_width(params)` when every LowRank rank
+  fits in half its capacity (the products of the pass then cost half) and
+  zero-padded back to the full shapes; else on params itself. fn's outputs
+  must depend on a node's columns >= rank only through zeros (true of
+  losses and gradients: those columns are zero). lax.cond: both versions
+  are compiled, one runs."""
+  static_ok, ok = fits_half(params)
+  if not static_ok:
+    return fn(params)
+  like = jax.eval_shape(fn, params)
+  return jax.lax.cond(ok, lambda: pad_to(fn(half_width(params)), like),
+                      lambda: fn(params))

@@ -54,7 +54,8 @@ def opt_tree(params):
   """LowRank -> (K, L, S) = (U S, V S^T, S); other trainable leaves as they
   are; frozen leaves -> None. The tree the optimizer state lives on."""
   return jax.tree.map(
-      lambda x: (x.U @ x.S, x.V @ x.S.T, x.S) if _is_lr(x) else base.trainable(x),
+      lambda x: (base.times_core(x.U, x.S), base.times_core(x.V, x.S.T), x.S)
+      if _is_lr(x) else base.trainable(x),
       params, is_leaf=fz.is_factor)
 
 
@@ -195,8 +196,10 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     return GeoLoRAState(tx.init(opt_tree(params)), jnp.zeros((), jnp.int32))
 
   def step(loss_fn, params, state, batch):
-    (loss, aux), grads = base.value_and_grad(loss_fn, base.stop_frozen(params),
-                                             batch)
+    # One forward + backward at the active width (r <= C / 2 after resize).
+    (loss, aux), grads = base.at_active_width(
+        lambda p: base.value_and_grad(loss_fn, base.stop_frozen(p), batch),
+        params)
     new, state = _core_step(params, grads, state, tx, **kw)
     return new, state, {"loss": loss, **aux, **base.rank_aux(new)}
 

@@ -119,7 +119,8 @@ def _is_lr(x) -> bool:
 def kl_tree(params):
   """LowRank nodes -> (K, L) = (U S, V S^T); everything else -> None."""
   return jax.tree.map(
-      lambda x: (x.U @ x.S, x.V @ x.S.T) if _is_lr(x) else None, params,
+      lambda x: (base.times_core(x.U, x.S), base.times_core(x.V, x.S.T))
+      if _is_lr(x) else None, params,
       is_leaf=fz.is_factor)
 
 
@@ -215,18 +216,22 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
 
   def step(loss_fn, params, state, batch):
     # --- K and L sub-steps: one backward pass through KLNode. ---
-    kl0 = kl_tree(params)
-    const = jax.lax.stop_gradient(params)
+    # At the active width when r <= C / 2 (rank-adaptive, after resize).
+    def kl_pass(view):
+      kl0 = kl_tree(view)
+      const = jax.lax.stop_gradient(view)
 
-    def kl_loss(kl):
-      def node(p, k):
-        if not _is_lr(p):
-          return p
-        return KLNode(p.U, p.S, p.V, p.rank, p.W0, k[0], k[1])
-      return loss_fn(jax.tree.map(node, const, kl, is_leaf=lambda x:
-                                  fz.is_factor(x) or x is None), batch)
+      def kl_loss(kl):
+        def node(p, k):
+          if not _is_lr(p):
+            return p
+          return KLNode(p.U, p.S, p.V, p.rank, p.W0, k[0], k[1])
+        return loss_fn(jax.tree.map(node, const, kl, is_leaf=lambda x:
+                                    fz.is_factor(x) or x is None), batch)
 
-    (loss, aux), g_kl = jax.value_and_grad(kl_loss, has_aux=True)(kl0)
+      return jax.value_and_grad(kl_loss, has_aux=True)(kl0), kl0
+
+    ((loss, aux), g_kl), kl0 = base.at_active_width(kl_pass, params)
     upd, kl_state = tx_kl.update(g_kl, state.kl, kl0)
     kl1 = optax.apply_updates(kl0, upd)
 

@@ -1,0 +1,59 @@
+"""LeNet5 in PyTorch beside lrtrain's: a virtual environment of its own.
+
+torch is not a dependency of lrtrain. This module makes (once) a venv with
+the CPU build of torch, at $LRTRAIN_TORCH_VENV or ~/.cache/lrtrain/torch-venv,
+and runs `benchmarks/torch_lenet.py` in it; each printed JSON line is a row.
+
+  python -m benchmarks.lenet_torch          # prints the rows
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH = "torch==2.13.0+cpu"
+
+
+def venv_path() -> str:
+  return os.environ.get("LRTRAIN_TORCH_VENV", os.path.expanduser(
+      "~/.cache/lrtrain/torch-venv"))
+
+
+def ensure_venv(log=print) -> str:
+  """The venv's python, creating the venv and installing torch if needed."""
+  path = venv_path()
+  py = os.path.join(path, "bin", "python")
+  ok = os.path.exists(py) and subprocess.run(
+      [py, "-c", "import torch"], capture_output=True).returncode == 0
+  if not ok:
+    log(f"lenet_torch: installing {TORCH} into {path}")
+    subprocess.run([sys.executable, "-m", "venv", path], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", TORCH, "numpy"], check=True)
+  return py
+
+
+def run(*, steps: int = 30, repeats: int = 3, log=print) -> list[dict]:
+  """Rows torch_dense and torch_dlrt_adaptive (ms per step); [] with a
+  logged reason when torch cannot be installed here."""
+  try:
+    py = ensure_venv(log)
+  except (subprocess.CalledProcessError, OSError) as e:
+    log(f"lenet_torch: skipped, torch could not be installed ({e})")
+    return []
+  env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+  out = subprocess.run([py, os.path.join(HERE, "torch_lenet.py"), "--steps",
+                        str(steps), "--repeats", str(repeats)],
+                       capture_output=True, text=True, env=env, check=True)
+  rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+  for r in rows:
+    log(f"lenet5 torch  {r['method']:20s} {r['ms']:8.2f} ms  (torch "
+        f"{r['torch']}, {r['threads']} threads)")
+  return rows
+
+
+if __name__ == "__main__":
+  run()
