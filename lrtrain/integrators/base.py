@@ -222,7 +222,8 @@ def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
              rank=None):
   """SVD truncation of a (C, C) core: the rank rule of `truncation_rank`.
 
-  The SVD is `linalg.core_svd` (eigenvectors of S^T S where tau allows).
+  The SVD is `linalg.core_svd` (LAPACK's; the C x C core is small next to
+  the n x C bases, which go through the matmul path).
 
   Args:
     S: (C, C) augmented core (zero outside its active block).

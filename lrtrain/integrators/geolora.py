@@ -66,7 +66,7 @@ def grad_tree(params, grads):
       return base.trainable(g) if fz.is_factor(p) else (
           None if not base.is_float(p) else g)
     Sinv = base.guarded_inverse(p.S, p.rank).astype(g.U.dtype)
-    return (g.U @ Sinv.T, g.V @ Sinv, g.S)
+    return (base.times_core(g.U, Sinv.T), base.times_core(g.V, Sinv), g.S)
   return jax.tree.map(fix, params, grads, is_leaf=fz.is_factor)
 
 

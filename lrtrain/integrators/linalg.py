@@ -12,25 +12,23 @@ eigensolvers of small matrices:
                     Cholesky QR, repeated until its Gram matrix is the
                     identity to working precision.
   orth(X, r)        the same for X alone (retractions, fixed-rank bases).
-  core_svd(S, tau)  P, sigma, Q of a (C, C) core from the eigenvectors of
-                    S^T S; the left vectors are S Q orthonormalized.
+  core_svd(S, tau)  P, sigma, Q of a (C, C) core: LAPACK's SVD, or from
+                    the eigenvectors of S^T S (left vectors S Q
+                    orthonormalized) with route="eigh".
 
 Robustness, all decided inside the jitted program:
   * inactive (masked) columns get a unit diagonal in the Gram matrix, so
     they stay zero and cost nothing in the factorization;
-  * rank-deficient or zero new blocks (rank >= batch, a zero gradient)
-    fail a first attempt and are filled for a second one: a tiny multiple
-    (16 u ||D||) of fixed, spread-out Walsh vectors is added before
-    projecting, so the block has full rank; directions D
-    does not have get arbitrary orthonormal completions (whose core entries
-    are zero), and the span of D is kept to within 16 u relative;
-  * a shift of the Gram matrix makes each Cholesky factorization succeed
-    for any finite input; the passes repeat while the Gram matrix is off
-    the identity by more than 1e-2 (at most `MAX_PASSES`), and the last
-    one, on a nearly orthonormal input, is unshifted;
-  * if the passes do not reach the identity (non-finite input, a
-    pathological fill), the Householder path runs instead (lax.cond, so it
-    costs nothing when not taken).
+  * the first pass's Gram matrix is shifted so the Cholesky factorization
+    succeeds for any finite input; the passes repeat while the Gram matrix
+    of their input is off the identity by more than 1e-2 (at most
+    `MAX_PASSES`), and the last one, on a nearly orthonormal input, is
+    unshifted;
+  * a rank-deficient new block (rank >= batch, a zero gradient), which the
+    first pass finds as a column with nothing left above the shift, or
+    passes that do not converge, go to Householder QR of [U | D] instead
+    (lax.cond: it costs nothing when not taken), whose completions of the
+    missing directions are orthonormal and orthogonal to U.
 
 Precision: float64 inputs are factorized in float64, everything else in
 float32.
@@ -38,7 +36,8 @@ float32.
 `implementation("lapack")` (a context manager, read at trace time) switches
 every call back to Householder QR and LAPACK's SVD, for comparisons.
 
-The eigenvector route of `core_svd` squares the singular values, so it is
+The eigenvector route of `core_svd` (not the default: measured slower on
+the CPU, see `core_svd`) squares the singular values, so it is
 used only where that cannot change the truncation rule: it needs
 tau^2 >= GRAM_TAU2 * C * u (u the unit roundoff of the working precision;
 tau >= 0.035 for C = 128 in float32, any tau >= 1e-6 in float64). Below
@@ -117,8 +116,11 @@ def _cholesky_pass(X, mask, eps, always_shift=False):
   input whose Gram matrix is off the identity by more than 1e-2, and not to
   nearly orthonormal inputs (it would leave a defect of s in Q^T Q).
 
-  Returns (Q, off): Q with inactive columns zero and `off`, the largest
-  entry of |X^T X - I| on the active block (how far X was from orthonormal).
+  Returns (Q, off, weak): Q with inactive columns zero, `off` the largest
+  entry of |X^T X - I| on the active block (how far X was from
+  orthonormal), and `weak`, whether some column had no more than the shift
+  left after elimination (numerically rank-deficient, or condition above
+  about 1 / sqrt(0.1 s / max ||x_i||^2)).
   """
   k = X.shape[-1]
   G = X.T @ X
@@ -135,18 +137,17 @@ def _cholesky_pass(X, mask, eps, always_shift=False):
   Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(k, dtype=L.dtype),
                                            lower=True)
   Q = (X @ Linv.T) * mask[None, :]
-  return Q, off
+  d2 = jnp.where(mask > 0, jnp.square(jnp.diagonal(L)), jnp.inf)
+  weak = jnp.any(d2 <= 1.1 * shift)
+  return Q, off, weak
 
 
-def _passes(U, X, mask, eps, max_passes):
-  """Project X off U and Cholesky-QR it until its Gram matrix is the
-  identity: two passes at least (the second one reorthogonalizes), more
-  while the last input was off by more than 1e-2, at most `max_passes`.
-
-  Returns (Q, ok): ok is False when the passes did not get there.
-  """
-  Q, _ = _cholesky_pass(_project(U, X), mask, eps, always_shift=True)
-  Q, off = _cholesky_pass(_project(U, Q), mask, eps)
+def _more_passes(U, Q, mask, eps, max_passes):
+  """The passes after the first: project off U and Cholesky-QR until the
+  input's Gram matrix is the identity to 1e-2 (the second pass always
+  runs: it is the reorthogonalization), at most `max_passes` in all.
+  Returns (Q, ok)."""
+  Q, off, _ = _cholesky_pass(_project(U, Q), mask, eps)
 
   def cond(c):
     _, off, t = c
@@ -154,7 +155,7 @@ def _passes(U, X, mask, eps, max_passes):
 
   def body(c):
     Q, _, t = c
-    Q, off = _cholesky_pass(_project(U, Q), mask, eps)
+    Q, off, _ = _cholesky_pass(_project(U, Q), mask, eps)
     return Q, off, t + 1
 
   Q, off, _ = lax.while_loop(cond, body, (Q, off, jnp.asarray(2)))
@@ -166,23 +167,17 @@ def _passes(U, X, mask, eps, max_passes):
 def _orthonormalize(U, X, mask, dtype):
   """Orthonormal Q (n, k) with span(Q) = span(X) (active columns), Q ⟂ U.
 
-  A full-rank X (condition up to ~1e4) is done in the first attempt, and Q
-  is then the Cholesky QR factor of X's projection, equal to Householder's
-  to rounding. A rank-deficient X fails it and is filled (module
-  docstring) for a second attempt. Returns (Q, ok).
+  A full-rank X (condition up to ~1e4) needs two or three passes, and Q is
+  then the Cholesky QR factor of X's projection, equal to Householder's to
+  rounding. Returns (Q, ok); ok is False for a numerically rank-deficient
+  X (found by the first pass) or passes that did not converge, and the
+  caller then runs Householder QR.
   """
-  n, k = X.shape
   eps = jnp.finfo(dtype).eps
   X = X * mask[None, :]
-  Q, ok = _passes(U, X, mask, eps, 3)
-
-  def filled(_):
-    norm = jnp.sqrt(jnp.sum(jnp.square(X)))
-    delta = jnp.where(norm > 0, 16.0 * eps * norm, 1.0)
-    Xf = (X + delta * walsh(n, k, dtype)) * mask[None, :]
-    return _passes(U, Xf, mask, eps, MAX_PASSES + 1)
-
-  return lax.cond(ok, lambda _: (Q, ok), filled, None)
+  Q1, _, weak = _cholesky_pass(_project(U, X), mask, eps, always_shift=True)
+  return lax.cond(weak, lambda _: (Q1, jnp.asarray(False)),
+                  lambda _: _more_passes(U, Q1, mask, eps, MAX_PASSES), None)
 
 
 def _householder(X, r):
@@ -236,7 +231,14 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
     return (Uh, jnp.roll(Uh, -r, axis=1)[:, :H]) if with_block else Uh
   k = jnp.minimum(r, C - r)              # new columns: always <= C // 2
   mask = column_mask(k, H, dtype)
-  Q, ok = _orthonormalize(U, D[:, :H] * mask[None, :], mask, dtype)
+  Dh = D[:, :H] * mask[None, :]
+  if H >= 1 and C - H == H:
+    # U's active columns fit in its first half when r <= C / 2 (what
+    # `resize` keeps): the projections then cost half.
+    Q, ok = lax.cond(r <= H, lambda: _orthonormalize(U[:, :H], Dh, mask, dtype),
+                     lambda: _orthonormalize(U, Dh, mask, dtype))
+  else:
+    Q, ok = _orthonormalize(U, Dh, mask, dtype)
   Q = jnp.pad(Q, ((0, 0), (0, C - H)))
   # Move the new block behind U's r columns.
   shifted = jnp.roll(Q, r, axis=1)
@@ -283,7 +285,7 @@ def gram_route(C: int, tau, dtype) -> bool:
   return float(tau) ** 2 >= GRAM_TAU2 * C * eps
 
 
-def core_svd(S: jax.Array, tau=None, keep=None):
+def core_svd(S: jax.Array, tau=None, keep=None, route: str = "svd"):
   """P, sigma, Q (descending sigma) of a square core S = P diag(sigma) Q^T.
 
   Args:
@@ -293,6 +295,12 @@ def core_svd(S: jax.Array, tau=None, keep=None):
       Decides the route (`gram_route`).
     keep: optional traced count of leading columns of P that must be
       orthonormal (the kept rank); the others may be zero. Default: all.
+    route: "svd" (LAPACK's divide-and-conquer SVD) or "eigh" (eigenvectors
+      of S^T S where `gram_route` allows, else the SVD). The integrators use
+      "svd": on the CPU the eigh route, with the orthonormalization of its
+      left vectors, measured slower than the SVD at every size tried
+      (C = 64 / 128 / 256 / 512: 1.3 / 4.8 / 16.8 / 116 ms vs 0.85 / 2.7 /
+      12.4 / 64 ms, jitted alone, 2 cores).
 
   Returns:
     (P, sigma, Q) in the working dtype.
@@ -300,7 +308,7 @@ def core_svd(S: jax.Array, tau=None, keep=None):
   dtype = work_dtype(S)
   S = S.astype(dtype)
   C = S.shape[-1]
-  if not gram_route(C, tau, dtype):
+  if route != "eigh" or not gram_route(C, tau, dtype):
     P, sigma, Qt = jnp.linalg.svd(S)
     return P, sigma, Qt.T
   lam, W = jnp.linalg.eigh(S.T @ S)
