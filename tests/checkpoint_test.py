@@ -117,7 +117,7 @@ def test_corrupt_checkpoint_refused(tmp_path):
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
 
 
-@pytest.mark.slow
+@pytest.mark.tier2
 def test_killed_process_resumes(tmp_path):
   """A real kill: the child dies right after its step-3 checkpoint."""
   wd = str(tmp_path / "killed")

@@ -243,9 +243,7 @@ def test_mnist1d():
   assert abs(float(x.mean())) < 0.1 and 0.8 < float(x.std()) < 1.2
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DEB_DIR),
-                    reason="needs apt-get install dataset-fashion-mnist")
+@pytest.mark.fashion_mnist
 def test_fashion_mnist_debian_package():
   ds = data.load(_cfg("fashion_mnist", max_train=1000))
   assert ds.input_shape == (28, 28, 1) and ds.num_classes == 10

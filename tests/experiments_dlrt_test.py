@@ -15,12 +15,8 @@ from experiments.dlrt_gap_vs_steps import run as gap_steps
 from experiments.dlrt_lenet5_tau import run as lenet_tau
 from experiments.dlrt_mlp_rank_dynamics import run as mlp_ranks
 from experiments.dlrt_vs_factors import run as vs_factors
-from lrtrain import data
 from lrtrain import factorizations as fz
 
-needs_fmnist = pytest.mark.skipif(
-    not os.path.isdir(data.FASHION_MNIST_DEB_DIR),
-    reason="Fashion-MNIST (Debian package dataset-fashion-mnist) not installed")
 
 
 def _rows(path):
@@ -107,8 +103,8 @@ def test_two_factor_keeps_w_and_freezes_the_identity_core():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@needs_fmnist
+@pytest.mark.tier2
+@pytest.mark.fashion_mnist
 def test_lenet5_tau_runlocal(tmp_path):
   rows = lenet_tau.main(["--runlocal", "--workdir", str(tmp_path / "w"),
                          "--out", str(tmp_path / "r")])
@@ -125,8 +121,8 @@ def test_lenet5_tau_runlocal(tmp_path):
   assert os.path.getmtime(tmp_path / "w" / "tau=0.45,seed=0" / "summary.json") == before
 
 
-@pytest.mark.slow
-@needs_fmnist
+@pytest.mark.tier2
+@pytest.mark.fashion_mnist
 def test_mlp_rank_dynamics_runlocal(tmp_path):
   rows = mlp_ranks.main(["--runlocal", "--workdir", str(tmp_path / "w"),
                          "--out", str(tmp_path / "r")])
@@ -136,8 +132,8 @@ def test_mlp_rank_dynamics_runlocal(tmp_path):
   assert os.path.getsize(tmp_path / "r" / "rank_vs_step.png") > 0
 
 
-@pytest.mark.slow
-@needs_fmnist
+@pytest.mark.tier2
+@pytest.mark.fashion_mnist
 def test_vs_factors_runlocal(tmp_path):
   rows = vs_factors.main(["--runlocal", "--workdir", str(tmp_path / "w"),
                           "--out", str(tmp_path / "r")])
@@ -153,8 +149,8 @@ def test_paper_gap_steps_and_sign():
   assert all(p["gap"] > 2.0 for p in pg) and pg[0]["gap"] > 10.0
 
 
-@pytest.mark.slow
-@needs_fmnist
+@pytest.mark.tier2
+@pytest.mark.fashion_mnist
 def test_gap_vs_steps_runlocal(tmp_path):
   final = gap_steps.main(["--runlocal", "--workdir", str(tmp_path / "w"),
                           "--out", str(tmp_path / "r")])
@@ -169,8 +165,8 @@ def test_gap_vs_steps_runlocal(tmp_path):
   assert os.path.getsize(tmp_path / "r" / "gap_vs_steps.png") > 0
 
 
-@pytest.mark.slow
-@needs_fmnist
+@pytest.mark.tier2
+@pytest.mark.fashion_mnist
 def test_cuttlefish_runlocal_mlp(tmp_path):
   res = cuttlefish.main(["--runlocal", "--models", "mlp", "--workdir",
                          str(tmp_path / "w"), "--out", str(tmp_path / "r")])

@@ -15,9 +15,6 @@ from experiments.geolora_rank_convergence import run as geolora_run
 from experiments.intruder_dimensions import run as intruder_run
 from experiments.tdlrt_tucker import run as tdlrt_run
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(FMNIST),
-                                  reason="Fashion-MNIST (dataset-fashion-mnist) missing")
 
 
 def _rows(path):
@@ -33,6 +30,7 @@ def _run(module, tmp_path):
   return out
 
 
+@pytest.mark.tier2
 def test_geolora_runlocal(tmp_path):
   out = _run(geolora_run, tmp_path)
   rows = _rows(out["summary"])
@@ -48,7 +46,8 @@ def test_geolora_runlocal(tmp_path):
   assert _rows(again["summary"]) == rows
 
 
-@needs_fmnist
+@pytest.mark.tier2
+@pytest.mark.fashion_mnist
 def test_condlr_runlocal(tmp_path):
   out = _run(condlr_run, tmp_path)
   fg = _rows(out["fgsm_csv"])
@@ -83,7 +82,8 @@ def test_condlr_per_layer_ranks():
   assert y.shape == (2, 10)
 
 
-@needs_fmnist
+@pytest.mark.tier2
+@pytest.mark.fashion_mnist
 def test_intruders_runlocal(tmp_path):
   out = _run(intruder_run, tmp_path)
   rows = _rows(out["methods"])
@@ -109,6 +109,7 @@ def test_intruder_helpers():
   assert intruder_run.spearman([1, 2, 3, 4], [10, 20, 25, 40]) == pytest.approx(1.0)
 
 
+@pytest.mark.tier2
 def test_tdlrt_runlocal(tmp_path):
   out = _run(tdlrt_run, tmp_path)
   rows = _rows(out["summary"])

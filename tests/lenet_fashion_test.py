@@ -10,7 +10,6 @@ import os
 import pytest
 
 from lrtrain import config_utils, sweep, train
-from lrtrain.data import DatasetError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 300
@@ -25,10 +24,7 @@ def run(tmp_path, name, **overrides):
            "optimizer.schedule": "constant", "optimizer.learning_rate": 0.02,
            **overrides}
   c = config_utils.apply_overrides(c, point)
-  try:
-    return train.train_and_evaluate(c, str(tmp_path / name))
-  except DatasetError as e:
-    pytest.skip(f"Fashion-MNIST not available: {e}")
+  return train.train_and_evaluate(c, str(tmp_path / name))
 
 
 # Measured here (300 steps, momentum SGD lr 0.02, 6,000 examples): dense
@@ -42,7 +38,8 @@ def run(tmp_path, name, **overrides):
 EARLY_GAP = 0.08
 
 
-@pytest.mark.slow
+@pytest.mark.tier2
+@pytest.mark.fashion_mnist
 def test_dlrt_near_dense_smaller_and_beats_vanilla(tmp_path):
   dense = run(tmp_path, "dense", **{"integrator.name": "dense",
                                     "model.factor.kind": "dense",

@@ -141,9 +141,7 @@ def test_transformer_lm_is_causal():
   assert float(jnp.abs(y[:, 7:] - y2[:, 7:]).max()) > 1e-4
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DEB_DIR),
-                    reason="needs apt-get install dataset-fashion-mnist")
+@pytest.mark.fashion_mnist
 def test_lenet5_lowrank_forward_on_fashion_mnist():
   dc = data.default_data_config()
   dc.name, dc.max_train = "fashion_mnist", 64

@@ -37,6 +37,7 @@ def run(workdir, devices):
   return out, losses, evals
 
 
+@pytest.mark.tier2
 def test_four_devices_match_one(tmp_path):
   one, l1, e1 = run(str(tmp_path / "one"), 1)
   four, l4, e4 = run(str(tmp_path / "four"), 4)

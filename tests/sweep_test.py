@@ -103,6 +103,7 @@ def test_list_and_index_cli(sweep_file, tmp_path):
   assert r.returncode == 1 and "outside the sweep's 2 points" in r.stderr
 
 
+@pytest.mark.tier2
 def test_vmapped_seeds_match_sequential(sweep_file, tmp_path):
   from lrtrain import train
   pts = sweep.expand(sweep_file + ":seeds")
@@ -144,6 +145,7 @@ def test_summarize_speed_relative_to_dense_on_the_same_model(tmp_path):
                  "e_kls": None}
 
 
+@pytest.mark.tier2
 def test_keep_going_records_a_diverged_run_and_goes_on(sweep_file, tmp_path):
   wd = str(tmp_path / "runs")
   spec = sweep_file

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CODE = """
@@ -49,6 +51,7 @@ print("ok", aux["loss"])
 """
 
 
+@pytest.mark.tier2
 def test_vmapped_adaptive_kls_step_finishes():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", CODE], capture_output=True,
