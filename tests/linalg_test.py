@@ -154,6 +154,7 @@ def _mat_loss(p, b):
   return 0.5 * jnp.sum(jnp.square(fz.materialize(p["w"]) - b["A"])), {}
 
 
+@pytest.mark.tier2
 @pytest.mark.parametrize("method", ["kls", "geolora"])
 def test_orthonormal_after_10000_float32_steps(method):
   n, m = 16, 12
