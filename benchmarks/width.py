@@ -15,8 +15,6 @@ rank stays put, which is the regime of a run whose ranks have settled.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -148,13 +146,8 @@ def matmul_rate(n: int, k: int) -> float:
     w = jax.random.normal(key, (n, k))
     g = jax.random.normal(key, (BATCH, k))
     f = jax.jit(lambda x, w, g: (x @ w, g @ w.T, x.T @ g))
-    common.block(f(x, w, g))
-    ts = []
-    for _ in range(30):
-      t0 = time.perf_counter()
-      common.block(f(x, w, g))
-      ts.append(time.perf_counter() - t0)
-    _RATES[(n, k)] = 3 * 2 * BATCH * n * k / statistics.median(ts)
+    ms = common.time_steps(lambda _: f(x, w, g), None, steps=30, repeats=1)["ms"]
+    _RATES[(n, k)] = 3 * 2 * BATCH * n * k / (ms * 1e-3)
   return _RATES[(n, k)]
 
 

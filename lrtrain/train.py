@@ -87,8 +87,11 @@ def num_steps(config, ds) -> int:
 
 
 def integrator_kwargs(config) -> dict[str, Any]:
-  """config.integrator as keyword arguments of integrators.build."""
-  kw = {k: v for k, v in config.integrator.to_dict().items() if k != "name"}
+  """config.integrator as keyword arguments of integrators.build: the
+  block's fields the method takes (the block is shared by every method)."""
+  from lrtrain import integrators  # pylint: disable=g-import-not-at-top
+  accepted = integrators.options(config.integrator.name)
+  kw = {k: v for k, v in config.integrator.to_dict().items() if k in accepted}
   kw["weight_decay"] = optim.integrator_weight_decay(config.optimizer)
   return kw
 
@@ -324,7 +327,8 @@ def finish_run(config, workdir: str, ds, eval_fn, params, sharder: Sharder, *,
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
-  """Train, evaluate and write the workdir contract (see DESIGN.md).
+  """Train, evaluate and write the workdir contract (README, "Quickstart":
+  config.json, metrics.jsonl, summary.json, checkpoints/, plots/).
 
   Args:
     config: a resolved config (configs/*.py get_config).

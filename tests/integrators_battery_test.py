@@ -57,10 +57,17 @@ def _build(name):
     integrators.module_for(name)
   except ModuleNotFoundError as e:
     pytest.skip(f"{name}: module not available ({e})")
-  opts = dict(tau=0.1, r_min=1)
-  if name == "galore":
-    opts["galore_rank"] = 2
-  return integrators.build(name, optax.adam(1e-2), **opts)
+  opts = dict(tau=0.1, r_min=1, galore_rank=2)
+  accepted = integrators.options(name)
+  return integrators.build(name, optax.adam(1e-2),
+                           **{k: v for k, v in opts.items() if k in accepted})
+
+
+def test_unknown_option_is_an_error():
+  with pytest.raises(ValueError, match="unknown option.*tua"):
+    integrators.build("kls", optax.sgd(0.1), tua=0.1)
+  with pytest.raises(ValueError, match="unknown option.*tau"):
+    integrators.build("condlr", optax.sgd(0.1), tau=0.1)
 
 
 def _setup(name, dtype=jnp.float32, seed=0):

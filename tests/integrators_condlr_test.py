@@ -199,7 +199,7 @@ def test_weight_decay_never_touches_U_V():
 def test_registry_and_single_compile():
   from lrtrain import integrators
   integ = integrators.build("condlr", optax.adam(1e-2), variant="mean",
-                            tau=0.3, kappa_tau=0.1)
+                            kappa_tau=0.1)
   batch = _problem(jax.random.PRNGKey(11))
   params = _params(jax.random.PRNGKey(12))
   state = integ.init(params)

@@ -33,7 +33,7 @@ from lrtrain.factorizations import Lora, LowRank, Tucker, tucker as tucker_lib
 
 def spectrum_metrics(s: jax.Array, active: jax.Array, shape: tuple[int, int],
                      rtol: float | None = None) -> dict[str, jax.Array]:
-  """Norms and ranks of a spectrum (DIAGNOSTICS.md table).
+  """Norms and ranks of a spectrum (docs/diagnostics.md, "Keys").
 
   Args:
     s: (L,) singular values, descending.
@@ -171,8 +171,7 @@ def adapter_top_left(W0: jax.Array, Qb: jax.Array, K: jax.Array, Qa: jax.Array,
   of the (n, m) matrix.
 
   Randomised range finding seeded with the reference's leading left vectors
-  and the update's column space (DIAGNOSTICS.md, "Computing them fast"):
-  the top singular subspace of W0 + update lies close to span(seed, Qb);
+  and the update's column space: the top singular subspace of W0 + update lies close to span(seed, Qb);
   `power_iters` subspace iterations sharpen it, then a Rayleigh-Ritz SVD of
   the (l, m) projection Q^T W gives the vectors. Cost O(n m l) per iteration
   with l = seed columns + r.

@@ -14,6 +14,7 @@ for. Names and modules:
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import optax
 
@@ -47,6 +48,14 @@ def module_for(name: str):
   return importlib.import_module(f"lrtrain.integrators.{METHODS[name]}")
 
 
+def options(name: str) -> frozenset[str]:
+  """The option names `build(name, ...)` accepts (keyword arguments of the
+  method's `make`, less `tx` and the shared module's `method`)."""
+  params = inspect.signature(module_for(name).make).parameters
+  return frozenset(k for k, p in params.items()
+                   if k not in ("tx", "method") and p.kind == p.KEYWORD_ONLY)
+
+
 def build(name: str, tx: optax.GradientTransformation, **kwargs) -> Integrator:
   """The integrator `name` using the optax transformation `tx`.
 
@@ -63,9 +72,13 @@ def build(name: str, tx: optax.GradientTransformation, **kwargs) -> Integrator:
     ValueError: unknown name or option.
   """
   mod = module_for(name)
+  unknown = sorted(set(kwargs) - options(name))
+  if unknown:
+    raise ValueError(f"integrator {name!r}: unknown option(s) "
+                     f"{', '.join(unknown)}; valid: {', '.join(sorted(options(name)))}")
   if METHODS[name] in _SHARED_MODULES:
     return mod.make(tx, method=name, **kwargs)
   return mod.make(tx, **kwargs)
 
 
-__all__ = ["METHODS", "Integrator", "build", "module_for"]
+__all__ = ["METHODS", "Integrator", "build", "module_for", "options"]

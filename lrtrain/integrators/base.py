@@ -191,18 +191,13 @@ def orth(X: jax.Array, r) -> jax.Array:
   return linalg.orth(X, r)
 
 
-def augment(U: jax.Array, D: jax.Array, r, *, exact: bool = True):
+def augment(U: jax.Array, D: jax.Array, r):
   """Orthonormal basis of span[U[:, :r] | D[:, :r]] inside C columns.
 
   U's r columns come first, unchanged (`linalg.extend`), then min(r, C - r)
   new orthonormal directions (the first ones of D when 2r > C, so span(U)
   is always kept); columns after are zero. Callers may then use
   U^^T U = [I; 0] without forming it.
-
-  With exact=False (and always under `linalg.implementation("lapack")`)
-  the basis is the sign-fixed Householder QR of [U | D] instead, whose
-  first block equals U only to rounding: the caller maps S with the
-  Galerkin matrix U^^T U.
 
   Args:
     U: (n, C) orthonormal active columns, zero after.
@@ -213,8 +208,6 @@ def augment(U: jax.Array, D: jax.Array, r, *, exact: bool = True):
     (n, C) basis U^ with min(2r, C) active columns, in the working dtype
     (float64 for float64 inputs, else float32).
   """
-  if not exact or linalg.current() == "lapack":
-    return linalg.householder_augment(U, D, r)
   return linalg.extend(U, D, r)
 
 

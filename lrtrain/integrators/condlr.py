@@ -16,8 +16,8 @@ kappa(W) = kappa(S) stays below 1 + tau (or exactly 1). One step:
                  S <- u diag(clip(s, mu - e, mu + e)) v^T          kappa(S) <= kappa
 
 With c = 1 / a the U, V directions are exactly the projected gradient flow
-dU = -(I - UU^T) G V S^-1 when S = sqrt(a) * orthogonal (INTEGRATORS.md
-section 0), so the stiffness of S^-1 never appears. orth(S) is the polar
+dU = -(I - UU^T) G V S^-1 when S = sqrt(a) * orthogonal (docs/design.md,
+"CondLR's step"), so the stiffness of S^-1 never appears. orth(S) is the polar
 factor (the orthogonal matrix nearest to S), which keeps ||S||_F.
 
 Factors live in fixed-capacity buffers: columns >= rank of U, V and the
@@ -168,8 +168,7 @@ def _decay_grads(params, grads, weight_decay: float):
 
 
 def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
-         kappa_tau: float = 0.1, weight_decay: float = 0.0,
-         **unused) -> base.Integrator:
+         kappa_tau: float = 0.1, weight_decay: float = 0.0) -> base.Integrator:
   """The CondLR integrator (fixed rank, conditioned cores).
 
   Args:
@@ -179,7 +178,6 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
     kappa_tau: tau in kappa = 1 + tau (the paper's kappa flag is 1.1 or 1.5).
     weight_decay: L2 decay added to the gradients of S and the non-factor
       parameters (never U, V).
-    **unused: options of other methods (ignored so configs can share keys).
 
   Returns:
     base.Integrator(init, step, resize); resize is the identity (fixed
@@ -192,7 +190,6 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
     Savostianova et al., "Robust low-rank training via approximate
     orthonormal constraints", NeurIPS 2023.
   """
-  del unused
   if variant not in VARIANTS:
     raise ValueError(f"condlr: variant must be one of {VARIANTS}, got "
                      f"{variant!r}")

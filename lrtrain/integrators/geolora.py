@@ -163,7 +163,7 @@ def _check(tau):
 def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
          tau: float = 0.1, r_min: int = 2, r_max: int = 0,
          transport: bool = True, transport_rule: str = "squares", basis_period: int = 0,
-         weight_decay: float = 0.0, **unused) -> base.Integrator:
+         weight_decay: float = 0.0) -> base.Integrator:
   """The GeoLoRA / parallel BUG integrator (one backward pass per step).
 
   Args:
@@ -177,7 +177,6 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       (`transport.Congruence.second`).
     basis_period: c > 0 runs the basis step every c + 1 steps only.
     weight_decay: L2 decay on K, L, S and non-factor params (never U, V).
-    **unused: options of other methods (ignored).
 
   Returns:
     base.Integrator(init, step, resize).
@@ -185,7 +184,6 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   Raises:
     ValueError: tau outside [0, 1).
   """
-  del unused
   _check(tau)
   tx = base.with_weight_decay(tx, weight_decay)
   kw = dict(adaptive=adaptive, tau=tau, r_min=r_min, r_max=r_max,

@@ -179,8 +179,7 @@ class KLSState(NamedTuple):
 def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
          tau: float = 0.1, r_min: int = 2, r_max: int = 0,
          transport: bool = True, transport_rule: str = "squares", weight_decay: float = 0.0,
-         kl_tx: optax.GradientTransformation | None = None,
-         **unused) -> base.Integrator:
+         kl_tx: optax.GradientTransformation | None = None) -> base.Integrator:
   """The KLS (fixed rank) or rank-adaptive BUG integrator (DLRT).
 
   Costs two forward + two backward passes per step (see module docstring).
@@ -197,7 +196,6 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       (`transport.Congruence.second`).
     weight_decay: L2 decay on S and non-factor parameters (never U, V).
     kl_tx: a separate optimizer for the K/L sub-step.
-    **unused: options of other methods (ignored so configs can share keys).
 
   Returns:
     base.Integrator(init, step, resize).
@@ -205,7 +203,6 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   Raises:
     ValueError: tau outside [0, 1).
   """
-  del unused
   if not 0.0 <= tau < 1.0:
     raise ValueError(f"kls: tau must be in [0, 1), got {tau}")
   tx_s = base.with_weight_decay(tx, weight_decay)

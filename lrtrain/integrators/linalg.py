@@ -108,6 +108,14 @@ def _project(U, X):
   return X if U is None else X - U @ (U.T @ X)
 
 
+def _cholesky(G):
+  """L and L^-1 of G = L L^T (the inverse by one triangular solve: applying
+  it as a product measured faster than a solve against the n-row block)."""
+  L = jnp.linalg.cholesky(G)
+  eye = jnp.eye(G.shape[-1], dtype=G.dtype)
+  return L, jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+
+
 def _cholesky_pass(X, mask, eps, always_shift=False):
   """One Cholesky QR pass: X = Q R with R^T R = X^T X + s I.
 
@@ -132,10 +140,7 @@ def _cholesky_pass(X, mask, eps, always_shift=False):
   shift = eps * (n + k) * scale
   if not always_shift:
     shift = jnp.where(off > 1e-2, shift, 0.0)
-  G = G + jnp.diag(shift * mask + (1.0 - mask))
-  L = jnp.linalg.cholesky(G)
-  Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(k, dtype=L.dtype),
-                                           lower=True)
+  L, Linv = _cholesky(G + jnp.diag(shift * mask + (1.0 - mask)))
   Q = (X @ Linv.T) * mask[None, :]
   d2 = jnp.where(mask > 0, jnp.square(jnp.diagonal(L)), jnp.inf)
   weak = jnp.any(d2 <= 1.1 * shift)
@@ -250,9 +255,9 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
 
 
 def _householder_extend(U, D, r):
-  """Householder QR of [U | D] (active columns gathered first), U's block
-  replaced by U itself (its QR block equals U up to rounding and signs
-  fixed to match)."""
+  """Sign-fixed Householder QR of [U | D] (active columns gathered first),
+  with U's block replaced by U itself: for an orthonormal U the QR's first
+  block is U to rounding, so the new columns are orthogonal to it."""
   n, C = U.shape
   j = jnp.arange(C)
   src = jnp.where(j < r, j, C + j - r)
@@ -260,18 +265,6 @@ def _householder_extend(U, D, r):
       2 * r, C, U.dtype)
   Uh = _householder(X, jnp.minimum(2 * r, C))
   return jnp.where((j < r)[None, :], U, Uh)
-
-
-def householder_augment(U: jax.Array, D: jax.Array, r) -> jax.Array:
-  """The LAPACK-path augmented basis: sign-fixed QR of [U | D] (the first
-  r columns are the QR's, not U pasted in)."""
-  dtype = work_dtype(U, D)
-  n, C = U.shape
-  j = jnp.arange(C)
-  src = jnp.where(j < r, j, C + j - r)
-  X = jnp.take(jnp.concatenate([U, D], axis=1).astype(dtype), src, axis=1) * \
-      column_mask(2 * r, C, dtype)
-  return _householder(X, jnp.minimum(2 * r, C))
 
 
 def gram_route(C: int, tau, dtype) -> bool:
@@ -285,7 +278,7 @@ def gram_route(C: int, tau, dtype) -> bool:
   return float(tau) ** 2 >= GRAM_TAU2 * C * eps
 
 
-def core_svd(S: jax.Array, tau=None, keep=None, route: str = "svd"):
+def core_svd(S: jax.Array, tau=None, route: str = "svd"):
   """P, sigma, Q (descending sigma) of a square core S = P diag(sigma) Q^T.
 
   Args:
@@ -293,8 +286,6 @@ def core_svd(S: jax.Array, tau=None, keep=None, route: str = "svd"):
     tau: the truncation tolerance the values will be used with (a Python
       float), or None when no tolerance rule reads them (fixed rank).
       Decides the route (`gram_route`).
-    keep: optional traced count of leading columns of P that must be
-      orthonormal (the kept rank); the others may be zero. Default: all.
     route: "svd" (LAPACK's divide-and-conquer SVD) or "eigh" (eigenvectors
       of S^T S where `gram_route` allows, else the SVD). The integrators use
       "svd": on the CPU the eigh route, with the orthonormalization of its
@@ -318,20 +309,18 @@ def core_svd(S: jax.Array, tau=None, keep=None, route: str = "svd"):
   top = jnp.take_along_axis(W, jnp.argmax(jnp.abs(W), axis=0)[None, :], axis=0)
   W = W * jnp.where(top < 0, -1.0, 1.0).astype(W.dtype)
   sigma = jnp.sqrt(jnp.maximum(lam, 0.0))
-  return left_vectors(S, W, sigma, keep), sigma, W
+  return left_vectors(S, W), sigma, W
 
 
-def left_vectors(S, Q, sigma, keep=None):
-  """Orthonormal P with P diag(sigma) ~ S Q on the first `keep` columns
-  (S Q has orthogonal columns of norms sigma; directions with sigma ~ 0 get
-  an orthonormal completion)."""
+def left_vectors(S, Q):
+  """Orthonormal P with P diag(sigma) = S Q to rounding (S Q has orthogonal
+  columns of norms sigma); directions with sigma ~ 0 get an orthonormal
+  completion (Householder)."""
+  Y = S @ Q
   C = S.shape[-1]
-  dtype = S.dtype
-  k = C if keep is None else keep
-  mask = column_mask(k, C, dtype)
-  Y = (S @ Q) * mask[None, :]
-  P, ok = _orthonormalize(None, Y, mask, dtype)
-  return lax.cond(ok, lambda: P, lambda: _householder(Y, k))
+  mask = jnp.ones((C,), S.dtype)
+  P, ok = _orthonormalize(None, Y, mask, S.dtype)
+  return lax.cond(ok, lambda: P, lambda: _householder(Y, C))
 
 
 POLISH_TOL = 32.0
@@ -361,9 +350,8 @@ def polish_basis(X: jax.Array, r):
   eye = jnp.eye(C, dtype=dtype)
 
   def do(_):
-    G = X.T @ X * mask[:, None] * mask[None, :] + jnp.diag(1.0 - mask)
-    L = jnp.linalg.cholesky(G)
-    Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+    L, Linv = _cholesky(X.T @ X * mask[:, None] * mask[None, :]
+                        + jnp.diag(1.0 - mask))
     X2 = (X @ Linv.T) * mask[None, :]
     ok = jnp.all(jnp.isfinite(X2))
     return jnp.where(ok, X2, X), jnp.where(ok, L.T, eye)

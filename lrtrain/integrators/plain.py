@@ -31,8 +31,7 @@ NAMES = ("dense", "factors", "lora", "galore")
 
 def make(tx: optax.GradientTransformation, *, method: str = "dense",
          weight_decay: float = 0.0, galore_rank: int = 32,
-         update_proj_gap: int = 200, galore_scale: float = 1.0,
-         **unused) -> base.Integrator:
+         update_proj_gap: int = 200, galore_scale: float = 1.0) -> base.Integrator:
   """A plain-optax baseline.
 
   Args:
@@ -43,7 +42,6 @@ def make(tx: optax.GradientTransformation, *, method: str = "dense",
     weight_decay: L2 decay on the leaves `base.decay_mask` allows.
     galore_rank, update_proj_gap, galore_scale: GaLore projection rank,
       projector refresh period (steps) and update scale.
-    **unused: options of other methods (ignored).
 
   Returns:
     base.Integrator(init, step, resize) with the identity resize.
@@ -51,7 +49,6 @@ def make(tx: optax.GradientTransformation, *, method: str = "dense",
   Raises:
     ValueError: unknown method.
   """
-  del unused
   if method not in NAMES:
     raise ValueError(f"plain: unknown method {method!r}; valid: {NAMES}")
   if method == "galore":

@@ -392,7 +392,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
          adapt_spatial: bool = False, transport: bool = True,
          weight_decay: float = 0.0,
          k_tx: optax.GradientTransformation | None = None,
-         rcond: float = RCOND, **unused) -> base.Integrator:
+         rcond: float = RCOND) -> base.Integrator:
   """The Tucker BUG integrator (TDLRT) for Tucker and LowRank nodes.
 
   Costs two forward + two backward passes per step, SVDs of the mode
@@ -410,7 +410,6 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       the orthonormal factors, never on K).
     k_tx: a separate optimizer for the K sub-steps.
     rcond: relative cutoff of the guarded S_i^-1.
-    **unused: options of other methods (ignored so configs can share keys).
 
   Returns:
     base.Integrator(init, step, resize).
@@ -422,7 +421,6 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     Zangrando et al., "Geometry-aware training of factorized layers in
     tensor Tucker format", NeurIPS 2024.
   """
-  del unused
   if not 0.0 <= tau < 1.0:
     raise ValueError(f"tdlrt: tau must be in [0, 1), got {tau}")
   tx_k = tx if k_tx is None else k_tx

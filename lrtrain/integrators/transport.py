@@ -10,7 +10,7 @@ matrices that map the parameter:
 
 The second-moment rule is the expected square of a mapped entry when the
 signs of the entries are independent; the rule (A sqrt(v) B^T)^2 of
-INTEGRATORS.md section 2 is available as second_rule='root' but lets
+docs/design.md ("Moment transport") is available as second_rule='root' but lets
 entries cancel under sign-mixing rotations (measured worse with Adam).
 
 so that momentum keeps pointing the same way in weight space and Adam's
@@ -26,7 +26,7 @@ Counts, schedules' step counters, and states of other shapes are untouched.
 References:
   Schotthoefer et al., "GeoLoRA: Geometric integration for parameter
   efficient fine-tuning", ICLR 2025 (no transport in their code; section 2
-  of INTEGRATORS.md derives the rule used here).
+  of docs/design.md derives the rule used here).
 """
 
 from __future__ import annotations
