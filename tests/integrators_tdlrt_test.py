@@ -294,8 +294,9 @@ def test_resize_buckets_and_state():
 
 def test_registry():
   from lrtrain import integrators
-  integ = integrators.build("tdlrt", optax.sgd(0.1), tau=0.1,
-                            variant="mean")
+  integ = integrators.build("tdlrt", optax.sgd(0.1), tau=0.1)
   assert isinstance(integ, base.Integrator)
+  with pytest.raises(ValueError, match="unknown option"):
+    integrators.build("tdlrt", optax.sgd(0.1), tau=0.1, variant="mean")
   with pytest.raises(ValueError):
     tdlrt.make(optax.sgd(0.1), tau=1.5)
