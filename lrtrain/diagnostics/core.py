@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrtrain import factorizations as fz
+from lrtrain import lapack
 from lrtrain.diagnostics import heavy_tail as ht
 from lrtrain.diagnostics import intruders as intr
 from lrtrain.diagnostics import spectral as sp
@@ -249,7 +250,7 @@ class Diagnostics:
     """Top singular values and left vectors of the merged W0 + update."""
     n, m = x.shape
     if min(n, m) <= self.dense_svd_limit:
-      U, s, _ = jnp.linalg.svd(fz.materialize(x), full_matrices=False)
+      U, s, _ = lapack.svd(fz.materialize(x), full_matrices=False)
       kk = min(self.top_k, s.shape[0])
       return s[:kk], U[:, :kk]
     Qb, K, Qa = sp.lora_core(x) if isinstance(x, Lora) else sp.lowrank_core(x)

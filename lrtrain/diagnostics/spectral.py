@@ -28,6 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lrtrain import lapack
 from lrtrain.factorizations import Lora, LowRank, Tucker, tucker as tucker_lib
 
 
@@ -83,15 +84,15 @@ def active_mask(length: int, rank) -> jax.Array:
 
 
 def _qr(x: jax.Array):
-  return jnp.linalg.qr(x, mode="reduced")
+  return lapack.qr(x, mode="reduced")
 
 
 def dense_spectrum(W: jax.Array, vectors: bool):
   """s (p,) of an (n, m) matrix and, if asked, its left vectors (n, p)."""
   if vectors:
-    U, s, _ = jnp.linalg.svd(W, full_matrices=False)
+    U, s, _ = lapack.svd(W, full_matrices=False)
     return s, U
-  return jnp.linalg.svd(W, compute_uv=False), None
+  return lapack.svd(W, compute_uv=False), None
 
 
 def lowrank_core(f: LowRank):
@@ -109,14 +110,14 @@ def lowrank_spectrum(f: LowRank, vectors: bool):
   Qu, M, _ = lowrank_core(f)
   active = active_mask(f.capacity, f.rank)
   if vectors:
-    P, s, _ = jnp.linalg.svd(M)
+    P, s, _ = lapack.svd(M)
     return s, active, Qu @ P
-  return jnp.linalg.svd(M, compute_uv=False), active, None
+  return lapack.svd(M, compute_uv=False), active, None
 
 
 def kappa_S_log10(f: LowRank) -> jax.Array:
   """log10 kappa of the active (r, r) block of S (CondLR's constraint)."""
-  s = jnp.linalg.svd(f.S, compute_uv=False)
+  s = lapack.svd(f.S, compute_uv=False)
   active = active_mask(f.capacity, f.rank)
   return jnp.log10(s[0]) - jnp.log10(jnp.min(jnp.where(active, s, jnp.inf)))
 
@@ -130,7 +131,7 @@ def lora_core(f: Lora):
 
 def lora_spectrum(f: Lora) -> jax.Array:
   """Singular values (r,) of the update scale * B A by the QR trick."""
-  return jnp.linalg.svd(lora_core(f)[1], compute_uv=False)
+  return lapack.svd(lora_core(f)[1], compute_uv=False)
 
 
 def tucker_small_core(f: Tucker):
@@ -154,14 +155,14 @@ def tucker_spectra(f: Tucker, vectors: bool):
   Qs, core = tucker_small_core(f)
   modes = []
   for i, d in enumerate(f.shape):
-    si = jnp.linalg.svd(tucker_lib.unfold(core, i), compute_uv=False)
+    si = lapack.svd(tucker_lib.unfold(core, i), compute_uv=False)
     modes.append(jnp.zeros((d,), si.dtype).at[:min(d, si.shape[0])].set(si[:d]))
   X1 = tucker_lib.unfold(core, 0)
   active = active_mask(min(X1.shape), f.ranks[0])
   if vectors:
-    P, s, _ = jnp.linalg.svd(X1, full_matrices=False)
+    P, s, _ = lapack.svd(X1, full_matrices=False)
     return s, active, Qs[0] @ P, modes
-  s = jnp.linalg.svd(X1, compute_uv=False)
+  s = lapack.svd(X1, compute_uv=False)
   return s, active, None, modes
 
 
@@ -191,7 +192,7 @@ def adapter_top_left(W0: jax.Array, Qb: jax.Array, K: jax.Array, Qa: jax.Array,
   Q = _qr(jnp.concatenate([seed, Qb], axis=1))[0]
   for _ in range(power_iters):
     Q = _qr(mv(_qr(rmv(Q))[0]))[0]
-  Ub, s, _ = jnp.linalg.svd(rmv(Q).T, full_matrices=False)
+  Ub, s, _ = lapack.svd(rmv(Q).T, full_matrices=False)
   kk = min(k, s.shape[0])
   return s[:kk], Q @ Ub[:, :kk]
 
@@ -212,7 +213,7 @@ def subspace_similarity(X: jax.Array, xmask: jax.Array, Y: jax.Array,
   G = Xk.T @ Yk
   denom = jnp.minimum(jnp.sum(xmask[:kx]), jnp.sum(ymask[:ky]))
   phi = jnp.sum(G * G) / denom
-  cos = jnp.linalg.svd(G, compute_uv=False)
+  cos = lapack.svd(G, compute_uv=False)
   cos = jnp.clip(cos, 0.0, 1.0)
   out = jnp.full((k,), jnp.nan, cos.dtype).at[:cos.shape[0]].set(cos)
   # Angles exist only between active directions.

@@ -24,6 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lrtrain import lapack
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,7 @@ def column_mask(rank: jax.Array, capacity: int, dtype=jnp.float32) -> jax.Array:
 
 def random_orthonormal(key: jax.Array, n: int, r: int, dtype=jnp.float32):
   """(n, r) matrix with orthonormal columns (QR of a Gaussian, sign-fixed)."""
-  q, rr = jnp.linalg.qr(jax.random.normal(key, (n, r), jnp.float32))
+  q, rr = lapack.qr(jax.random.normal(key, (n, r), jnp.float32))
   q = q * jnp.sign(jnp.diagonal(rr))[None, :]
   return q.astype(dtype)
 
@@ -146,7 +148,7 @@ def from_dense(W: jax.Array, rank: int, *, capacity: int | None = None,
                      f"shape {W.shape}")
   n, m = W.shape
   capacity = _check_rank(n, m, rank, capacity)
-  u, s, vt = jnp.linalg.svd(W.astype(jnp.float32), full_matrices=False)
+  u, s, vt = lapack.svd(W.astype(jnp.float32), full_matrices=False)
   k = min(capacity, s.shape[0])
   mask = column_mask(rank, capacity)
   U = jnp.zeros((n, capacity)).at[:, :k].set(u[:, :k]) * mask

@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from lrtrain import lapack
 from lrtrain.factorizations import conv as conv_lib
 from lrtrain.factorizations.lowrank import column_mask, random_orthonormal
 
@@ -113,7 +114,7 @@ def from_dense(kernel: jax.Array, ranks: Sequence[int], *,
   r = jnp.asarray(ranks, jnp.int32)
   Us = []
   for i, c in enumerate(capacities):
-    u = jnp.linalg.svd(unfold(C, i), full_matrices=False)[0]
+    u = lapack.svd(unfold(C, i), full_matrices=False)[0]
     k = min(c, u.shape[1])
     U = jnp.zeros((C.shape[i], c)).at[:, :k].set(u[:, :k])
     Us.append(U * column_mask(r[i], c))

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from lrtrain import factorizations as fz
+from lrtrain import lapack
 from lrtrain.integrators import base
 
 VARIANTS = ("mean", "approx_orth")
@@ -95,7 +96,7 @@ def _masked_svd(S: jax.Array, rank):
   m = base.column_mask(rank, C)
   Sa = S.astype(jnp.float32) * m[:, None] * m[None, :] + jnp.diag(
       (1.0 - m) * _INACTIVE)
-  return jnp.linalg.svd(Sa), m
+  return lapack.svd(Sa), m
 
 
 def grad_scale(S: jax.Array, rank, variant: str) -> jax.Array:
@@ -120,7 +121,7 @@ def grad_scale(S: jax.Array, rank, variant: str) -> jax.Array:
   # step-size factor depends on them, so the squaring's loss of relative
   # accuracy in tiny values does not matter.
   C = S.shape[-1]
-  ev = jnp.maximum(jnp.linalg.eigvalsh(S32.T @ S32), 0.0)
+  ev = jnp.maximum(lapack.eigvalsh(S32.T @ S32), 0.0)
   big = ev[-1]
   small = ev[C - jnp.clip(rank, 1, C)]
   return jnp.where(big > 0, small / jnp.where(big > 0, big, 1.0), 1.0)

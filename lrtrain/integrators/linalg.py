@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lrtrain import lapack
+
 IMPLS = ("matmul", "lapack")
 MAX_PASSES = 5
 GRAM_TAU2 = 64.0
@@ -111,9 +113,9 @@ def _project(U, X):
 def _cholesky(G):
   """L and L^-1 of G = L L^T (the inverse by one triangular solve: applying
   it as a product measured faster than a solve against the n-row block)."""
-  L = jnp.linalg.cholesky(G)
+  L = lapack.cholesky(G)
   eye = jnp.eye(G.shape[-1], dtype=G.dtype)
-  return L, jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+  return L, lapack.solve_triangular(L, eye, lower=True)
 
 
 def _cholesky_pass(X, mask, eps, always_shift=False):
@@ -187,7 +189,7 @@ def _orthonormalize(U, X, mask, dtype):
 
 def _householder(X, r):
   """Sign-fixed Householder QR basis of the first r columns of X."""
-  Q, R = jnp.linalg.qr(X)
+  Q, R = lapack.qr(X)
   d = jnp.sign(jnp.diagonal(R))
   d = jnp.where(d == 0, 1.0, d)
   return Q * d[None, :] * column_mask(r, X.shape[-1], X.dtype)
@@ -300,9 +302,9 @@ def core_svd(S: jax.Array, tau=None, route: str = "svd"):
   S = S.astype(dtype)
   C = S.shape[-1]
   if route != "eigh" or not gram_route(C, tau, dtype):
-    P, sigma, Qt = jnp.linalg.svd(S)
+    P, sigma, Qt = lapack.svd(S)
     return P, sigma, Qt.T
-  lam, W = jnp.linalg.eigh(S.T @ S)
+  lam, W = lapack.eigh(S.T @ S)
   lam, W = lam[::-1], W[:, ::-1]
   # Eigenvectors have arbitrary signs, which rounding differences (a fused
   # vs an unfused Gram product) flip: fix the largest entry positive.
