@@ -132,10 +132,15 @@ class Diagnostics:
     self._ref_shapes = {}
     if params is None:
       return {}
-    mats = {}
-    for name, x in find_layers(params):
-      if patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns):
-        mats[name] = jnp.asarray(_as_matrix(name, x), jnp.float32)
+    chosen = [(name, x) for name, x in find_layers(params)
+              if patterns is None
+              or any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    names = [name for name, _ in chosen]
+    # One program for every layer's matrix (op by op, a Tucker layer's mode
+    # products compiled one small program each).
+    as_matrices = jax.jit(lambda xs: [
+        jnp.asarray(_as_matrix(n, x), jnp.float32) for n, x in zip(names, xs)])
+    mats = dict(zip(names, as_matrices([x for _, x in chosen])))
     groups = defaultdict(list)
     for name, W in mats.items():
       groups[W.shape].append(name)
