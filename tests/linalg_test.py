@@ -211,3 +211,40 @@ def test_float64_stays_float64():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def _counting_branches():
+  calls = {"true": 0, "false": 0}
+
+  def branch(name, sign):
+    def fn(x):
+      jax.debug.callback(lambda: calls.__setitem__(name, calls[name] + 1))
+      return sign * x
+    return fn
+
+  return calls, branch("true", 1.0), branch("false", -1.0)
+
+
+@pytest.mark.parametrize("preds, runs", [
+    ((True, True, True), {"true": True, "false": False}),
+    ((False, False, False), {"true": False, "false": True}),
+    ((True, False, True), {"true": True, "false": True}),
+])
+def test_cond_under_vmap_runs_a_branch_once_per_batch(preds, runs):
+  """Batched predicate: one vmapped branch when all agree, both (and a
+  select) only when they differ; values as lax.cond per element."""
+  calls, t, f = _counting_branches()
+  pred = jnp.asarray(preds)
+  x = jnp.arange(6.0).reshape(3, 2) + 1.0
+  got = jax.jit(jax.vmap(lambda p, x: linalg.cond(p, t, f, x)))(pred, x)
+  jax.effects_barrier()
+  want = jnp.where(pred[:, None], x, -x)
+  np.testing.assert_array_equal(got, want)
+  assert {k: v > 0 for k, v in calls.items()} == runs   # which branches ran
+  # unbatched predicate, batched operand; and outside vmap
+  calls.update(true=0, false=0)
+  got = jax.jit(jax.vmap(lambda x: linalg.cond(True, t, f, x)))(x)
+  jax.effects_barrier()
+  np.testing.assert_array_equal(got, x)
+  assert calls["true"] > 0 and calls["false"] == 0
+  np.testing.assert_array_equal(jax.jit(lambda x: linalg.cond(False, t, f, x))(x), -x)

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.extend import core as jcore
 
 from lrtrain import factorizations as fz
 from lrtrain import lapack
@@ -284,7 +285,7 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
     return jnp.diag(inv), top
 
   is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
-  Sinv, top = jax.lax.cond(is_diag, diagonal, general, S)
+  Sinv, top = linalg.cond(is_diag, diagonal, general, S)
   return jnp.where(top > 0, Sinv, jnp.diag(column_mask(r, C, S.dtype)))
 
 
@@ -304,8 +305,9 @@ def times_core(X: jax.Array, S: jax.Array) -> jax.Array:
   """X @ S, as a column scaling when S is diagonal (what every truncation
   leaves): n C instead of n C^2 work (lax.cond on the check)."""
   is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
-  return jax.lax.cond(is_diag, lambda: X * jnp.diagonal(S)[None, :].astype(X.dtype),
-                      lambda: X @ S.astype(X.dtype))
+  return linalg.cond(is_diag,
+                     lambda X, S: X * jnp.diagonal(S)[None, :].astype(X.dtype),
+                     lambda X, S: X @ S.astype(X.dtype), X, S)
 
 
 def _is_lowrank(x) -> bool:
@@ -357,5 +359,14 @@ def at_active_width(fn, params: Params):
   if not static_ok:
     return fn(params)
   like = jax.eval_shape(fn, params)
-  return jax.lax.cond(ok, lambda: pad_to(fn(half_width(params)), like),
-                      lambda: fn(params))
+  half = jax.make_jaxpr(lambda p: pad_to(fn(half_width(p)), like))(params)
+  full = jax.make_jaxpr(fn)(params)
+  # fn's closure (a batch, possibly vmapped with the params) becomes
+  # explicit operands: the branch then stays one under jax.vmap
+  # (linalg.cond).
+  def branch(closed, i):
+    return lambda consts, leaves: jcore.jaxpr_as_fun(
+        jcore.ClosedJaxpr(closed.jaxpr, consts[i]))(*leaves)
+  out = linalg.cond(ok, branch(half, 0), branch(full, 1),
+                    (half.consts, full.consts), jax.tree.leaves(params))
+  return jax.tree.unflatten(jax.tree.structure(like), out)

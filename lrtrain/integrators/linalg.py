@@ -93,6 +93,45 @@ def column_mask(r, C: int, dtype=jnp.float32) -> jax.Array:
   return (jnp.arange(C) < r).astype(dtype)
 
 
+def cond(pred, true_fn, false_fn, *operands):
+  """lax.cond(pred, true_fn, false_fn, *operands) that stays a branch under
+  jax.vmap with a batched `pred`.
+
+  vmap turns lax.cond with a batched predicate into both branches and a
+  select; for a fallback taken once in thousands of steps (or a pass run
+  only when rounding has drifted) that doubles the vmapped step. Here the
+  vmapped form runs one branch for the whole batch when every element
+  agrees, and both with a select only when they differ. The branches must
+  take everything batched as `operands` (closed-over values must not be
+  vmapped: jax rejects them).
+  """
+
+  @jax.custom_batching.custom_vmap
+  def branch(pred, *ops):
+    return lax.cond(pred, true_fn, false_fn, *ops)
+
+  @branch.def_vmap
+  def rule(axis_size, in_batched, pred, *ops):
+    ops = jax.tree.map(
+        lambda x, b: x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x)),
+        ops, tuple(in_batched[1:]))
+    on_all_true = lambda *o: jax.vmap(true_fn)(*o)
+    on_all_false = lambda *o: jax.vmap(false_fn)(*o)
+    if not in_batched[0]:
+      out = lax.cond(pred, on_all_true, on_all_false, *ops)
+    else:
+      def mixed(*o):
+        return jax.tree.map(
+            lambda a, b: jnp.where(
+                jnp.reshape(pred, pred.shape + (1,) * (a.ndim - 1)), a, b),
+            on_all_true(*o), on_all_false(*o))
+      some = lambda *o: lax.cond(jnp.any(pred), mixed, on_all_false, *o)
+      out = lax.cond(jnp.all(pred), on_all_true, some, *ops)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return branch(pred, *operands)
+
+
 def walsh(n: int, k: int, dtype) -> jax.Array:
   """(n, k) columns of a Walsh-Hadamard matrix (columns 1..k), unit norm.
 
@@ -183,8 +222,9 @@ def _orthonormalize(U, X, mask, dtype):
   eps = jnp.finfo(dtype).eps
   X = X * mask[None, :]
   Q1, _, weak = _cholesky_pass(_project(U, X), mask, eps, always_shift=True)
-  return lax.cond(weak, lambda _: (Q1, jnp.asarray(False)),
-                  lambda _: _more_passes(U, Q1, mask, eps, MAX_PASSES), None)
+  return cond(weak, lambda U, Q1, mask: (Q1, jnp.asarray(False)),
+              lambda U, Q1, mask: _more_passes(U, Q1, mask, eps, MAX_PASSES),
+              U, Q1, mask)
 
 
 def _householder(X, r):
@@ -209,7 +249,8 @@ def orth(X: jax.Array, r) -> jax.Array:
     return _householder(X, r)
   mask = column_mask(r, C, dtype)
   Q, ok = _orthonormalize(None, X * mask[None, :], mask, dtype)
-  return lax.cond(ok, lambda: Q, lambda: _householder(X * mask[None, :], r))
+  return cond(ok, lambda Q, X, r: Q, lambda Q, X, r: _householder(X, r),
+              Q, X * mask[None, :], r)
 
 
 def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
@@ -242,15 +283,18 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
   if H >= 1 and C - H == H:
     # U's active columns fit in its first half when r <= C / 2 (what
     # `resize` keeps): the projections then cost half.
-    Q, ok = lax.cond(r <= H, lambda: _orthonormalize(U[:, :H], Dh, mask, dtype),
-                     lambda: _orthonormalize(U, Dh, mask, dtype))
+    Q, ok = cond(r <= H,
+                 lambda U, Dh, mask: _orthonormalize(U[:, :H], Dh, mask, dtype),
+                 lambda U, Dh, mask: _orthonormalize(U, Dh, mask, dtype),
+                 U, Dh, mask)
   else:
     Q, ok = _orthonormalize(U, Dh, mask, dtype)
   Q = jnp.pad(Q, ((0, 0), (0, C - H)))
   # Move the new block behind U's r columns.
   shifted = jnp.roll(Q, r, axis=1)
   Uh = U + shifted
-  Uh = lax.cond(ok, lambda: Uh, lambda: _householder_extend(U, D, r))
+  Uh = cond(ok, lambda Uh, U, D, r: Uh,
+            lambda Uh, U, D, r: _householder_extend(U, D, r), Uh, U, D, r)
   if with_block:
     return Uh, jnp.roll(Uh, -r, axis=1)[:, :H]
   return Uh
@@ -322,7 +366,7 @@ def left_vectors(S, Q):
   C = S.shape[-1]
   mask = jnp.ones((C,), S.dtype)
   P, ok = _orthonormalize(None, Y, mask, S.dtype)
-  return lax.cond(ok, lambda: P, lambda: _householder(Y, C))
+  return cond(ok, lambda P, Y: P, lambda P, Y: _householder(Y, C), P, Y)
 
 
 POLISH_TOL = 32.0
@@ -351,7 +395,7 @@ def polish_basis(X: jax.Array, r):
   mask = column_mask(r, C, dtype)
   eye = jnp.eye(C, dtype=dtype)
 
-  def do(_):
+  def do(X, mask):
     L, Linv = _cholesky(X.T @ X * mask[:, None] * mask[None, :]
                         + jnp.diag(1.0 - mask))
     X2 = (X @ Linv.T) * mask[None, :]
@@ -359,7 +403,7 @@ def polish_basis(X: jax.Array, r):
     return jnp.where(ok, X2, X), jnp.where(ok, L.T, eye)
 
   need = defect_estimate(X, r) > POLISH_TOL * eps
-  return lax.cond(need, do, lambda _: (X, eye), None)
+  return cond(need, do, lambda X, mask: (X, eye), X, mask)
 
 
 def polish(U: jax.Array, S: jax.Array, V: jax.Array, r):
