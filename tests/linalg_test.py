@@ -248,3 +248,17 @@ def test_cond_under_vmap_runs_a_branch_once_per_batch(preds, runs):
   np.testing.assert_array_equal(got, x)
   assert calls["true"] > 0 and calls["false"] == 0
   np.testing.assert_array_equal(jax.jit(lambda x: linalg.cond(False, t, f, x))(x), -x)
+
+
+def test_fresh_wide_basis_is_not_repolished():
+  """A basis orthonormal to working precision (Householder, 1024 x 512)
+  passes the defect check: no pass, no triangular core, every step."""
+  n, C = 1024, 512
+  X = jax.jit(lambda k: linalg.orth(jax.random.normal(k, (n, C)), C))(
+      jax.random.PRNGKey(3))
+  X2, R = jax.jit(lambda X: linalg.polish_basis(X, C))(X)
+  assert bool(jnp.all(X2 == X)) and bool(jnp.all(R == jnp.eye(C)))
+  # ... while a drifted one is polished.
+  Xd = X * (1.0 + 1e-4)
+  _, R = jax.jit(lambda X: linalg.polish_basis(X, C))(Xd)
+  assert not bool(jnp.all(R == jnp.eye(C)))

@@ -25,10 +25,12 @@ Robustness, all decided inside the jitted program:
     `MAX_PASSES`), and the last one, on a nearly orthonormal input, is
     unshifted;
   * a rank-deficient new block (rank >= batch, a zero gradient), which the
-    first pass finds as a column with nothing left above the shift, or
-    passes that do not converge, go to Householder QR of [U | D] instead
-    (lax.cond: it costs nothing when not taken), whose completions of the
-    missing directions are orthonormal and orthogonal to U.
+    first pass finds as a column with nothing left above the shift, is
+    Householder-QR'd after its projection off U (n x k, a quarter of the
+    QR of [U | D]) and the passes project the completions off U; where
+    that does not converge (a completion inside span(U)), Householder QR
+    of [U | D] runs instead. Both are branches (`cond`): they cost nothing
+    when not taken.
 
 Precision: float64 inputs are factorized in float64, everything else in
 float32.
@@ -49,6 +51,7 @@ O(u kappa ||S||) with kappa = sigma_1 / sigma_r (tests check the bound).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import jax
@@ -215,16 +218,26 @@ def _orthonormalize(U, X, mask, dtype):
 
   A full-rank X (condition up to ~1e4) needs two or three passes, and Q is
   then the Cholesky QR factor of X's projection, equal to Householder's to
-  rounding. Returns (Q, ok); ok is False for a numerically rank-deficient
-  X (found by the first pass) or passes that did not converge, and the
-  caller then runs Householder QR.
+  rounding.
+
+  A numerically rank-deficient X (found by the first pass: rank >= batch, a
+  zero gradient) is Householder-QR'd instead, after projection: the n x k
+  QR spans X's directions off U and completes them with orthonormal
+  columns, and the passes then project those off U too. Returns (Q, ok);
+  ok is False where the passes did not converge (a completion inside
+  span(U)), and the caller then runs Householder QR of [U | X].
   """
   eps = jnp.finfo(dtype).eps
-  X = X * mask[None, :]
-  Q1, _, weak = _cholesky_pass(_project(U, X), mask, eps, always_shift=True)
-  return cond(weak, lambda U, Q1, mask: (Q1, jnp.asarray(False)),
-              lambda U, Q1, mask: _more_passes(U, Q1, mask, eps, MAX_PASSES),
-              U, Q1, mask)
+  X = _project(U, X * mask[None, :])
+  Q1, _, weak = _cholesky_pass(X, mask, eps, always_shift=True)
+
+  def deficient(U, Q1, X, mask):
+    k = jnp.sum(mask).astype(jnp.int32)
+    return _more_passes(U, _householder(X, k), mask, eps, MAX_PASSES)
+
+  return cond(weak, deficient,
+              lambda U, Q1, X, mask: _more_passes(U, Q1, mask, eps, MAX_PASSES),
+              U, Q1, X, mask)
 
 
 def _householder(X, r):
@@ -372,6 +385,15 @@ def left_vectors(S, Q):
 POLISH_TOL = 32.0
 
 
+def polish_tolerance(C: int, dtype) -> float:
+  """The defect (row norm of X^T X - I) above which `polish_basis` runs a
+  pass: POLISH_TOL u, times sqrt(C / 16) beyond 16 columns. A freshly
+  orthonormalized basis of C columns already has a row defect of a few
+  sqrt(C) u; a fixed threshold re-polished such bases every step (at
+  C = 512, a pass per basis and step, and a triangular core after it)."""
+  return POLISH_TOL * float(jnp.finfo(dtype).eps) * max(1.0, math.sqrt(C / 16))
+
+
 def defect_estimate(X: jax.Array, r) -> jax.Array:
   """About max_i ||(X^T X - I)[i, :]|| on the first r columns, from two
   products with fixed probe vectors (2 n C flops each, no Gram matrix)."""
@@ -385,13 +407,12 @@ def defect_estimate(X: jax.Array, r) -> jax.Array:
 def polish_basis(X: jax.Array, r):
   """(X', R) with X = X' R, X' orthonormal on its first r columns: a
   Cholesky QR pass when rounding has drifted X (`defect_estimate` above
-  POLISH_TOL * u), else (X, I). The check costs two matrix-vector
+  `polish_tolerance`), else (X, I). The check costs two matrix-vector
   products; the pass runs (lax.cond) only when needed, which in float32 is
   every few tens of steps."""
   dtype = work_dtype(X)
   X = X.astype(dtype)
   C = X.shape[-1]
-  eps = jnp.finfo(dtype).eps
   mask = column_mask(r, C, dtype)
   eye = jnp.eye(C, dtype=dtype)
 
@@ -402,7 +423,7 @@ def polish_basis(X: jax.Array, r):
     ok = jnp.all(jnp.isfinite(X2))
     return jnp.where(ok, X2, X), jnp.where(ok, L.T, eye)
 
-  need = defect_estimate(X, r) > POLISH_TOL * eps
+  need = defect_estimate(X, r) > polish_tolerance(C, dtype)
   return cond(need, do, lambda X, mask: (X, eye), X, mask)
 
 
@@ -412,9 +433,9 @@ def polish(U: jax.Array, S: jax.Array, V: jax.Array, r):
 
   Steps that keep an orthonormal U as the first block of the next basis
   accumulate its rounding errors; this bounds them at about
-  POLISH_TOL * u (`polish_basis`). S' is triangular rather than diagonal
+  `polish_tolerance` (`polish_basis`). S' is triangular rather than diagonal
   for the one step after a pass; optimizer moments are not mapped by R
-  (the identity to POLISH_TOL * u).
+  (the identity to that tolerance).
 
   Returns:
     (U', S', V') in the working dtype.
