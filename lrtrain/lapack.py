@@ -49,7 +49,8 @@ def _unbatched(name: str, core_ndims: tuple, **static) -> Callable:
 
   @jax.custom_batching.custom_vmap
   def call(*args):
-    lead = args[0].shape[:args[0].ndim - core_ndims[0]]
+    lead = jnp.broadcast_shapes(*[a.shape[:a.ndim - k]
+                                  for a, k in zip(args, core_ndims)])
     if not lead or not _on_cpu():
       return fn(*args)
     batch = 1

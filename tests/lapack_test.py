@@ -88,3 +88,17 @@ def test_every_factorization_in_the_package_goes_through_lapack():
                for i, line in enumerate(p.read_text().splitlines())
                if pattern.search(line)]
   assert not offenders, offenders
+
+
+def test_solve_triangular_broadcasts_a_single_factor():
+  """A 2-D factor against a stack of right-hand sides (leading axes on b
+  only) is still solved one matrix at a time."""
+  L = jnp.linalg.cholesky(_spd(_x((5, 5))))
+  B = _x((3, 5, 4), 1)
+  got = jax.jit(lambda b: lapack.solve_triangular(L, b, lower=True))(B)
+  np.testing.assert_allclose(L @ got, B, atol=1e-4)
+  hlo = jax.jit(lambda b: lapack.solve_triangular(L, b, lower=True)).lower(B).as_text()
+  calls = re.findall(r"stablehlo.custom_call @(\w+).*?\((tensor<[^>]*>)", hlo)
+  assert calls, "no custom calls found: the check would be vacuous"
+  for _, operand in calls:
+    assert len(operand[len("tensor<"):].split("x")[:-1]) == 2, operand

@@ -358,9 +358,8 @@ def at_active_width(fn, params: Params):
   static_ok, ok = fits_half(params)
   if not static_ok:
     return fn(params)
-  like = jax.eval_shape(fn, params)
+  full, like = jax.make_jaxpr(fn, return_shape=True)(params)
   half = jax.make_jaxpr(lambda p: pad_to(fn(half_width(p)), like))(params)
-  full = jax.make_jaxpr(fn)(params)
   # fn's closure (a batch, possibly vmapped with the params) becomes
   # explicit operands: the branch then stays one under jax.vmap
   # (linalg.cond).
