@@ -56,8 +56,25 @@ def entry():
   try:
     app.run(main)
   except (ValueError, TypeError, AttributeError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    # ml_collections reports an unknown field of an override as a KeyError
+    # (wrapped in an AttributeError by the flag parser).
+    missing = e if isinstance(e, KeyError) else (
+        e.args[0] if e.args and isinstance(e.args[0], KeyError) else None)
+    print(f"error: {_unknown_field(missing) if missing else e}", file=sys.stderr)
     sys.exit(1)
+
+
+def _unknown_field(e: KeyError) -> str:
+  """The --config.<path> override that named a field the config lacks."""
+  text = str(e.args[0]) if e.args else str(e)
+  key, _, hint = text.partition("\n")       # ml_collections may add a
+  key = key.strip("'\"")                      # "Did you mean" line
+  flags_given = [a.split("=", 1)[0] for a in sys.argv[1:]
+                 if a.startswith("--config.")]
+  named = [f for f in flags_given if key in f[len("--config."):].split(".")]
+  where = named[0] if named else "a --config.<field> override"
+  hint = hint.strip() or "Check the spelling against the config file."
+  return f"{where}: the config has no field {key!r}. {hint}"
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def test_unknown_override_field_cli(tmp_path):
            "--config.model.factor.rnak=4")
   assert r.returncode != 0
   assert "rnak" in r.stderr and len(error_lines(r.stderr)) == 1
+  assert error_lines(r.stderr)[0].startswith("error: --config.model.factor.rnak:")
   assert not os.listdir(tmp_path)
 
 
