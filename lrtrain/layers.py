@@ -30,13 +30,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lrtrain import draws
 from lrtrain import factorizations as fz
 from lrtrain.factorizations import conv as conv_lib
 from lrtrain.factorizations import lora, lowrank, tucker
 
 KINDS = ("dense", "lowrank", "lora", "tucker")
 INITS = ("random", "flat", "svd")
-_dense_init = nn.initializers.lecun_normal()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +119,7 @@ def matrix_node(key: jax.Array, spec: FactorSpec, n: int, m: int, *, name: str,
   fan_in = m if fan_in is None else fan_in
   kd, kf = jax.random.split(key)
   # Dense lecun_normal draw in (out, in) orientation, std 1 / sqrt(fan_in).
-  W = (jax.random.truncated_normal(kd, -2.0, 2.0, (n, m), jnp.float32)
-       / (0.87962566103423978 * math.sqrt(fan_in))).astype(dtype)
+  W = draws.lecun_normal(kd, (n, m), dtype, fan_in=fan_in)
   if spec.kind == "lora":
     alpha = spec.alpha if spec.alpha > 0 else None
     return lora.init(kf, W, spec.rank, alpha=alpha,
@@ -157,7 +156,7 @@ class Dense(nn.Module):
     m, n = x.shape[-1], self.features
     spec = self.factor
     if spec is None or spec.kind == "dense":
-      kernel = self.param("kernel", _dense_init, (m, n), self.dtype)
+      kernel = self.param("kernel", draws.lecun_normal, (m, n), self.dtype)
       y = x @ kernel
     else:
       if spec.kind == "tucker":
@@ -224,7 +223,7 @@ class Conv(nn.Module):
     name = _layer_name(self)
     fan_in = kh * kw * c_in
     if spec is None or spec.kind == "dense":
-      kernel = self.param("kernel", _dense_init, (kh, kw, c_in, c_out), self.dtype)
+      kernel = self.param("kernel", draws.lecun_normal, (kh, kw, c_in, c_out), self.dtype)
       y = conv_lib.conv2d(x, kernel, strides, padding, self.impl)
     elif spec.kind == "tucker":
       kernel = _factor_param(self, lambda k: _tucker_node(
@@ -271,7 +270,7 @@ def _tucker_node(key, spec: FactorSpec, c_out: int, c_in: int, kh: int, kw: int,
   ranks = (r_out, r_in, kh, kw)
   kd, kf = jax.random.split(key)
   if spec.init == "svd":
-    W = _dense_init(kd, (kh, kw, c_in, c_out), jnp.float32)
+    W = draws.lecun_normal(kd, (kh, kw, c_in, c_out), jnp.float32)
     return tucker.from_dense(W, ranks)
   node = tucker.init(kf, c_out, c_in, kh, kw, ranks, dtype=dtype)
   # Rescale the core so ||C||_F^2 equals the dense init's expectation

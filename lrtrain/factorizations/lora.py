@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lrtrain import draws
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,7 @@ def init(key: jax.Array, W0: jax.Array, rank: int, *, alpha: float | None = None
                      f"[1, {min(n, m)}] for a ({n}, {m}) weight")
   alpha = float(rank) if alpha is None else float(alpha)
   # Kaiming-uniform-like bound 1/sqrt(m) on A, as in the reference LoRA.
-  A = jax.random.uniform(key, (rank, m), jnp.float32, -1.0, 1.0) / math.sqrt(m)
+  A = draws.uniform(key, (rank, m), jnp.float32, -1.0, 1.0) / math.sqrt(m)
   B = jnp.zeros((n, rank), W0.dtype)
   scale = jnp.asarray(lora_scale(alpha, rank, rank_stabilised), W0.dtype)
   return Lora(W0, A.astype(W0.dtype), B, scale)

@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lrtrain import lapack
+from lrtrain import draws, lapack
 
 
 @jax.tree_util.register_dataclass
@@ -82,7 +82,7 @@ def column_mask(rank: jax.Array, capacity: int, dtype=jnp.float32) -> jax.Array:
 
 def random_orthonormal(key: jax.Array, n: int, r: int, dtype=jnp.float32):
   """(n, r) matrix with orthonormal columns (QR of a Gaussian, sign-fixed)."""
-  q, rr = lapack.qr(jax.random.normal(key, (n, r), jnp.float32))
+  q, rr = lapack.qr(draws.normal(key, (n, r)))
   q = q * jnp.sign(jnp.diagonal(rr))[None, :]
   return q.astype(dtype)
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from lrtrain import lapack
+from lrtrain import draws, lapack
 from lrtrain.factorizations import conv as conv_lib
 from lrtrain.factorizations.lowrank import column_mask, random_orthonormal
 
@@ -92,7 +92,7 @@ def init(key: jax.Array, c_out: int, c_in: int, kh: int, kw: int,
   Us = [random_orthonormal(k, d, c) * column_mask(ranks[i], c)
         for i, (k, d, c) in enumerate(zip(keys[:4], shape, capacities))]
   fan_in = c_in * kh * kw
-  core = jax.random.normal(keys[4], capacities) * (fan_in / max(
+  core = draws.normal(keys[4], capacities) * (fan_in / max(
       1, capacities[1] * capacities[2] * capacities[3])) ** 0.5 / fan_in ** 0.5
   core = core * core_mask(ranks, capacities)
   return Tucker(core.astype(dtype), *(u.astype(dtype) for u in Us), ranks)

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lrtrain import draws
 from lrtrain.layers import Dense
 
 
@@ -114,7 +115,10 @@ class Transformer(nn.Module):
     if self.is_lm:
       if x.ndim != 2:
         raise ValueError(f"transformer LM expects (b, T) tokens, got {x.shape}")
-      h = nn.Embed(self.num_classes, self.d_model, name="embed")(x)
+      # Flax's default embedding scale (std 1 / sqrt(d_model)), drawn flat.
+      h = nn.Embed(self.num_classes, self.d_model, name="embed",
+                   embedding_init=lambda k, s, d: draws.normal(k, s, d)
+                   / s[1] ** 0.5)(x)
     else:
       b, H, W, C = x.shape
       p = self.patch_size
@@ -125,7 +129,7 @@ class Transformer(nn.Module):
     if T > self.max_len:
       raise ValueError(f"transformer: sequence of {T} positions exceeds "
                        f"model.max_len={self.max_len}")
-    pos = self.param("pos_embed", nn.initializers.normal(0.02),
+    pos = self.param("pos_embed", lambda k, s: 0.02 * draws.normal(k, s),
                      (self.max_len, self.d_model))
     h = h + pos[None, :T]
     for i in range(self.num_layers):
