@@ -126,7 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 64               # chars: tokens per window
 
   # --- Model (lrtrain.models.build) ---
-  c.model = _model_defaults()
+  from lrtrain import models  # pylint: disable=g-import-not-at-top
+  c.model = models.default_model_config()
 
   # --- Integrator (lrtrain.integrators.build) ---
   c.integrator = ml_collections.ConfigDict()
@@ -136,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.integrator.r_min = 2            # smallest rank per layer
   c.integrator.r_max = 0            # largest rank per layer (0 = min(n, m) / 2)
   c.integrator.transport = True     # map optimizer moments across basis changes
-  c.integrator.basis_period = 1     # steps between basis updates (geolora/condlr)
+  c.integrator.basis_period = 0     # geolora: c > 0 runs the basis step every c + 1 steps; 0 every step
   c.integrator.variant = "mean"     # condlr: mean|approx_orth
   c.integrator.kappa_tau = 0.0      # condlr: condition-number tolerance
   c.integrator.galore_rank = 32     # galore: projection rank
@@ -179,38 +180,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.logging.tensorboard = False     # also write TensorBoard event files
   c.logging.progress = True         # progress bar on a terminal
   return c
-
-
-def _model_defaults() -> ml_collections.ConfigDict:
-  """lrtrain.models.default_model_config() when available, else the field
-  list of the shared model API."""
-  try:
-    from lrtrain import models  # pylint: disable=g-import-not-at-top
-    return models.default_model_config()
-  except (ImportError, AttributeError):
-    pass
-  m = ml_collections.ConfigDict()
-  m.name = "mlp"
-  m.widths = (64,)
-  m.factor = ml_collections.ConfigDict()
-  m.factor.kind = "lowrank"
-  m.factor.conv_kind = "same"
-  m.factor.rank = 16
-  m.factor.clip_rank = False
-  m.factor.capacity = 0
-  m.factor.tucker_ranks = (8, 8)
-  m.factor.alpha = 1.0
-  m.factor.rank_stabilised = False
-  m.factor.init = "random"
-  m.dense_layers = ()
-  m.conv_impl = "im2col"
-  m.d_model = 64
-  m.num_heads = 4
-  m.num_layers = 2
-  m.mlp_dim = 128
-  m.patch_size = 4
-  m.max_len = 64
-  return m
 
 
 def shrink_for_local(c: ml_collections.ConfigDict) -> None:
@@ -327,15 +296,6 @@ def apply_overrides(config: ml_collections.ConfigDict,
 # Validation.
 # --------------------------------------------------------------------------
 
-DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "mnist1d",
-            "lowrank_regression", "teacher_student", "chars")
-MODELS = ("mlp", "lenet5", "vgg", "transformer")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
-FACTOR_KINDS = ("dense", "lowrank", "lora")
-CONV_KINDS = ("dense", "lowrank", "tucker", "lora", "same")
-
-
 def _check(cond: bool, msg: str) -> None:
   if not cond:
     raise ConfigError(msg)
@@ -353,27 +313,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: the first problem found, with the field's name.
   """
-  from lrtrain import integrators  # pylint: disable=g-import-not-at-top
+  # The name lists live next to their builders.
+  from lrtrain import data, integrators, models, optim  # pylint: disable=g-import-not-at-top
   c = config
-  _check(c.data.name in DATASETS,
-         f"unknown dataset data.name={c.data.name!r}; valid: {', '.join(DATASETS)}")
-  _check(c.model.name in MODELS,
-         f"unknown model model.name={c.model.name!r}; valid: {', '.join(MODELS)}")
+  _check(c.data.name in data.NAMES,
+         f"unknown dataset data.name={c.data.name!r}; valid: {', '.join(data.NAMES)}")
+  _check(c.model.name in models.MODEL_NAMES,
+         f"unknown model model.name={c.model.name!r}; valid: "
+         f"{', '.join(models.MODEL_NAMES)}")
   _check(c.integrator.name in integrators.METHODS,
          f"unknown method integrator.name={c.integrator.name!r}; valid: "
          f"{', '.join(sorted(integrators.METHODS))}")
-  _check(c.optimizer.name in OPTIMIZERS,
+  _check(c.optimizer.name in optim.NAMES,
          f"unknown optimizer optimizer.name={c.optimizer.name!r}; valid: "
-         f"{', '.join(OPTIMIZERS)}")
-  _check(c.optimizer.schedule in SCHEDULES,
+         f"{', '.join(optim.NAMES)}")
+  _check(c.optimizer.schedule in optim.SCHEDULES,
          f"unknown schedule optimizer.schedule={c.optimizer.schedule!r}; "
-         f"valid: {', '.join(SCHEDULES)}")
-  _check(c.model.factor.kind in FACTOR_KINDS,
+         f"valid: {', '.join(optim.SCHEDULES)}")
+  _check(c.model.factor.kind in models.DENSE_KINDS,
          f"unknown model.factor.kind={c.model.factor.kind!r}; valid: "
-         f"{', '.join(FACTOR_KINDS)}")
-  _check(c.model.factor.conv_kind in CONV_KINDS,
+         f"{', '.join(models.DENSE_KINDS)}")
+  _check(c.model.factor.conv_kind in models.CONV_KINDS,
          f"unknown model.factor.conv_kind={c.model.factor.conv_kind!r}; valid: "
-         f"{', '.join(CONV_KINDS)}")
+         f"{', '.join(models.CONV_KINDS)}")
   tau = c.integrator.tau
   _check(0.0 <= tau < 1.0, f"integrator.tau={tau} must be in [0, 1)")
   _check(c.model.factor.rank >= 1,
@@ -388,10 +350,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"optimizer.clip_norm={c.optimizer.clip_norm} must be >= 0")
   _check(c.optimizer.warmup_steps >= 0,
          f"optimizer.warmup_steps={c.optimizer.warmup_steps} must be >= 0")
-  if c.integrator.name == "galore":
-    _check(c.optimizer.name != "adamw", "integrator.name='galore' needs an "
-           "optimizer without params (sgd|momentum|adam); use "
-           "optimizer.weight_decay with adam instead of adamw")
+  try:
+    integrators.check_config(c)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   t = c.train
   _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
   _check(t.eval_batch_size >= 1,

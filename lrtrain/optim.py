@@ -26,6 +26,9 @@ import optax
 
 from lrtrain.integrators import base
 
+NAMES = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
 
 def schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """The learning-rate schedule of `cfg` (an optimizer config) over a run.

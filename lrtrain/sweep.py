@@ -128,7 +128,7 @@ def run_all(config_spec: str, workdir: str, *, vmap_seeds: bool = False,
     if not todo:
       logging.info("finished already: %s", ", ".join(points[i][0] for i in g))
       continue
-    if len(todo) > 1 and train.vmappable(points[todo[0]][1]):
+    if len(todo) > 1 and train.fixed_shape(points[todo[0]][1]):
       logging.info("vmapped seeds: %s", ", ".join(points[i][0] for i in todo))
       train.train_seeds_vmapped([points[i][1] for i in todo],
                                 [dirs[i] for i in todo])
@@ -220,9 +220,10 @@ def _model_name(run_dir: str) -> str | None:
 def _relative_speed(rows, keys) -> None:
   """time/vs_dense: steady steps/s over that of the sweep's first dense run
   on the same model (None when the sweep has no such run)."""
+  from lrtrain import integrators  # pylint: disable=g-import-not-at-top
   dense = {}
   for row, (integ, model) in zip(rows, keys):
-    if integ == "dense" and row.get("time/steady_steps_per_sec"):
+    if integ == integrators.REFERENCE and row.get("time/steady_steps_per_sec"):
       dense.setdefault(model, row["time/steady_steps_per_sec"])
   for row, (_, model) in zip(rows, keys):
     rate, ref = row.get("time/steady_steps_per_sec"), dense.get(model)

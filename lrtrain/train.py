@@ -1,30 +1,38 @@
-"""`train_and_evaluate(config, workdir)`: one training run and its workdir.
+"""The training loop: `train(build_run(config), workdir)`.
 
-Order of a run (nothing touches the workdir before step 3):
+`build_run(config)` -> `Run`: the config validated (config_utils.validate),
+the data loaded, the model and its initial params built (rank limits are
+checked here), the optimizer (optim.build) and the integrator the config
+names (integrators.build); nothing touches a workdir. A study replaces
+parts of the `Run` (initial params, dataset, integrator, extra hooks).
 
-  1. validate the config (config_utils.validate), load the data, build the
-     model and its initial params (rank limits are checked here);
-  2. build the optimizer (optim.build) and the integrator by name;
-  3. refuse a workdir holding a run of another config (unless
+`train(run, workdir)` (or `train([run per seed], [workdir per seed])`: the
+same loop with a leading seed axis and the step vmapped over it):
+
+  1. refuse a workdir holding a run of another config (unless
      config.overwrite), restore the latest checkpoint if any (a corrupt one
      raises), write config.json;
-  4. loop: host batch -> device (batch axis sharded over all devices) ->
+  2. loop: host batch -> device (batch axis sharded over all devices) ->
      jitted integrator step (buffers donated) -> host-side `resize`
-     (capacity buckets) -> metrics of the previous step fetched after the
-     next step is dispatched -> NaN/Inf guard -> eval / diagnostics /
-     checkpoints on their own cadences;
-  5. test evaluation, summary.json, plots/.
+     (capacity buckets; skipped for fixed-shape integrators under vmap) ->
+     metrics of the previous step fetched after the next step is
+     dispatched -> NaN/Inf guard -> the periodic `Hook`s (validation,
+     diagnostics, the run's own, checkpoint), one cadence rule for all;
+  3. test evaluation, summary.json, plots/.
+
+`train_and_evaluate(config, workdir)` is steps 0-3 for one config.
 
 Axis legend: b = batch, T = sequence length, k = classes (or vocab).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -160,21 +168,25 @@ class Sharder:
   def __init__(self):
     self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
     self.data = NamedSharding(self.mesh, P("data"))
+    self.seeds = NamedSharding(self.mesh, P(None, "data"))
     self.repl = NamedSharding(self.mesh, P())
     self.n = jax.device_count()
 
   def replicate(self, tree):
     return jax.device_put(tree, self.repl)
 
-  def batch(self, batch: dict[str, np.ndarray]):
-    """A global host batch -> a sharded global array (this process's rows)."""
+  def batch(self, batch: dict[str, np.ndarray], seed_axis: bool = False):
+    """A global host batch -> a sharded global array (this process's rows).
+    With `seed_axis` the arrays are (seeds, b, ...) and b is the split axis."""
     pid, nproc = jax.process_index(), jax.process_count()
+    sharding = self.seeds if seed_axis else self.data
+    ax = int(seed_axis)
 
     def put(a):
       a = np.asarray(a)
-      rows = a.shape[0] // nproc
-      local = a[pid * rows:(pid + 1) * rows]
-      return jax.make_array_from_process_local_data(self.data, local, a.shape)
+      rows = a.shape[ax] // nproc
+      local = a[(slice(None),) * ax + (slice(pid * rows, (pid + 1) * rows),)]
+      return jax.make_array_from_process_local_data(sharding, local, a.shape)
     return {k: put(v) for k, v in batch.items()}
 
 
@@ -221,12 +233,32 @@ def evaluate(eval_fn, params, ds, split: str, batch_size: int,
 # --------------------------------------------------------------------------
 
 
-def build_run(config: ml_collections.ConfigDict):
-  """Everything of a run that does not touch the workdir.
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A run built from its config: everything but the workdir.
 
-  Returns:
-    A dict with ds, model, init_params (capacity = rank), loss_fn,
-    integrator, tx, total (steps).
+  `train` takes it and never looks at a method name. A study builds one
+  with `build_run` and replaces what it changes (initial params, the
+  dataset, the integrator, extra hooks, where in the data stream step 0
+  starts) with `run.replace(...)` before calling `train`.
+  """
+  config: ml_collections.ConfigDict
+  ds: Any
+  model: Any
+  init_params: Any                  # capacity = rank; `train` buckets them
+  loss_fn: Callable
+  integrator: ibase.Integrator
+  tx: optax.GradientTransformation
+  total: int                        # optimizer steps
+  start_step: int = 0               # data-stream position of step 0
+  hooks: tuple = ()                 # extra `Hook`s (metrics of their own)
+
+  def replace(self, **changes) -> "Run":
+    return dataclasses.replace(self, **changes)
+
+
+def build_run(config: ml_collections.ConfigDict) -> Run:
+  """The `Run` of a config (nothing touches a workdir).
 
   Raises:
     ConfigError, lrtrain.data.DatasetError, ValueError (rank too large).
@@ -246,8 +278,9 @@ def build_run(config: ml_collections.ConfigDict):
   tx = optim.build(config.optimizer, total)
   integ = integrators.build(config.integrator.name, tx,
                             **integrator_kwargs(config))
-  return dict(ds=ds, model=model, init_params=params, total=total, tx=tx,
-              integrator=integ, loss_fn=make_loss_fn(model, ds.task))
+  return Run(config=config, ds=ds, model=model, init_params=params,
+             loss_fn=make_loss_fn(model, ds.task), integrator=integ, tx=tx,
+             total=total)
 
 
 def prepare_workdir(config, workdir: str) -> None:
@@ -287,13 +320,111 @@ def _cache_size(jitted) -> int | None:
   return int(size()) if callable(size) else None
 
 
-def finish_run(config, workdir: str, ds, eval_fn, params, sharder: Sharder, *,
-               steps: int, t_start: float, steps_per_sec: float,
-               steady_steps_per_sec: float | None = None,
-               step_compilations: int | None = None) -> dict:
+
+# --------------------------------------------------------------------------
+# Periodic hooks and one run directory's host-side state.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """`fn(step, params, opt_state) -> metrics dict or None`, called after
+  every `every`-th step (never when `every` <= 0) and after the last step;
+  a dict it returns is written to the run's metrics at that step."""
+  every: int
+  fn: Callable[[int, Any, Any], dict | None]
+
+  def due(self, step: int, total: int) -> bool:
+    return step == total or (self.every > 0 and step % self.every == 0)
+
+
+class _RunDir:
+  """One run's workdir, checkpoints, writer and hooks (a vmapped-seed run
+  has one per seed)."""
+
+  def __init__(self, run: Run, workdir: str, eval_fn, sharder: Sharder):
+    c = run.config
+    prepare_workdir(c, workdir)
+    self.run, self.workdir, self.fp = run, workdir, fingerprint(c)
+    self.ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                      c.train.max_to_keep)
+    self.rng = jax.random.key_data(jax.random.key(c.seed))
+    self.last_good = None
+    self.writer = None
+    t = c.train
+
+    def validation(step, params, _):
+      ev = evaluate(eval_fn, params, run.ds, "validation", t.eval_batch_size,
+                    sharder)
+      return {f"eval/{k}": v for k, v in ev.items()}
+
+    def save(step, params, opt_state):
+      self.ckpts.save(step, params=params, opt_state=opt_state, rng=self.rng,
+                      fingerprint=self.fp)
+      self.last_good = step
+
+    self.hooks = [Hook(t.eval_every, validation)]
+    d = c.diagnostics
+    if d.enabled and d.every > 0:
+      from lrtrain import diagnostics  # pylint: disable=g-import-not-at-top
+      diag = diagnostics.Diagnostics(run.init_params, top_k=d.top_k, eps=d.eps,
+                                     full_spectrum=d.full_spectrum,
+                                     heavy_tail=d.heavy_tail)
+      self.hooks.append(Hook(d.every, lambda s, p, _: diag(p)))
+    self.hooks += list(run.hooks)
+    self.hooks.append(Hook(t.checkpoint_every, save))   # after the metrics
+
+  def start(self, step: int | None):
+    """(params, opt_state) at `step` (restored) or fresh and bucketed (None);
+    then config.json, and metrics.jsonl cut back to the resumed step."""
+    integ, run = self.run.integrator, self.run
+    if step is None:
+      params = run.init_params
+      opt_state = integ.init(params)
+      params, opt_state, _ = integ.resize(params, opt_state)  # first bucketing
+    else:
+      # latest step -> params (saved shapes) -> optimizer-state structure
+      # from those params -> its leaves -> data position = step -> RNG.
+      meta, leaves = self.ckpts.restore_leaves(step)
+      g = meta["groups"]
+      params = ckpt_lib.rebuild(run.init_params, leaves["params"],
+                                g["params"]["paths"], "params")
+      params = jax.tree.map(jnp.asarray, params)
+      like = jax.eval_shape(integ.init, params)
+      opt_state = ckpt_lib.rebuild(like, leaves["opt_state"],
+                                   g["opt_state"]["paths"], "optimizer state")
+      self.rng = leaves["rng"][0]
+      self.last_good = step
+      logging.info("resumed from step %d in %s", step, self.ckpts.directory)
+    with open(os.path.join(self.workdir, "config.json"), "w") as fh:
+      fh.write(run.config.to_json(indent=2))
+    writers_lib.truncate_jsonl(os.path.join(self.workdir, "metrics.jsonl"),
+                               step or 0)
+    self.writer = writers_lib.MultiWriter(
+        self.workdir, tensorboard=run.config.logging.tensorboard)
+    return params, opt_state
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+    self.ckpts.close()
+
+
+def _resume_step(dirs: Sequence[_RunDir]) -> int | None:
+  """The latest step every run directory has saved (None: start fresh)."""
+  common = None
+  for d in dirs:
+    steps = set(d.ckpts.all_steps())
+    common = steps if common is None else common & steps
+  return max(common) if common else None
+
+
+def finish_run(d: _RunDir, eval_fn, params, sharder: Sharder, *, steps: int,
+               t_start: float, rates: dict) -> dict:
   """Test evaluation, summary.json and plots/ of a finished run."""
-  t = config.train
-  test = evaluate(eval_fn, params, ds, "test", t.eval_batch_size, sharder)
+  run = d.run
+  test = evaluate(eval_fn, params, run.ds, "test", run.config.train.eval_batch_size,
+                  sharder)
   counts = param_counts(params)
   summary = {
       "steps": int(steps),
@@ -305,198 +436,27 @@ def finish_run(config, workdir: str, ds, eval_fn, params, sharder: Sharder, *,
       "params/compression": counts["compression"],
       "ranks": host_ranks(params),
       "time/wall_s": time.time() - t_start,
-      "time/steps_per_sec": steps_per_sec,
-      "time/steady_steps_per_sec": steady_steps_per_sec,
-      "step_compilations": step_compilations,
-      "integrator": config.integrator.name,
+      **rates,
+      "integrator": run.config.integrator.name,
       "devices": jax.device_count(),
   }
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as fh:
+  with open(os.path.join(d.workdir, "metrics.jsonl"), "a") as fh:
     fh.write(json.dumps({"step": int(steps), **{
         f"test/{k}": float(v) for k, v in test.items()}}) + "\n")
-  with open(os.path.join(workdir, "summary.json"), "w") as fh:
+  with open(os.path.join(d.workdir, "summary.json"), "w") as fh:
     json.dump(writers_lib.to_json_value_tree(summary), fh, indent=2)
   try:
     from lrtrain.diagnostics import plots  # pylint: disable=g-import-not-at-top
-    plots.render(os.path.join(workdir, "metrics.jsonl"),
-                 os.path.join(workdir, "plots"))
+    plots.render(os.path.join(d.workdir, "metrics.jsonl"),
+                 os.path.join(d.workdir, "plots"))
   except Exception as e:  # plots never fail a finished run
     logging.warning("plots failed: %s", e)
   return summary
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
-  """Train, evaluate and write the workdir contract (README, "Quickstart":
-  config.json, metrics.jsonl, summary.json, checkpoints/, plots/).
-
-  Args:
-    config: a resolved config (configs/*.py get_config).
-    workdir: run directory; an existing run of the same config resumes.
-
-  Returns:
-    The summary dict (also written to summary.json).
-
-  Raises:
-    ConfigError, DatasetError, ValueError: bad config (before the workdir
-      is touched). WorkdirError: workdir of another config.
-    CheckpointError: corrupt checkpoint. DivergedError: NaN/Inf.
-  """
-  t_start = time.time()
-  run = build_run(config)
-  ds, integ, loss_fn, total = (run["ds"], run["integrator"], run["loss_fn"],
-                               run["total"])
-  sharder = Sharder()
-  prepare_workdir(config, workdir)
-  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
-                               config.train.max_to_keep)
-  fp = fingerprint(config)
-
-  # Resume order: latest step -> params (saved shapes) -> optimizer-state
-  # structure from those params -> its leaves -> data position = step -> RNG.
-  rng = jax.random.key_data(jax.random.key(config.seed))
-  step = ckpts.latest_step()
-  if step is not None:
-    meta, leaves = ckpts.restore_leaves(step)
-    g = meta["groups"]
-    params = ckpt_lib.rebuild(run["init_params"], leaves["params"],
-                              g["params"]["paths"], "params")
-    params = jax.tree.map(jnp.asarray, params)
-    like = jax.eval_shape(integ.init, params)
-    opt_state = ckpt_lib.rebuild(like, leaves["opt_state"],
-                                 g["opt_state"]["paths"], "optimizer state")
-    rng = leaves["rng"][0]
-    logging.info("resumed from step %d in %s", step, ckpts.directory)
-  else:
-    step = 0
-    params = run["init_params"]
-    opt_state = integ.init(params)
-    params, opt_state, _ = integ.resize(params, opt_state)  # first bucketing
-  with open(os.path.join(workdir, "config.json"), "w") as fh:
-    fh.write(config.to_json(indent=2))
-  writers_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), step)
-
-  params, opt_state = sharder.replicate(params), sharder.replicate(opt_state)
-  writer = writers_lib.MultiWriter(workdir, tensorboard=config.logging.tensorboard)
-  diag = None
-  if config.diagnostics.enabled and config.diagnostics.every > 0:
-    from lrtrain import diagnostics  # pylint: disable=g-import-not-at-top
-    d = config.diagnostics
-    diag = diagnostics.Diagnostics(run["init_params"], top_k=d.top_k, eps=d.eps,
-                                   full_spectrum=d.full_spectrum,
-                                   heavy_tail=d.heavy_tail)
-  eval_fn = make_eval_fn(run["model"], ds.task)
-  paths = _float_paths(params)
-
-  def train_step(params, state, batch):
-    new, state, aux = integ.step(loss_fn, params, state, batch)
-    aux = dict(aux)
-    aux["param_norm"] = optax.tree.norm(ibase.trainable(new))
-    lr = optim.learning_rate(state)
-    if lr is not None:
-      aux["learning_rate"] = lr
-    aux["finite"] = _finite_flags(new) & jnp.isfinite(aux["loss"])
-    return new, state, aux
-
-  step_fn = jax.jit(train_step, donate_argnums=(0, 1))
-  batches: Iterator = ds.batches("train", config.train.batch_size,
-                                 seed=config.seed, start_step=step)
-  progress = writers_lib.Progress(total, step, enabled=config.logging.progress,
-                                  every=max(config.train.log_every, 1))
-  t = config.train
-  last_good = step       # the latest finite checkpoint (never overwritten)
-  pending = None         # (step, aux on device) of the previous step
-  t_loop, step0 = time.time(), step
-  # Steady rate: from the end of the first (compiling) step to the end of the
-  # last, host work in between (evals, checkpoints, resizes) included.
-  marks = {}
-
-  def every(n, s):
-    return n > 0 and s % n == 0
-
-  def flush(p):
-    """Fetch a step's aux, check it, log it; returns the host dict."""
-    s, aux = p
-    aux = jax.device_get(aux)
-    marks["last"] = (s, time.time())
-    marks.setdefault("first", marks["last"])
-    ok = np.asarray(aux.pop("finite"))
-    if not ok.all():
-      bad = [paths[i] for i in np.flatnonzero(~ok[:len(paths)])] or ["loss"]
-      raise DivergedError(
-          f"non-finite loss or parameters at step {s} (layer "
-          f"{', '.join(bad[:3])}); last good checkpoint: "
-          + (f"step {last_good} in {ckpts.directory}" if ckpts.latest_step()
-             is not None else "none saved yet"))
-    progress.update(s, float(aux["loss"]))
-    if every(t.log_every, s) or s == total:
-      row = {"train/loss": aux.pop("loss"), "train/accuracy": aux.pop("accuracy", 0.0)}
-      for k, v in aux.items():
-        row[k if k.startswith("rank/") else f"train/{k}"] = v
-      row["time/steps_per_sec"] = (s - step0) / max(time.time() - t_loop, 1e-9)
-      writer.write(s, row)
-    return aux
-
-  try:
-    while step < total:
-      batch = sharder.batch(next(batches))
-      params, opt_state, aux = step_fn(params, opt_state, batch)
-      step += 1
-      if pending is not None:
-        flush(pending)       # previous step, while this one runs
-      pending = (step, aux)
-      params, opt_state, changed = integ.resize(params, opt_state)
-      if changed:
-        params, opt_state = sharder.replicate(params), sharder.replicate(opt_state)
-      need_sync = (every(t.eval_every, step) or every(t.checkpoint_every, step)
-                   or (diag is not None and every(config.diagnostics.every, step))
-                   or step == total)
-      if need_sync:
-        flush(pending)
-        pending = None
-      if every(t.eval_every, step) or step == total:
-        ev = evaluate(eval_fn, params, ds, "validation", t.eval_batch_size, sharder)
-        if ev:
-          writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-      if diag is not None and (every(config.diagnostics.every, step)
-                               or step == total):
-        writer.write(step, diag(params))
-      if every(t.checkpoint_every, step) or step == total:
-        ckpts.save(step, params=params, opt_state=opt_state, rng=rng,
-                   fingerprint=fp)
-        last_good = step
-    if pending is not None:
-      flush(pending)
-  finally:
-    progress.close()
-    writer.close()
-
-  steady = None
-  if "first" in marks and marks["last"][0] > marks["first"][0]:
-    (s0, t0), (s1, t1) = marks["first"], marks["last"]
-    steady = (s1 - s0) / max(t1 - t0, 1e-9)
-  summary = finish_run(config, workdir, ds, eval_fn, params, sharder,
-                       steps=step, t_start=t_start,
-                       steps_per_sec=(step - step0) / max(time.time() - t_loop, 1e-9),
-                       steady_steps_per_sec=steady,
-                       step_compilations=_cache_size(step_fn))
-  ckpts.close()
-  logging.info("done: %s", json.dumps(summary["ranks"]))
-  return summary
-
-
 # --------------------------------------------------------------------------
-# Several seeds of one configuration in one compiled program.
+# The training loop.
 # --------------------------------------------------------------------------
-
-FIXED_SHAPE = ("dense", "factors", "lora")
-
-
-def vmappable(config) -> bool:
-  """Methods whose parameter shapes never change (no capacity buckets)."""
-  return (config.integrator.name in FIXED_SHAPE
-          or (config.integrator.name in ("kls", "geolora", "condlr")
-              and not config.integrator.adaptive))
 
 
 def _stack(trees):
@@ -507,101 +467,196 @@ def _slice(tree, i: int):
   return jax.tree.map(lambda a: a[i], tree)
 
 
-def train_seeds_vmapped(configs, workdirs) -> list[dict]:
-  """Train configs that differ only in `seed` as one vmapped program.
+def _check_seeds(runs: Sequence[Run]) -> None:
+  """Several runs train as one vmapped program only if they differ in seed
+  alone and their integrator keeps shapes fixed."""
+  fps = {json.dumps({**json.loads(fingerprint(r.config)), "seed": 0})
+         for r in runs}
+  same = {(r.total, r.start_step, r.config.train.to_json()) for r in runs}
+  if (len(fps) != 1 or len(same) != 1
+      or not all(r.integrator.fixed_shape for r in runs)):
+    raise config_utils.ConfigError(
+        "vmapped seeds need runs of a fixed-shape method (integrator not "
+        "rank-adaptive) whose configs differ only in seed")
 
-  The step is vmapped over a leading seed axis of params, optimizer state
-  and batch (each seed keeps its own init and data order); every seed
-  writes its own workdir (config.json, metrics.jsonl, summary.json, a
-  final checkpoint, plots/).
 
-  Args:
-    configs: configs of a fixed-shape method (`vmappable`), equal but seed.
-    workdirs: one run directory per config.
+def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
+  """Train, evaluate and write the workdir contract of one run, or of
+  several seeds of one configuration as one vmapped program.
+
+  With a sequence of runs (configs equal but `seed`, a fixed-shape
+  integrator) params, optimizer state and batch carry a leading seed axis
+  and the step is vmapped over it; each seed keeps its own init, data order,
+  workdir, checkpoints and hooks. Everything else is the same loop.
 
   Returns:
-    The summaries.
+    The summary dict (a list of them for a sequence of runs).
+
+  Raises:
+    ConfigError (seeds that differ in more than the seed), WorkdirError,
+    CheckpointError (corrupt checkpoint), DivergedError (NaN/Inf).
+  """
+  t_start = time.time()
+  single = isinstance(runs, Run)
+  runs = [runs] if single else list(runs)
+  workdirs = [workdirs] if single else list(workdirs)
+  vmapped = len(runs) > 1
+  if vmapped:
+    _check_seeds(runs)
+  r0 = runs[0]
+  integ, loss_fn, total, t = r0.integrator, r0.loss_fn, r0.total, r0.config.train
+  sharder = Sharder()
+  eval_fn = make_eval_fn(r0.model, r0.ds.task)
+  dirs, progress = [], None
+  try:
+    for r, w in zip(runs, workdirs):
+      dirs.append(_RunDir(r, w, eval_fn, sharder))
+    resumed = _resume_step(dirs)
+    starts = [d.start(resumed) for d in dirs]
+    step = resumed or 0
+    lane = (lambda tree, i: _slice(tree, i)) if vmapped else (lambda tree, i: tree)
+    if vmapped:
+      params, opt_state = _stack([p for p, _ in starts]), _stack([s for _, s in starts])
+    else:
+      params, opt_state = starts[0]
+    params, opt_state = sharder.replicate(params), sharder.replicate(opt_state)
+    del starts
+    paths = _float_paths(lane(params, 0))
+
+    def train_step(params, state, batch):
+      new, state, aux = integ.step(loss_fn, params, state, batch)
+      aux = dict(aux)
+      aux["param_norm"] = optax.tree.norm(ibase.trainable(new))
+      lr = optim.learning_rate(state)
+      if lr is not None:
+        aux["learning_rate"] = lr
+      aux["finite"] = _finite_flags(new) & jnp.isfinite(aux["loss"])
+      return new, state, aux
+
+    step_fn = jax.jit(jax.vmap(train_step) if vmapped else train_step,
+                      donate_argnums=(0, 1))
+    iters = [r.ds.batches("train", t.batch_size, seed=r.config.seed,
+                          start_step=r.start_step + step) for r in runs]
+    progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,
+                                    every=max(t.log_every, 1))
+    t_loop, step0 = time.time(), step
+    # Steady rate: from the end of the first (compiling) step to the end of
+    # the last, host work in between (evals, checkpoints, resizes) included.
+    marks = {}
+
+    def flush(s, aux):
+      """Fetch a step's aux, check it, log it."""
+      aux = jax.device_get(aux)
+      marks["last"] = (s, time.time())
+      marks.setdefault("first", marks["last"])
+      ok = np.atleast_2d(np.asarray(aux.pop("finite")))
+      if not ok.all():
+        bad_seeds = [runs[i].config.seed for i in np.flatnonzero(~ok.all(1))]
+        bad = [paths[i] for i in np.flatnonzero(~ok.all(0)[:len(paths)])] or ["loss"]
+        d = dirs[0]
+        raise DivergedError(
+            f"non-finite loss or parameters at step {s} (layer "
+            f"{', '.join(bad[:3])}" + (f"; seed {bad_seeds}" if vmapped else "")
+            + "); last good checkpoint: "
+            + (f"step {d.last_good} in {d.ckpts.directory}"
+               if d.last_good is not None else "none saved yet"))
+      progress.update(s, float(np.mean(aux["loss"])))
+      if not (s == total or (t.log_every > 0 and s % t.log_every == 0)):
+        return
+      rate = (s - step0) / max(time.time() - t_loop, 1e-9)
+      for i, d in enumerate(dirs):
+        a = dict(lane(aux, i))
+        row = {"train/loss": a.pop("loss"), "train/accuracy": a.pop("accuracy", 0.0)}
+        for k, v in a.items():
+          row[k if k.startswith("rank/") else f"train/{k}"] = v
+        row["time/steps_per_sec"] = rate
+        d.writer.write(s, row)
+
+    pending = None         # (step, aux on device) of the previous step
+    while step < total:
+      host = [next(it) for it in iters]
+      if vmapped:
+        batch = sharder.batch({k: np.stack([b[k] for b in host]) for k in host[0]},
+                              seed_axis=True)
+      else:
+        batch = sharder.batch(host[0])
+      params, opt_state, aux = step_fn(params, opt_state, batch)
+      step += 1
+      if pending is not None:
+        flush(*pending)       # the previous step, while this one runs
+      pending = (step, aux)
+      if not vmapped:         # fixed shapes under vmap: nothing to move
+        params, opt_state, changed = integ.resize(params, opt_state)
+        if changed:
+          params, opt_state = sharder.replicate(params), sharder.replicate(opt_state)
+      if any(h.due(step, total) for h in dirs[0].hooks):
+        flush(*pending)
+        pending = None
+        for i, d in enumerate(dirs):
+          p_i, s_i = lane(params, i), lane(opt_state, i)
+          for h in d.hooks:
+            if h.due(step, total):
+              out = h.fn(step, p_i, s_i)
+              if out:
+                d.writer.write(step, out)
+    if pending is not None:
+      flush(*pending)
+    progress.close()
+    progress = None
+    for d in dirs:
+      d.writer.close()
+      d.writer = None
+
+    rates = {"time/steps_per_sec": (step - step0) / max(time.time() - t_loop, 1e-9),
+             "time/steady_steps_per_sec": None, "time/train_loop_s": None,
+             "step_compilations": _cache_size(step_fn)}
+    if "first" in marks and marks["last"][0] > marks["first"][0]:
+      (s0, t0), (s1, t1) = marks["first"], marks["last"]
+      rates["time/steady_steps_per_sec"] = (s1 - s0) / max(t1 - t0, 1e-9)
+      rates["time/train_loop_s"] = t1 - t0
+    summaries = [finish_run(d, eval_fn, lane(params, i), sharder, steps=step,
+                            t_start=t_start, rates=rates)
+                 for i, d in enumerate(dirs)]
+  finally:
+    if progress is not None:
+      progress.close()
+    for d in dirs:
+      d.close()
+  logging.info("done: %s", json.dumps(summaries[0]["ranks"]))
+  return summaries[0] if single else summaries
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """`train(build_run(config), workdir)`: the workdir contract (README,
+  "Quickstart": config.json, metrics.jsonl, summary.json, checkpoints/,
+  plots/); an existing run of the same config resumes.
+
+  Raises:
+    ConfigError, DatasetError, ValueError: bad config (before the workdir
+      is touched). WorkdirError: workdir of another config.
+    CheckpointError: corrupt checkpoint. DivergedError: NaN/Inf.
+  """
+  return train(build_run(config), workdir)
+
+
+def fixed_shape(config: ml_collections.ConfigDict) -> bool:
+  """The config's integrator keeps parameter shapes fixed (its seeds can be
+  vmapped); asks the integrator, building nothing else."""
+  from lrtrain import integrators  # pylint: disable=g-import-not-at-top
+  return integrators.build(config.integrator.name, optax.identity(),
+                           **integrator_kwargs(config)).fixed_shape
+
+
+def train_seeds_vmapped(configs, workdirs) -> list[dict]:
+  """Configs that differ only in `seed` trained as one vmapped program
+  (`train` with one run per seed).
 
   Raises:
     ConfigError: configs that differ in more than the seed, or a method
       whose shapes change.
   """
-  t_start = time.time()
-  fps = {json.dumps({**json.loads(fingerprint(c)), "seed": 0}) for c in configs}
-  if len(fps) != 1 or not all(vmappable(c) for c in configs):
+  if not all(fixed_shape(c) for c in configs):
     raise config_utils.ConfigError("vmapped seeds need configs of a fixed-shape "
                                    "method that differ only in seed")
-  runs = [build_run(c) for c in configs]
-  for c, w in zip(configs, workdirs):
-    prepare_workdir(c, w)
-    with open(os.path.join(w, "config.json"), "w") as fh:
-      fh.write(c.to_json(indent=2))
-  run0, c0 = runs[0], configs[0]
-  ds, integ, loss_fn, total = run0["ds"], run0["integrator"], run0["loss_fn"], run0["total"]
-  sharder = Sharder()
-  params = sharder.replicate(_stack([r["init_params"] for r in runs]))
-  opt_state = jax.jit(jax.vmap(integ.init))(params)
-  seed_batch = NamedSharding(sharder.mesh, P(None, "data"))
-
-  def one(p, s, b):
-    new, s, aux = integ.step(loss_fn, p, s, b)
-    aux = dict(aux)
-    aux["finite"] = jnp.all(_finite_flags(new)) & jnp.isfinite(aux["loss"])
-    return new, s, aux
-  step_fn = jax.jit(jax.vmap(one), donate_argnums=(0, 1))
-  iters = [ds.batches("train", c.train.batch_size, seed=c.seed, start_step=0)
-           for c in configs]
-  writers = [writers_lib.MultiWriter(w, tensorboard=c.logging.tensorboard)
-             for c, w in zip(configs, workdirs)]
-  diags = [None] * len(configs)
-  if c0.diagnostics.enabled and c0.diagnostics.every > 0:
-    from lrtrain import diagnostics  # pylint: disable=g-import-not-at-top
-    d = c0.diagnostics
-    diags = [diagnostics.Diagnostics(r["init_params"], top_k=d.top_k, eps=d.eps,
-                                     full_spectrum=d.full_spectrum,
-                                     heavy_tail=d.heavy_tail) for r in runs]
-  eval_fn = make_eval_fn(run0["model"], ds.task)
-  t, t_loop = c0.train, time.time()
-  try:
-    for step in range(1, total + 1):
-      host = [next(it) for it in iters]
-      batch = {k: jax.device_put(np.stack([b[k] for b in host]), seed_batch)
-               for k in host[0]}
-      params, opt_state, aux = step_fn(params, opt_state, batch)
-      log = (t.log_every > 0 and step % t.log_every == 0) or step == total
-      if not (log or step % 50 == 0):
-        continue
-      aux = jax.device_get(aux)
-      if not np.all(aux.pop("finite")):
-        raise DivergedError(f"non-finite loss or parameters at step {step} "
-                            "(vmapped seeds)")
-      rate = step / max(time.time() - t_loop, 1e-9)
-      for i, w in enumerate(writers):
-        if log:
-          row = {"train/loss": aux["loss"][i],
-                 "train/accuracy": aux.get("accuracy", np.zeros(len(writers)))[i],
-                 "time/steps_per_sec": rate}
-          row.update({k: v[i] for k, v in aux.items() if k.startswith("rank/")})
-          w.write(step, row)
-        p_i = _slice(params, i)
-        if (t.eval_every > 0 and step % t.eval_every == 0) or step == total:
-          ev = evaluate(eval_fn, p_i, ds, "validation", t.eval_batch_size, sharder)
-          if ev:
-            w.write(step, {f"eval/{k}": v for k, v in ev.items()})
-        if diags[i] is not None and (step % c0.diagnostics.every == 0
-                                     or step == total):
-          w.write(step, diags[i](p_i))
-  finally:
-    for w in writers:
-      w.close()
-  rate = total / max(time.time() - t_loop, 1e-9)
-  summaries = []
-  for i, (c, w) in enumerate(zip(configs, workdirs)):
-    p_i, s_i = _slice(params, i), _slice(opt_state, i)
-    ck = ckpt_lib.Checkpoints(os.path.join(w, "checkpoints"), c.train.max_to_keep)
-    ck.save(total, params=p_i, opt_state=s_i,
-            rng=jax.random.key_data(jax.random.key(c.seed)), fingerprint=fingerprint(c))
-    ck.close()
-    summaries.append(finish_run(c, w, ds, eval_fn, p_i, sharder, steps=total,
-                                t_start=t_start, steps_per_sec=rate))
-  return summaries
+  return train([build_run(c) for c in configs], workdirs)

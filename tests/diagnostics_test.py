@@ -133,7 +133,7 @@ def test_lowrank_equals_dense_with_masked_capacity():
   assert out["spectral/dn/kappa_log10"] > 4   # the dense view sees zeros
   sS = np.linalg.svd(np.asarray(S)[:r, :r], compute_uv=False)
   assert rel(10 ** out["spectral/fc/kappa_S_log10"], sS[0] / sS[-1]) < 1e-4
-  assert out["rank/fc"] == r
+  assert not any(k.startswith("rank/") for k in out)  # the step's key
   np.testing.assert_allclose(out["intruders/fc/maxsim"][:r],
                              out["intruders/dn/maxsim"][:r], atol=1e-4)
   assert np.isnan(out["intruders/fc/maxsim"][r:]).all()
@@ -207,8 +207,12 @@ def test_tucker_equals_dense_unfoldings():
     s = np.linalg.svd(unf, compute_uv=False)
     got = out[f"tucker/c/mode{i + 1}_sv"]
     np.testing.assert_allclose(got[:len(s)], s[:len(got)], rtol=1e-4, atol=1e-5)
-  np.testing.assert_array_equal(out["tucker/c/ranks"], [5, 4, 3, 2])
-  assert out["rank/c"] == 5
+  # rank/<layer> has one producer, the step's aux (base.rank_aux): for a
+  # Tucker layer the (4,) mode ranks; diagnostics write no rank key.
+  assert not any(k.startswith("rank/") or k.endswith("/ranks") for k in out)
+  from lrtrain.integrators import base as ibase  # pylint: disable=g-import-not-at-top
+  np.testing.assert_array_equal(ibase.rank_aux({"c": {"kernel": f}})["rank/c"],
+                                [5, 4, 3, 2])
   np.testing.assert_allclose(out["intruders/c/maxsim"][:5],
                              out["intruders/d/maxsim"][:5], atol=1e-4)
 
@@ -351,7 +355,6 @@ def test_keys_shapes_stable_and_compiled_once():
   for key in a:
     assert np.shape(a[key]) == np.shape(b[key]), key
     assert isinstance(a[key], (float, int, np.ndarray)), key
-  assert b["rank/fc1"] == 3 and a["rank/fc1"] == 4
   assert np.isnan(b["intruders/fc1/maxsim"][3:]).all()
   for name in ("conv1", "fc1", "fc2", "head"):
     assert a[f"spectral/{name}/sv"].shape == (5,)
@@ -407,7 +410,5 @@ def test_on_a_built_model():
             if k.startswith("intruders/") and k.endswith("/count")]
   assert len(layers) == 3 and "head" in layers
   assert all(out[f"intruders/{l}/count"] == 0 for l in layers)
-  assert sorted(k for k in out if k.startswith("rank/")) == \
-      sorted(f"rank/{l}" for l in layers if l != "head")
-  assert all(out[f"rank/{l}"] == 4 for l in layers if l != "head")
+  assert not any(k.startswith("rank/") for k in out)
   assert 0 < out["params/compression"] < 1

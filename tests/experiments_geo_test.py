@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import geo_common as gc
+from experiments import common as gc
 from experiments.condlr_robustness import run as condlr_run
 from experiments.geolora_rank_convergence import run as geolora_run
 from experiments.intruder_dimensions import run as intruder_run

@@ -9,6 +9,7 @@ import numpy as np
 from lrtrain import factorizations as fz
 from lrtrain.diagnostics import Diagnostics
 from lrtrain.diagnostics.plots import read_metrics, render
+from lrtrain.integrators import base as ibase
 
 
 def _write(path, rows):
@@ -33,6 +34,9 @@ def test_render_all_figures_from_real_diagnostics(tmp_path):
                           else x, params)
     m = diag(scaled)
     row = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in m.items()}
+    # rank/<layer> comes from the step's aux, as in a run's rows.
+    row.update({k: np.asarray(v).tolist()
+                for k, v in ibase.rank_aux(scaled).items()})
     row.update({"step": step, "train/loss": 2.0 / (1 + step),
                 "eval/accuracy": step / 50})
     rows.append(row)

@@ -107,7 +107,7 @@ def test_list_and_index_cli(sweep_file, tmp_path):
 def test_vmapped_seeds_match_sequential(sweep_file, tmp_path):
   from lrtrain import train
   pts = sweep.expand(sweep_file + ":seeds")
-  assert train.vmappable(pts[0][1])
+  assert train.fixed_shape(pts[0][1])
   vm = sweep.run_all(sweep_file + ":seeds", str(tmp_path / "vm"), vmap_seeds=True)
   seq = [str(tmp_path / "seq" / name) for name, _, _ in pts]
   for (_, c, _), d in zip(pts, seq):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import geo_common as gc
+from experiments import common as gc
 from lrtrain import attacks
 from lrtrain import data as data_lib
 from lrtrain import factorizations as fz
@@ -74,7 +74,7 @@ def train_all(spec: str, workdir: str) -> list[str]:
     cr, seed = float(config.study.cr), int(config.seed)
     init = None
     if config.model.factor.kind == "lowrank":
-      init = lambda run, cr=cr, seed=seed: with_ranks(run["init_params"], cr, seed)
+      init = lambda run, cr=cr, seed=seed: with_ranks(run.init_params, cr, seed)
     try:
       gc.train_with(config, d, init_fn=init)
     except train_lib.DivergedError as e:
@@ -97,7 +97,7 @@ def fgsm_accuracy(run_dir: str, cache: dict) -> tuple[dict[float, float], object
   """{eps: accuracy} of a run's final checkpoint under FGSM."""
   cfg = gc.load_config(run_dir)
   built = train_lib.build_run(cfg)
-  params = gc.restore_params(run_dir, built["init_params"])
+  params = gc.restore_params(run_dir, built.init_params)
   key = (cfg.data.name, cfg.data.max_train, cfg.data.validation_size)
   if key not in cache:
     cache[key] = data_lib.load(cfg.data)
@@ -107,7 +107,7 @@ def fgsm_accuracy(run_dir: str, cache: dict) -> tuple[dict[float, float], object
   # The loaders standardise raw pixels (0..255 for the IDX / CIFAR files,
   # 0..16 for sklearn's digits); eps is in units of the full pixel range.
   span = pixel_range(ds.name)
-  model = built["model"]
+  model = built.model
 
   def logits01(x01):
     return model.apply({"params": params}, (x01 * span - mean) / std, train=False)

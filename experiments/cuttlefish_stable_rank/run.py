@@ -12,7 +12,7 @@ Per model:
      factorizable layer's stable rank changed by less than `threshold`
      (relative) over the last interval; the last measurement if none does;
   3. ranks r_l = ceil(scale * stable_rank_l(t*)), clamped to [1, min(n, m)];
-  4. four trainings with the same loop (`dlrt_util.custom_run`), timed
+  4. four trainings with the same loop (`experiments.common.train_with`), timed
      without compilation:
        full     dense, T steps;
        switch   dense params at t* -> truncated SVD at r_l -> plain optax on
@@ -30,7 +30,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
@@ -38,12 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import dlrt_util as U
+from experiments import common as U
 from lrtrain import config_utils as cu
 from lrtrain import factorizations as fz
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "config.py")
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 MODELS = ("lenet5", "mlp")
 
 
@@ -118,9 +116,9 @@ def study_model(model: str, workdir: str, *, runlocal: bool, dataset: str,
   if not sweep.is_finished(diag_dir, cfg):
     train.train_and_evaluate(cfg, diag_dir)
   run = train.build_run(cfg)
-  init = run["init_params"]
+  init = run.init_params
   layers = factor_layers(init)
-  metrics = U.read_jsonl(os.path.join(diag_dir, "metrics.jsonl"))
+  metrics = U.metrics(diag_dir)
   sr, steps = {}, None
   for l in layers:
     steps, sr[l] = U.series(metrics, f"spectral/{l}/stable_rank")
@@ -134,19 +132,21 @@ def study_model(model: str, workdir: str, *, runlocal: bool, dataset: str,
   ranks = {l: int(min(max(math.ceil(scale * sr[l][i_star]), 1), min(shapes[l])))
            for l in layers}
   T = cfg.train.num_steps
-  full = U.custom_run(cfg, os.path.join(wd, "full"))
+  full = U.train_with(cu.apply_overrides(cfg, {"diagnostics.enabled": False}),
+                      os.path.join(wd, "full"))
   lr_cfg = cu.apply_overrides(cfg, {
       "model.factor.kind": "lowrank",
       "model.factor.conv_kind": "lowrank" if model == "lenet5" else "same",
       "model.factor.rank": 1, "integrator.name": "factors",
       "diagnostics.enabled": False})
   switched = restore_params(diag_dir, init, t_star)
-  sw = U.custom_run(lr_cfg, os.path.join(wd, "switch"),
-                    params=to_lowrank(switched, ranks), num_steps=T - t_star,
+  sw = U.train_with(cu.apply_overrides(lr_cfg, {"train.num_steps": T - t_star}),
+                    os.path.join(wd, "switch"),
+                    init_fn=lambda _: to_lowrank(switched, ranks),
                     start_step=t_star) if T > t_star else None
-  scratch = U.custom_run(lr_cfg, os.path.join(wd, "scratch"),
-                         params=to_lowrank(init, ranks))
-  dense_rate = full["time/steps_per_sec"]
+  scratch = U.train_with(lr_cfg, os.path.join(wd, "scratch"),
+                         init_fn=lambda _: to_lowrank(init, ranks))
+  dense_rate = _rate(full)
   rows = [{"model": model, "variant": "full", "test_acc": 100 * full["test/accuracy"],
            "params_eval": full["params/eval"], "steps_dense": T, "steps_lowrank": 0,
            "wall_s": T / dense_rate}]
@@ -154,10 +154,10 @@ def study_model(model: str, workdir: str, *, runlocal: bool, dataset: str,
     rows.append({"model": model, "variant": "switch", "test_acc": 100 * sw["test/accuracy"],
                  "params_eval": sw["params/eval"], "steps_dense": t_star,
                  "steps_lowrank": T - t_star,
-                 "wall_s": t_star / dense_rate + (T - t_star) / sw["time/steps_per_sec"]})
+                 "wall_s": t_star / dense_rate + (T - t_star) / _rate(sw)})
   rows.append({"model": model, "variant": "scratch", "test_acc": 100 * scratch["test/accuracy"],
                "params_eval": scratch["params/eval"], "steps_dense": 0,
-               "steps_lowrank": T, "wall_s": T / scratch["time/steps_per_sec"]})
+               "steps_lowrank": T, "wall_s": T / _rate(scratch)})
   for r in rows:
     r["size_ratio_vs_full"] = full["params/eval"] / r["params_eval"]
     r["speedup_vs_full"] = rows[0]["wall_s"] / r["wall_s"]
@@ -171,27 +171,28 @@ def study_model(model: str, workdir: str, *, runlocal: bool, dataset: str,
           "steps": steps, "sr": sr}
 
 
+def _rate(summary: dict) -> float:
+  """Steps/s after the compiling first step (all steps for a one-step run)."""
+  return summary["time/steady_steps_per_sec"] or summary["time/steps_per_sec"]
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--runlocal", action="store_true", help="CI smoke variant")
-  p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist|mnist")
+  p = U.parser("cuttlefish_stable_rank", __doc__)
   p.add_argument("--models", default="lenet5,mlp")
   p.add_argument("--scale", type=float, default=1.0, help="rank = ceil(scale * stable rank)")
   p.add_argument("--threshold", type=float, default=0.05,
                  help="relative stable-rank change per interval that counts as settled")
-  p.add_argument("--workdir", default=os.path.join("runs", "cuttlefish_stable_rank"))
-  p.add_argument("--out", default=os.path.join(HERE, "results"))
-  a = p.parse_args(argv)
+  a = U.parse_args("cuttlefish_stable_rank", argv, p=p)
   res = {m: study_model(m, a.workdir, runlocal=a.runlocal, dataset=a.dataset,
                         scale=a.scale, threshold=a.threshold)
          for m in a.models.split(",")}
-  U.write_csv(os.path.join(a.out, "comparison.csv"),
+  U.write_csv(os.path.join(a.results, "comparison.csv"),
               [r for v in res.values() for r in v["rows"]])
-  U.write_csv(os.path.join(a.out, "stable_rank.csv"),
+  U.write_csv(os.path.join(a.results, "stable_rank.csv"),
               [r for v in res.values() for r in v["sr_rows"]])
-  U.write_csv(os.path.join(a.out, "switch.csv"),
+  U.write_csv(os.path.join(a.results, "switch.csv"),
               [r for v in res.values() for r in v["sw_rows"]])
-  fig, ax = U.new_figure(len(res), 1)
+  fig, ax = U.figure(1, len(res))
   for j, (m, v) in enumerate(res.items()):
     x = ax[0][j]
     for l, vals in v["sr"].items():
@@ -200,7 +201,7 @@ def main(argv=None):
     x.set_title(f"{m}: stable rank of full-rank training", fontsize=9)
     x.set_xlabel("step"); x.set_ylabel("stable rank"); x.set_yscale("log")
     x.legend(fontsize=7); x.grid(alpha=.3)
-  U.savefig(fig, os.path.join(a.out, "stable_rank.png"))
+  U.save(fig, os.path.join(a.results, "stable_rank.png"))
   for v in res.values():
     for r in v["rows"]:
       print(r)

@@ -20,10 +20,8 @@ import os
 
 import numpy as np
 
-from experiments import dlrt_util as U
+from experiments import common as U
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "config.py")
 PAPER_STEPS_PER_EPOCH = 391      # ceil(50,000 / 128): the authors' loader
 LAYERS = ("conv1", "conv2", "fc1")
 
@@ -77,7 +75,7 @@ def summarize(workdir: str, out: str) -> dict:
                                         if c["gap"] <= 2.0), "")}
   U.write_csv(os.path.join(out, "final.csv"), [final])
 
-  fig, ax = U.new_figure(2, 1, size=(5.5, 4.2))
+  fig, ax = U.figure(1, 2, size=(5.5, 4.2))
   a, b = ax[0]
   a.plot(sd, 100 * ad, "-", color="C0", label="dense (ours)")
   a.plot(sl, 100 * al, "-", color="C1", label="DLRT tau 0.11 (ours)")
@@ -90,14 +88,14 @@ def summarize(workdir: str, out: str) -> dict:
   b.axhline(2.0, color="k", lw=0.8, ls=":")
   b.set_xlabel("step"); b.set_ylabel("dense - DLRT accuracy (points)")
   b.set_title("gap as training runs"); b.legend(); b.grid(alpha=.3)
-  U.savefig(fig, os.path.join(out, "gap_vs_steps.png"))
+  U.save(fig, os.path.join(out, "gap_vs_steps.png"))
   return final
 
 
 def main(argv=None):
-  a = U.study_args(argv, __doc__, "dlrt_gap_vs_steps", HERE)
-  U.run_sweep(CONFIG, a.workdir, runlocal=a.runlocal, extra=a.extra)
-  final = summarize(a.workdir, a.out)
+  a = U.parse_args("dlrt_gap_vs_steps", argv, doc=__doc__)
+  U.run_sweep(U.config_spec("dlrt_gap_vs_steps", a.runlocal, a.extra), a.workdir)
+  final = summarize(a.workdir, a.results)
   print(final)
   return final
 

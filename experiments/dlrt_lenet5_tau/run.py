@@ -26,10 +26,8 @@ import os
 
 import numpy as np
 
-from experiments import dlrt_util as U
+from experiments import common as U
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "config.py")
 LAYERS = ("conv1", "conv2", "fc1")
 # (n, m) = (out, in) of the factorized matrices of LeNet5 on 28x28 inputs.
 SHAPES = {"conv1": (20, 25), "conv2": (50, 500), "fc1": (500, 800)}
@@ -139,7 +137,7 @@ def summarize(workdir: str, out: str) -> list[dict]:
 
 
 def _plot(rows, pub, path):
-  fig, ax = U.new_figure(3, 1, size=(4.6, 3.8))
+  fig, ax = U.figure(1, 3, size=(4.6, 3.8))
   ax = ax[0]
   lr = [r for r in rows if r["tau"] != "dense"]
   taus = [float(r["tau"]) for r in lr]
@@ -168,13 +166,13 @@ def _plot(rows, pub, path):
          "^:", label="ours, paper's accounting")
   c.set_xlabel("compression %"); c.set_ylabel("test accuracy % (ours)")
   c.legend(fontsize=8); c.grid(alpha=.3)
-  U.savefig(fig, path)
+  U.save(fig, path)
 
 
 def main(argv=None):
-  a = U.study_args(argv, __doc__, "dlrt_lenet5_tau", HERE)
-  U.run_sweep(CONFIG, a.workdir, runlocal=a.runlocal, extra=a.extra)
-  rows = summarize(a.workdir, a.out)
+  a = U.parse_args("dlrt_lenet5_tau", argv, doc=__doc__)
+  U.run_sweep(U.config_spec("dlrt_lenet5_tau", a.runlocal, a.extra), a.workdir)
+  rows = summarize(a.workdir, a.results)
   for r in rows:
     print(r)
   return rows

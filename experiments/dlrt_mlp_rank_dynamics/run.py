@@ -22,10 +22,8 @@ import os
 
 import numpy as np
 
-from experiments import dlrt_util as U
+from experiments import common as U
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "config.py")
 LAYERS = ("fc1", "fc2", "fc3", "fc4")
 
 
@@ -70,7 +68,7 @@ def summarize(workdir: str, out: str) -> list[dict]:
 
 def _plot(runs, order, rows, pub, out):
   taus = [t for t in order if t != "dense"]
-  fig, ax = U.new_figure(len(LAYERS), 1, size=(3.6, 3.4))
+  fig, ax = U.figure(1, len(LAYERS), size=(3.6, 3.4))
   for j, l in enumerate(LAYERS):
     a = ax[0][j]
     for i, t in enumerate(taus):
@@ -82,8 +80,8 @@ def _plot(runs, order, rows, pub, out):
     a.set_title(f"{l} (dotted: paper's final rank)", fontsize=8)
     a.set_xlabel("step"); a.set_ylabel("rank"); a.set_yscale("log"); a.grid(alpha=.3)
   ax[0][0].legend(fontsize=7)
-  U.savefig(fig, os.path.join(out, "rank_vs_step.png"))
-  fig, ax = U.new_figure(1, 1)
+  U.save(fig, os.path.join(out, "rank_vs_step.png"))
+  fig, ax = U.figure(1, 1)
   a = ax[0][0]
   lr = [r for r in rows if r["tau"] != "dense"]
   a.plot([r["eval_cr"] for r in lr], [r["gap_to_dense"] for r in lr], "o-",
@@ -96,13 +94,13 @@ def _plot(runs, order, rows, pub, out):
          "s--", label="paper (MNIST)")
   a.set_xlabel("eval compression %"); a.set_ylabel("test acc - dense (points)")
   a.legend(); a.grid(alpha=.3)
-  U.savefig(fig, os.path.join(out, "accuracy_vs_compression.png"))
+  U.save(fig, os.path.join(out, "accuracy_vs_compression.png"))
 
 
 def main(argv=None):
-  a = U.study_args(argv, __doc__, "dlrt_mlp_rank_dynamics", HERE)
-  U.run_sweep(CONFIG, a.workdir, runlocal=a.runlocal, extra=a.extra)
-  rows = summarize(a.workdir, a.out)
+  a = U.parse_args("dlrt_mlp_rank_dynamics", argv, doc=__doc__)
+  U.run_sweep(U.config_spec("dlrt_mlp_rank_dynamics", a.runlocal, a.extra), a.workdir)
+  rows = summarize(a.workdir, a.results)
   for r in rows:
     print(r)
   return rows

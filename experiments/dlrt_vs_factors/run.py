@@ -4,7 +4,7 @@
       [--workdir runs/dlrt_vs_factors] [--out experiments/dlrt_vs_factors/results]
 
 Runs the three methods of config.py (and a diagnostic: SGD on U, S, V at
-lr / 10) with `dlrt_util.custom_run` (one loop
+lr / 10) with `experiments.common.train_with` (one loop
 for all three, so the curves are comparable), then writes
 results/curves.csv (method, step, validation accuracy), results/final.csv
 (test accuracy beside the paper's) and results/accuracy_vs_step.png.
@@ -20,7 +20,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -28,14 +27,13 @@ import jax
 import numpy as np
 import jax.numpy as jnp
 
-from experiments import dlrt_util as U
+from experiments import common as U
 from lrtrain import config_utils as cu
 from lrtrain import factorizations as fz
 from lrtrain import integrators
 from lrtrain.integrators import base
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "config.py")
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 # The paper's three methods, then a diagnostic that is not in the paper:
 # SGD on U, S, V at a tenth of the learning rate (does it only diverge?).
 METHODS = ("kls", "factors", "uv", "factors_lr_div10")
@@ -93,12 +91,12 @@ def run_all(workdir: str, *, runlocal: bool = False, dataset: str = "fashion_mni
     if method == "factors_lr_div10":
       over["optimizer.learning_rate"] = base_cfg.optimizer.learning_rate / 10
     cfg = cu.apply_overrides(base_cfg, over)
-    integ, prep = None, None
+    integ, init = None, None
     if method == "uv":
       integ = two_factor(optim.build(cfg.optimizer, cfg.train.num_steps))
-      prep = to_two_factor
-    out[method] = U.custom_run(cfg, os.path.join(workdir, method),
-                               integrator=integ, prepare=prep)
+      init = lambda run: to_two_factor(run.init_params)
+    out[method] = U.train_with(cfg, os.path.join(workdir, method),
+                               integrator=integ, init_fn=init)
   return out
 
 
@@ -106,13 +104,13 @@ def summarize(workdir: str, out: str, summaries: dict) -> list[dict]:
   """curves.csv, final.csv and the figure."""
   pub = {r["method"]: r for r in U.published("dlrt_vs_vanilla.csv")}
   curves, final = [], []
-  fig, ax = U.new_figure(1, 1)
+  fig, ax = U.figure(1, 1)
   a = ax[0][0]
   labels = {"kls": "DLRT fixed-rank KLS", "factors": "SGD on U, S, V",
             "uv": "SGD on U V^T (S = I frozen)",
             "factors_lr_div10": "SGD on U, S, V, lr / 10 (diagnostic)"}
   for i, (m, s) in enumerate(summaries.items()):
-    rows = U.read_jsonl(os.path.join(workdir, m, "metrics.jsonl"))
+    rows = U.metrics(os.path.join(workdir, m))
     st, acc = U.series(rows, "eval/accuracy")
     curves += [{"method": m, "step": int(x), "val_accuracy": float(y)}
                for x, y in zip(st, acc)]
@@ -133,21 +131,16 @@ def summarize(workdir: str, out: str, summaries: dict) -> list[dict]:
               label=f"paper {key} (MNIST, 10 epochs)")
   a.set_xlabel("step"); a.set_ylabel("validation accuracy %"); a.set_ylim(0, 100)
   a.legend(fontsize=8); a.grid(alpha=.3)
-  U.savefig(fig, os.path.join(out, "accuracy_vs_step.png"))
+  U.save(fig, os.path.join(out, "accuracy_vs_step.png"))
   U.write_csv(os.path.join(out, "curves.csv"), curves)
   U.write_csv(os.path.join(out, "final.csv"), final)
   return final
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--runlocal", action="store_true", help="CI smoke variant")
-  p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist|mnist")
-  p.add_argument("--workdir", default=os.path.join("runs", "dlrt_vs_factors"))
-  p.add_argument("--out", default=os.path.join(HERE, "results"))
-  a = p.parse_args(argv)
+  a = U.parse_args("dlrt_vs_factors", argv, doc=__doc__)
   summaries = run_all(a.workdir, runlocal=a.runlocal, dataset=a.dataset)
-  rows = summarize(a.workdir, a.out, summaries)
+  rows = summarize(a.workdir, a.results, summaries)
   for r in rows:
     print(r)
   return rows

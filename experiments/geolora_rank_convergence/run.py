@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from experiments import geo_common as gc
+from experiments import common as gc
 
 STUDY = "geolora_rank_convergence"
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import geo_common as gc
+from experiments import common as gc
 from lrtrain import data as data_lib
 from lrtrain import factorizations as fz
 from lrtrain import models
@@ -108,7 +108,7 @@ def train_all(runlocal: bool, workdir: str, train: bool = True):
     if not train:
       break
     gc.train_with(cfg, os.path.join(workdir, "finetune", name), dataset=ds_b,
-                  init_fn=lambda run: from_pretrained(run["init_params"], pre))
+                  init_fn=lambda run: from_pretrained(run.init_params, pre))
   return (full, ds_a, ds_b), (model, pre, pre_cfg)
 
 

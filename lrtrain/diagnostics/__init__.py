@@ -1,7 +1,7 @@
 """Spectral diagnostics of dense and factored layers, on their own cadence.
 
 `Diagnostics(reference_params)(params)` returns a flat dict of
-slash-namespaced metrics (spectral/<layer>/stable_rank, rank/<layer>,
+slash-namespaced metrics (spectral/<layer>/stable_rank,
 intruders/<layer>/maxsim, intruders/total, params/compression, ...); every
 key is defined in docs/diagnostics.md. `plots.render` turns a run's
 metrics.jsonl into figures.

@@ -209,16 +209,12 @@ class Diagnostics:
       s, active, Y = sp.lowrank_spectrum(x, vec and x.W0 is None)
       ymask = active
       res["spectral/kappa_S_log10"] = sp.kappa_S_log10(x)
-      res["rank"] = x.rank
     elif isinstance(x, Lora):
       s = sp.lora_spectrum(x)
       active = jnp.ones(s.shape, bool)
-      res["rank"] = jnp.asarray(x.rank, jnp.int32)
     elif isinstance(x, Tucker):
       s, active, Y, modes = sp.tucker_spectra(x, vec)
       ymask = active
-      res["rank"] = x.ranks[0]
-      res["tucker/ranks"] = x.ranks
       for i, mode_s in enumerate(modes):
         res[f"tucker/mode{i + 1}_sv"] = mode_s
     else:

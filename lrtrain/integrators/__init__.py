@@ -34,6 +34,9 @@ METHODS = {
 # plain.py serves several names; it gets the name as `method`.
 _SHARED_MODULES = {"plain"}
 
+# The method other methods' step rates are quoted against (time/vs_dense).
+REFERENCE = "dense"
+
 
 def module_for(name: str):
   """The module implementing `name` (imported on first use).
@@ -51,9 +54,25 @@ def module_for(name: str):
 def options(name: str) -> frozenset[str]:
   """The option names `build(name, ...)` accepts (keyword arguments of the
   method's `make`, less `tx` and the shared module's `method`)."""
-  params = inspect.signature(module_for(name).make).parameters
+  mod = module_for(name)
+  params = inspect.signature(mod.make).parameters
+  only_for = getattr(mod, "ONLY_FOR", {})   # options of one name of a shared module
   return frozenset(k for k, p in params.items()
-                   if k not in ("tx", "method") and p.kind == p.KEYWORD_ONLY)
+                   if k not in ("tx", "method") and p.kind == p.KEYWORD_ONLY
+                   and only_for.get(k, name) == name)
+
+
+def check_config(config) -> None:
+  """The method's own checks of a config beyond its option values (the
+  module's `check_config(config, method=name)`, where it has one).
+
+  Raises:
+    ValueError: naming the config field and what to do.
+  """
+  name = config.integrator.name
+  check = getattr(module_for(name), "check_config", None)
+  if check is not None:
+    check(config, method=name)
 
 
 def build(name: str, tx: optax.GradientTransformation, **kwargs) -> Integrator:
@@ -81,4 +100,5 @@ def build(name: str, tx: optax.GradientTransformation, **kwargs) -> Integrator:
   return mod.make(tx, **kwargs)
 
 
-__all__ = ["METHODS", "Integrator", "build", "module_for", "options"]
+__all__ = ["METHODS", "REFERENCE", "Integrator", "build", "check_config",
+           "module_for", "options"]

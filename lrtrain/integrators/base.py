@@ -40,6 +40,9 @@ class Integrator(NamedTuple):
   init: Callable[[Params], State]
   step: Callable[[LossFn, Params, State, Batch], tuple[Params, State, dict]]
   resize: Callable[[Params, State], tuple[Params, State, bool]]
+  # True: after the first `resize` no parameter shape ever changes, so the
+  # runner may skip `resize` (and vmap the step over seeds).
+  fixed_shape: bool = False
 
 
 def no_resize(params, state):

@@ -233,4 +233,4 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
     return new_params, state, {"loss": loss, **aux,
                                **base.rank_aux(new_params)}
 
-  return base.Integrator(init, step, base.no_resize)
+  return base.Integrator(init, step, base.no_resize, fixed_shape=True)

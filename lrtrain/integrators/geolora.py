@@ -217,7 +217,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     return (buckets.resize_lowrank(params, plan),
             GeoLoRAState(opt, state.count), True)
 
-  return base.Integrator(init, step, resize)
+  return base.Integrator(init, step, resize, fixed_shape=not adaptive)
 
 
 def as_transform(tx: optax.GradientTransformation, **kwargs

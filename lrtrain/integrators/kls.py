@@ -355,4 +355,4 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         aligned_maps(params, lambda i, p: (emb(i, "core"),), others=True))
     return buckets.resize_lowrank(params, plan), KLSState(kl, s), True
 
-  return base.Integrator(init, step, resize)
+  return base.Integrator(init, step, resize, fixed_shape=not adaptive)

@@ -29,6 +29,20 @@ from lrtrain.integrators import base
 NAMES = ("dense", "factors", "lora", "galore")
 
 
+# Options only the 'galore' name takes (`integrators.options`).
+ONLY_FOR = {"galore_rank": "galore", "update_proj_gap": "galore",
+            "galore_scale": "galore"}
+
+
+def check_config(config, *, method: str) -> None:
+  """GaLore wraps the optimizer's update; one that reads params cannot run
+  in the projected space."""
+  if method == "galore" and config.optimizer.name == "adamw":
+    raise ValueError("integrator.name='galore' needs an optimizer without "
+                     "params (sgd|momentum|adam); use optimizer.weight_decay "
+                     "with adam instead of adamw")
+
+
 def make(tx: optax.GradientTransformation, *, method: str = "dense",
          weight_decay: float = 0.0, galore_rank: int = 32,
          update_proj_gap: int = 200, galore_scale: float = 1.0) -> base.Integrator:
@@ -70,5 +84,5 @@ def make(tx: optax.GradientTransformation, *, method: str = "dense",
     new = base.restore_frozen(params, optax.apply_updates(t, updates))
     return new, state, {"loss": loss, **aux, **base.rank_aux(new)}
 
-  return base.Integrator(init, step, base.no_resize)
+  return base.Integrator(init, step, base.no_resize, fixed_shape=True)
 

@@ -561,4 +561,4 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     return (jax.tree.map(fix, params, is_leaf=fz.is_factor),
             TDLRTState(k, s), True)
 
-  return base.Integrator(init, step, resize)
+  return base.Integrator(init, step, resize, fixed_shape=not adaptive)

@@ -1,22 +1,22 @@
-"""Helpers of the geolora_rank_convergence, condlr_robustness,
-intruder_dimensions and tdlrt_tucker studies.
+"""Helpers shared by the studies under experiments/.
 
-Each study is `python -m experiments.<study>.run [--runlocal] [--workdir W]`:
-it runs its config's sweep through lrtrain's runner (finished runs are
-skipped, interrupted ones resume from their last checkpoint), then its
-report step reads the run directories (metrics.jsonl, summary.json, final
-checkpoints) and writes results/*.csv and results/*.png beside the study.
+Each study is `python -m experiments.<study>.run [--runlocal] [--workdir W]
+[--results R]`: it runs its config's sweep through lrtrain's runner
+(finished runs are skipped, interrupted ones resume from their last
+checkpoint), then its report step reads the run directories (metrics.jsonl,
+summary.json, final checkpoints) and writes results/*.csv and
+results/*.png beside the study (under the workdir for --runlocal).
 
-Two studies need a run whose initial parameters or data differ from what
-the config alone builds (CondLR's per-layer ranks, fine-tuning from a
-pre-trained checkpoint on a chosen class subset); `train_with` runs the
-unchanged `lrtrain.train.train_and_evaluate` with those substituted.
+Studies whose runs differ from what the config alone builds (CondLR's
+per-layer ranks, fine-tuning from a pre-trained checkpoint on a class
+subset, a switch of factorization mid-training, a study-local integrator)
+replace those parts of the built `lrtrain.train.Run` through `train_with`,
+which calls lrtrain's one training loop.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
@@ -34,6 +34,7 @@ from lrtrain import train as train_lib
 from lrtrain.diagnostics import plots as plots_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED = os.path.join(ROOT, "third_party", "published")
 
 
 # --------------------------------------------------------------------------
@@ -41,23 +42,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------
 
 
-def parse_args(study: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-  """--runlocal, --workdir (default runs/<study>[_local]), --results
-  (default experiments/<study>/results, or <workdir>/results for runlocal)."""
-  p = argparse.ArgumentParser(prog=f"python -m experiments.{study}.run")
+def parser(study: str, doc: str | None = None) -> argparse.ArgumentParser:
+  """--runlocal, --dataset, --workdir, --results (alias --out), --report_only;
+  a study adds its own flags and calls `parse_args`."""
+  p = argparse.ArgumentParser(prog=f"python -m experiments.{study}.run",
+                              description=(doc or "").strip().split("\n")[0])
   p.add_argument("--runlocal", action="store_true",
                  help="seconds-long smoke variant (CI)")
-  p.add_argument("--workdir", default=None, help="run directories")
-  p.add_argument("--results", default=None, help="CSV / PNG output folder")
+  p.add_argument("--dataset", default="fashion_mnist",
+                 help="fashion_mnist|mnist (studies on Fashion-MNIST)")
+  p.add_argument("--workdir", default=None,
+                 help="run directories (default runs/<study>[_local])")
+  p.add_argument("--results", "--out", dest="results", default=None,
+                 help="CSV / PNG output folder (default experiments/<study>/"
+                 "results, <workdir>/results for --runlocal)")
   p.add_argument("--report_only", action="store_true",
                  help="only rebuild results/ from existing runs")
-  a = p.parse_args(argv)
+  return p
+
+
+def parse_args(study: str, argv: Sequence[str] | None = None, *,
+               doc: str | None = None,
+               p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+  """The parsed command line with defaults filled in; `a.extra` is the
+  config argument for --dataset ('' for Fashion-MNIST)."""
+  a = (p or parser(study, doc)).parse_args(argv)
   if a.workdir is None:
     a.workdir = os.path.join("runs", study + ("_local" if a.runlocal else ""))
   if a.results is None:
     a.results = (os.path.join(a.workdir, "results") if a.runlocal else
                  os.path.join(ROOT, "experiments", study, "results"))
   os.makedirs(a.results, exist_ok=True)
+  a.extra = "" if a.dataset == "fashion_mnist" else f"dataset={a.dataset}"
   return a
 
 
@@ -80,33 +96,14 @@ def run_sweep(spec: str, workdir: str) -> tuple[list[str], float]:
 
 
 # --------------------------------------------------------------------------
-# Runs with substituted initial params / data.
+# Runs with substituted parts.
 # --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _substituted_build(init_fn, dataset):
-  """Temporarily wrap lrtrain.train.build_run (restored on exit)."""
-  orig = train_lib.build_run
-
-  def build_run(config):
-    run = orig(config)
-    if dataset is not None:
-      run["ds"] = dataset
-    if init_fn is not None:
-      run["init_params"] = init_fn(run)
-    return run
-  train_lib.build_run = build_run
-  try:
-    yield
-  finally:
-    train_lib.build_run = orig
-
-
 def train_with(config: ml_collections.ConfigDict, workdir: str, *,
-               init_fn: Callable[[dict], Any] | None = None,
-               dataset=None) -> dict:
-  """`train_and_evaluate` with other initial params and/or another dataset.
+               init_fn: Callable[[train_lib.Run], Any] | None = None,
+               dataset=None, integrator=None, start_step: int = 0) -> dict:
+  """lrtrain's training loop on the config's run with parts replaced.
 
   The runner's checkpointing, resume, metrics and diagnostics are kept;
   the diagnostics reference (intruders) is the substituted initial params.
@@ -115,16 +112,25 @@ def train_with(config: ml_collections.ConfigDict, workdir: str, *,
     config: resolved config (its model must accept the substituted params
       and the dataset's input shape and class count).
     workdir: run directory (resumes when it holds a partial run).
-    init_fn: run dict (lrtrain.train.build_run) -> initial params.
+    init_fn: the built `train.Run` (dataset already replaced) -> initial params.
     dataset: an lrtrain.data.Dataset replacing the config's.
+    integrator: an `Integrator` replacing the one the config names.
+    start_step: data-stream position of step 0 (a run continuing another
+      sees the batches that run would have seen next).
 
   Returns:
     The summary dict (summary.json), or the existing one if finished.
   """
   if sweep_lib.is_finished(workdir, config):
     return read_json(os.path.join(workdir, "summary.json"))
-  with _substituted_build(init_fn, dataset):
-    return train_lib.train_and_evaluate(config, workdir)
+  run = train_lib.build_run(config).replace(start_step=start_step)
+  if dataset is not None:
+    run = run.replace(ds=dataset)
+  if integrator is not None:
+    run = run.replace(integrator=integrator)
+  if init_fn is not None:
+    run = run.replace(init_params=init_fn(run))
+  return train_lib.train(run, workdir)
 
 
 def restore_params(run_dir: str, like_params) -> Any:
@@ -172,8 +178,21 @@ def finished_runs(workdir: str) -> list[str]:
 
 
 def metrics(run_dir: str) -> list[dict]:
-  """Rows of a run's metrics.jsonl."""
-  return plots_lib.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+  """Rows of a run's metrics.jsonl ([] when it has none)."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  return plots_lib.read_metrics(path) if os.path.exists(path) else []
+
+
+def read_runs(workdir: str) -> dict[str, dict]:
+  """{run name: {'summary', 'metrics', 'config'}} of the finished runs."""
+  out = {}
+  for d in finished_runs(workdir):
+    cfg = os.path.join(d, "config.json")
+    out[os.path.basename(d)] = {
+        "summary": read_json(os.path.join(d, "summary.json")),
+        "config": read_json(cfg) if os.path.exists(cfg) else {},
+        "metrics": metrics(d)}
+  return out
 
 
 def series(rows: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -186,12 +205,18 @@ def series(rows: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(steps), np.asarray(vals, dtype=float)
 
 
+def published(name: str) -> list[dict]:
+  """Rows of third_party/published/<name> as dicts of strings."""
+  with open(os.path.join(PUBLISHED, name)) as fh:
+    return list(csv.DictReader(fh))
+
+
 def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-  """rows -> CSV (columns default to the union of keys, in first-seen order)."""
+  """rows -> CSV (columns default to the union of keys, in first-seen order;
+  floats to 6 significant digits, non-finite and None as empty cells)."""
   if columns is None:
-    columns = []
-    for r in rows:
-      columns += [k for k in r if k not in columns]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
     w.writeheader()
@@ -201,15 +226,18 @@ def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str] | None = N
 
 
 def _fmt(v):
+  if v is None:
+    return ""
   if isinstance(v, (float, np.floating)):
-    return f"{float(v):.6g}"
+    return f"{float(v):.6g}" if np.isfinite(v) else ""
   if isinstance(v, (list, tuple)):
     return " ".join(str(_fmt(x)) for x in v)
   return v
 
 
 def figure(nrows: int = 1, ncols: int = 1, size=(6.0, 4.0)):
-  """(fig, axes) on the Agg backend (no display needed); axes is 2-D."""
+  """(fig, axes) on the Agg backend (no display needed); axes is 2-D and
+  each panel is `size` inches."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
@@ -219,6 +247,7 @@ def figure(nrows: int = 1, ncols: int = 1, size=(6.0, 4.0)):
 
 
 def save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   return path
