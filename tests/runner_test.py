@@ -139,3 +139,66 @@ def test_progress_plain_lines_when_not_a_tty(capsys):
   assert not p.interactive
   p.update(5, 0.5)
   assert s.getvalue() == ""         # plain mode logs through absl, no bar
+
+
+def test_vmapped_seeds_are_the_same_loop_as_sequential(tmp_path):
+  """Two seeds of fixed-rank GeoLoRA (which buckets its buffers to 2r on the
+  first resize) as one vmapped program equal the two runs one by one."""
+  def cfg(seed):
+    c = config_utils.apply_overrides(digits_config(), {
+        "integrator.name": "geolora", "integrator.adaptive": False,
+        "seed": seed, "diagnostics.enabled": False})
+    return c
+  cs = [cfg(0), cfg(1)]
+  assert train.fixed_shape(cs[0])
+  vm = train.train_seeds_vmapped(cs, [str(tmp_path / f"v{i}") for i in range(2)])
+  seq = [train.train_and_evaluate(c, str(tmp_path / f"s{i}")) for i, c in enumerate(cs)]
+  for a, b, i in zip(vm, seq, range(2)):
+    assert a["ranks"] == b["ranks"]
+    assert a["test/loss"] == pytest.approx(b["test/loss"], rel=1e-4)
+    rows = [[json.loads(l) for l in open(tmp_path / f"{p}{i}" / "metrics.jsonl")]
+            for p in ("v", "s")]
+    la, lb = ([r["train/loss"] for r in rs if "train/loss" in r] for rs in rows)
+    np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-6)
+  assert vm[0]["test/loss"] != vm[1]["test/loss"]   # the seeds really differ
+  with pytest.raises(config_utils.ConfigError, match="fixed-shape"):
+    train.train_seeds_vmapped([digits_config(), digits_config()],
+                              [str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_run_replace_and_extra_hook(tmp_path):
+  """A study replaces the initial params and adds a hook; the one loop
+  calls it on the common cadence and writes what it returns."""
+  c = config_utils.apply_overrides(digits_config(), {"diagnostics.enabled": False})
+  run = train.build_run(c)
+  scaled = jax.tree.map(lambda x: 0.5 * x if base.is_float(x) else x,
+                        run.init_params)
+  seen = []
+
+  def norm(step, params, opt_state):
+    del opt_state
+    seen.append(step)
+    return {"study/param_norm": float(optax.tree.norm(base.trainable(params)))}
+  run = run.replace(init_params=scaled, hooks=(train.Hook(2, norm),))
+  train.train(run, str(tmp_path))
+  total = run.total
+  assert seen == sorted({s for s in range(1, total + 1) if s % 2 == 0} | {total})
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "study/param_norm" in r] == seen
+  with pytest.raises(TypeError):
+    train.build_run(c).replace(no_such_field=1)
+
+
+def test_method_options_are_the_methods_own():
+  from lrtrain import integrators
+  with pytest.raises(ValueError, match="unknown option.*rank"):
+    integrators.build("galore", optax.sgd(0.1), rank=4)
+  with pytest.raises(ValueError, match="unknown option.*tau"):
+    integrators.build("condlr", optax.sgd(0.1), tau=0.1)
+  with pytest.raises(ValueError, match="unknown option.*galore_rank"):
+    integrators.build("dense", optax.sgd(0.1), galore_rank=4)
+  assert "galore_rank" in integrators.options("galore")
+  c = config_utils.apply_overrides(digits_config(), {
+      "integrator.name": "galore", "optimizer.name": "adamw"})
+  with pytest.raises(config_utils.ConfigError, match="integrator.name='galore'"):
+    config_utils.validate(c)

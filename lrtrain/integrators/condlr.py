@@ -158,16 +158,6 @@ def _is_lr(x) -> bool:
   return isinstance(x, fz.LowRank)
 
 
-def _decay_grads(params, grads, weight_decay: float):
-  """g + wd * p on leaves `base.decay_mask` allows (never U, V)."""
-  if not weight_decay:
-    return grads
-  mask = base.decay_mask(params)
-  return jax.tree.map(
-      lambda g, p, d: g + weight_decay * p.astype(g.dtype) if d else g,
-      grads, params, mask)
-
-
 def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
          kappa_tau: float = 0.1, weight_decay: float = 0.0) -> base.Integrator:
   """The CondLR integrator (fixed rank, conditioned cores).
@@ -196,6 +186,7 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
                      f"{variant!r}")
   if kappa_tau < 0:
     raise ValueError(f"condlr: kappa_tau must be >= 0, got {kappa_tau}")
+  tx = base.with_weight_decay(tx, weight_decay)   # after the projection
 
   def init(params):
     return tx.init(base.trainable(params))
@@ -225,7 +216,7 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
 
   def step(loss_fn, params, state, batch):
     (loss, aux), grads = base.value_and_grad(loss_fn, params, batch)
-    grads = _decay_grads(params, project(params, grads), weight_decay)
+    grads = project(params, grads)
     t = base.trainable(params)
     upd, state = tx.update(base.trainable(grads), state, t)
     stepped = base.restore_frozen(params, optax.apply_updates(t, upd))

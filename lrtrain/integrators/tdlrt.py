@@ -425,6 +425,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   if not 0.0 <= tau < 1.0:
     raise ValueError(f"tdlrt: tau must be in [0, 1), got {tau}")
   tx_k = tx if k_tx is None else k_tx
+  # Decay on cores and non-factor leaves (base.decay_mask), never the U_i.
+  tx_s = base.with_weight_decay(tx, weight_decay)
   moving_of = lambda x: moving_modes(x, adapt_spatial)
 
   def k_like(params):
@@ -437,13 +439,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     return _node_map(params, fn)
 
   def init(params):
-    return TDLRTState(tx_k.init(k_like(params)), tx.init(s_tree(params)))
-
-  def decay(st, g):
-    if not weight_decay:
-      return g
-    return jax.tree.map(lambda gi, p: gi + weight_decay * p.astype(gi.dtype),
-                        g, st)
+    return TDLRTState(tx_k.init(k_like(params)), tx_s.init(s_tree(params)))
 
   def step(loss_fn, params, state, batch):
     nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
@@ -480,7 +476,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     s0 = s_tree(aug)
     (_, _), g_s = jax.value_and_grad(
         lambda st: loss_fn(_merge_s(aug, st), batch), has_aux=True)(s0)
-    upd, s_state = tx.update(decay(s0, g_s), s_state, s0)
+    upd, s_state = tx_s.update(g_s, s_state, s0)
     s1 = optax.apply_updates(s0, upd)
     stepped = _merge_s(aug, s1)
 
