@@ -56,11 +56,14 @@ def is_float(x) -> bool:
 
 def value_and_grad(loss_fn: LossFn, params: Params, batch: Batch):
   """(loss, aux), grads with float leaves differentiated and other leaves
-  (int ranks) given zero gradients of their own dtype."""
+  (int ranks) given float32 zero gradients: a tree every optax
+  transformation takes (jax.grad's float0 leaves break optax's clipping,
+  int ones its rescaling); the integrators ignore those leaves."""
   (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)(
       params, batch)
   g = jax.tree.map(
-      lambda gi, p: jnp.zeros_like(p) if not is_float(p) else gi, g, params)
+      lambda gi, p: gi if is_float(p) else jnp.zeros(jnp.shape(p), jnp.float32),
+      g, params)
   return (loss, aux), g
 
 

@@ -227,9 +227,11 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
   `update(grads, state, params)` returns updates with
   `optax.apply_updates(params, updates)` equal to the integrator's new params
   (int rank leaves included), so it composes inside an optax.chain, e.g.
-  `optax.chain(optax.masked(optax.clip_by_global_norm(1.0), base.float_mask),
-  geolora.as_transform(tx))` (optax's clipping cannot mix the int rank
-  leaves into a norm, hence the mask).
+  `optax.chain(optax.clip_by_global_norm(1.0), geolora.as_transform(tx))`
+  on gradients from `base.value_and_grad` (float32 zeros for the int rank
+  leaves; jax.grad's float0 leaves break optax's clipping). It must be the
+  last transformation of the chain: one after it rescales the update
+  U_new - U and leaves U off the Stiefel manifold.
   Capacities are fixed inside a chain: bucket them beforehand (the
   Integrator's `resize`), with capacity >= 2r.
 
