@@ -84,15 +84,19 @@ def config_spec(study: str, runlocal: bool, extra: str = "") -> str:
   return f"{path}:{args}" if args else path
 
 
-def run_sweep(spec: str, workdir: str) -> tuple[list[str], float]:
-  """Run every unfinished point of a config's sweep.
-
-  Returns:
-    (run directories, wall seconds of this call).
-  """
-  t = time.time()
-  dirs = sweep_lib.run_all(spec, workdir)
-  return dirs, time.time() - t
+def study_main(study: str, argv: Sequence[str] | None,
+               report: Callable[[str, str], Any], *, doc: str | None = None,
+               train: Callable[[str, str], Any] | None = None,
+               note: str = "sweep") -> Any:
+  """A study's main: the command line (`parse_args`); unless --report_only,
+  `train(config spec, workdir)` (default: the config's sweep) timed into
+  results/wall_time.json; then `report(workdir, results)`, returned."""
+  a = parse_args(study, argv, doc=doc)
+  if not a.report_only:
+    t = time.time()
+    (train or sweep_lib.run_all)(config_spec(study, a.runlocal, a.extra), a.workdir)
+    write_wall_time(a.results, time.time() - t, note)
+  return report(a.workdir, a.results)
 
 
 # --------------------------------------------------------------------------

@@ -210,13 +210,12 @@ def sweep(key: str, values: Iterable[Any]) -> list[Override]:
 
 def product(*sweeps: Sequence[Override]) -> list[Override]:
   """The cartesian product of sweeps, each point the merge of one of each."""
-  out = []
-  for combo in itertools.product(*sweeps):
-    merged = {}
-    for d in combo:
-      merged.update(d)
-    out.append(merged)
-  return out
+  return _merged(itertools.product(*sweeps))
+
+
+def _merged(combos) -> list[Override]:
+  """One override dict per combination (later keys win)."""
+  return [{k: v for d in combo for k, v in d.items()} for combo in combos]
 
 
 def zip_(*sweeps: Sequence[Override]) -> list[Override]:
@@ -228,13 +227,7 @@ def zip_(*sweeps: Sequence[Override]) -> list[Override]:
   lengths = {len(s) for s in sweeps}
   if len(lengths) > 1:
     raise ValueError(f"zip_ of sweeps with different lengths {sorted(lengths)}")
-  out = []
-  for combo in zip(*sweeps):
-    merged = {}
-    for d in combo:
-      merged.update(d)
-    out.append(merged)
-  return out
+  return _merged(zip(*sweeps))
 
 
 def chain(*sweeps: Sequence[Override]) -> list[Override]:
@@ -316,26 +309,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # The name lists live next to their builders.
   from lrtrain import data, integrators, models, optim  # pylint: disable=g-import-not-at-top
   c = config
-  _check(c.data.name in data.NAMES,
-         f"unknown dataset data.name={c.data.name!r}; valid: {', '.join(data.NAMES)}")
-  _check(c.model.name in models.MODEL_NAMES,
-         f"unknown model model.name={c.model.name!r}; valid: "
-         f"{', '.join(models.MODEL_NAMES)}")
-  _check(c.integrator.name in integrators.METHODS,
-         f"unknown method integrator.name={c.integrator.name!r}; valid: "
-         f"{', '.join(sorted(integrators.METHODS))}")
-  _check(c.optimizer.name in optim.NAMES,
-         f"unknown optimizer optimizer.name={c.optimizer.name!r}; valid: "
-         f"{', '.join(optim.NAMES)}")
-  _check(c.optimizer.schedule in optim.SCHEDULES,
-         f"unknown schedule optimizer.schedule={c.optimizer.schedule!r}; "
-         f"valid: {', '.join(optim.SCHEDULES)}")
-  _check(c.model.factor.kind in models.DENSE_KINDS,
-         f"unknown model.factor.kind={c.model.factor.kind!r}; valid: "
-         f"{', '.join(models.DENSE_KINDS)}")
-  _check(c.model.factor.conv_kind in models.CONV_KINDS,
-         f"unknown model.factor.conv_kind={c.model.factor.conv_kind!r}; valid: "
-         f"{', '.join(models.CONV_KINDS)}")
+  names = (("dataset", "data.name", c.data.name, data.NAMES),
+           ("model", "model.name", c.model.name, models.MODEL_NAMES),
+           ("method", "integrator.name", c.integrator.name,
+            sorted(integrators.METHODS)),
+           ("optimizer", "optimizer.name", c.optimizer.name, optim.NAMES),
+           ("schedule", "optimizer.schedule", c.optimizer.schedule,
+            optim.SCHEDULES),
+           ("kind", "model.factor.kind", c.model.factor.kind, models.DENSE_KINDS),
+           ("kind", "model.factor.conv_kind", c.model.factor.conv_kind,
+            models.CONV_KINDS))
+  for what, field, value, valid in names:
+    _check(value in valid, f"unknown {what} {field}={value!r}; valid: "
+           f"{', '.join(valid)}")
   tau = c.integrator.tau
   _check(0.0 <= tau < 1.0, f"integrator.tau={tau} must be in [0, 1)")
   _check(c.model.factor.rank >= 1,

@@ -93,9 +93,7 @@ def summarize(workdir: str, out: str) -> dict:
 
 
 def main(argv=None):
-  a = U.parse_args("dlrt_gap_vs_steps", argv, doc=__doc__)
-  U.run_sweep(U.config_spec("dlrt_gap_vs_steps", a.runlocal, a.extra), a.workdir)
-  final = summarize(a.workdir, a.results)
+  final = U.study_main("dlrt_gap_vs_steps", argv, summarize, doc=__doc__)
   print(final)
   return final
 

@@ -170,9 +170,7 @@ def _plot(rows, pub, path):
 
 
 def main(argv=None):
-  a = U.parse_args("dlrt_lenet5_tau", argv, doc=__doc__)
-  U.run_sweep(U.config_spec("dlrt_lenet5_tau", a.runlocal, a.extra), a.workdir)
-  rows = summarize(a.workdir, a.results)
+  rows = U.study_main("dlrt_lenet5_tau", argv, summarize, doc=__doc__)
   for r in rows:
     print(r)
   return rows

@@ -98,9 +98,7 @@ def _plot(runs, order, rows, pub, out):
 
 
 def main(argv=None):
-  a = U.parse_args("dlrt_mlp_rank_dynamics", argv, doc=__doc__)
-  U.run_sweep(U.config_spec("dlrt_mlp_rank_dynamics", a.runlocal, a.extra), a.workdir)
-  rows = summarize(a.workdir, a.results)
+  rows = U.study_main("dlrt_mlp_rank_dynamics", argv, summarize, doc=__doc__)
   for r in rows:
     print(r)
   return rows

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import jax
 import numpy as np
@@ -110,12 +109,7 @@ def report(workdir: str, results: str) -> dict[str, str]:
 
 
 def main(argv=None) -> dict[str, str]:
-  a = gc.parse_args(STUDY, argv)
-  if not a.report_only:
-    t = time.time()
-    gc.run_sweep(gc.config_spec(STUDY, a.runlocal), a.workdir)
-    gc.write_wall_time(a.results, time.time() - t, "sweep")
-  return report(a.workdir, a.results)
+  return gc.study_main(STUDY, argv, report)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,25 @@ import jax.numpy as jnp
 from lrtrain import draws, lapack
 
 
+class FactorShape:
+  """shape (n, m), capacity C and dtype of a node holding U (n, C), V (m, C)."""
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.U.shape[-2], self.V.shape[-2])
+
+  @property
+  def capacity(self) -> int:
+    return self.U.shape[-1]
+
+  @property
+  def dtype(self):
+    return self.U.dtype
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LowRank:
+class LowRank(FactorShape):
   """Factored weight W = U S V^T + W0.
 
   Attributes:
@@ -45,18 +61,6 @@ class LowRank:
   V: jax.Array
   rank: jax.Array
   W0: jax.Array | None = None
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return (self.U.shape[-2], self.V.shape[-2])
-
-  @property
-  def capacity(self) -> int:
-    return self.U.shape[-1]
-
-  @property
-  def dtype(self):
-    return self.U.dtype
 
 
 def _check_rank(n: int, m: int, rank: int, capacity: int | None,

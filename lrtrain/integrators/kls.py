@@ -63,7 +63,7 @@ from lrtrain.integrators import transport as tr
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class KLNode:
+class KLNode(fz.lowrank.FactorShape):
   """LowRank layer evaluated as a function of K and L (U, S, V constant).
 
   Field order starts like LowRank (U, S, V, rank, W0) so code comparing
@@ -76,18 +76,6 @@ class KLNode:
   W0: jax.Array | None
   K: jax.Array
   L: jax.Array
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return (self.U.shape[-2], self.V.shape[-2])
-
-  @property
-  def capacity(self) -> int:
-    return self.U.shape[-1]
-
-  @property
-  def dtype(self):
-    return self.U.dtype
 
 
 def _kl_apply(f: KLNode, x: jax.Array) -> jax.Array:
