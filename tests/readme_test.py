@@ -8,6 +8,8 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 from lrtrain import factorizations as fz
 
@@ -36,3 +38,28 @@ def test_own_model_and_loop_example_trains():
   U, V = np.asarray(node.U[:, :r]), np.asarray(node.V[:, :r])
   np.testing.assert_allclose(U.T @ U, np.eye(r), atol=1e-4)
   np.testing.assert_allclose(V.T @ V, np.eye(r), atol=1e-4)
+
+
+CHAIN = ("optax.chain(optax.clip_by_global_norm(1.0), "
+         "geolora.as_transform(inner, tau=0.1))")
+
+
+@pytest.mark.parametrize("wrap", ["apply_if_finite", "MultiSteps"])
+def test_as_transform_inside_optax_wrappers(wrap):
+  """The same loop with the chain wrapped in optax.apply_if_finite or
+  optax.MultiSteps: it compiles, trains, keeps U, V orthonormal and the
+  rank an int32 leaf."""
+  code = _example()
+  assert f"tx = {CHAIN}" in code
+  wrapped = {"apply_if_finite": f"optax.apply_if_finite({CHAIN}, 3)",
+             "MultiSteps": f"optax.MultiSteps({CHAIN}, 2)"}[wrap]
+  env: dict = {"optax": optax}
+  exec(compile(code.replace(f"tx = {CHAIN}", f"tx = {wrapped}").replace(  # pylint: disable=exec-used
+      "range(200)", "range(20)"), "README", "exec"), env)
+  (node,) = [x for _, x in fz.factor_paths(env["params"])]
+  assert node.rank.dtype == jnp.int32
+  r = int(node.rank)
+  U, V = np.asarray(node.U[:, :r]), np.asarray(node.V[:, :r])
+  np.testing.assert_allclose(U.T @ U, np.eye(r), atol=1e-4)
+  np.testing.assert_allclose(V.T @ V, np.eye(r), atol=1e-4)
+  assert np.isfinite(float(env["loss"]))

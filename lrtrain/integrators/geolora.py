@@ -256,8 +256,11 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
     if params is None:
       raise ValueError("geolora.as_transform needs params in update()")
     new, state = _core_step(params, grads, state, tx_in, **kw)
+    # Rank leaves move by a float32 difference (a small integer, exact):
+    # the dtype of their gradients, so wrappers that pass either one on
+    # (apply_if_finite, MultiSteps) see one type; apply_updates casts back.
     updates = jax.tree.map(
-        lambda n, p: (n - p).astype(p.dtype) if base.is_float(p) else n - p,
+        lambda n, p: (n - p).astype(p.dtype if base.is_float(p) else jnp.float32),
         new, params)
     return updates, state
 
