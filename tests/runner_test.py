@@ -202,3 +202,27 @@ def test_method_options_are_the_methods_own():
       "integrator.name": "galore", "optimizer.name": "adamw"})
   with pytest.raises(config_utils.ConfigError, match="integrator.name='galore'"):
     config_utils.validate(c)
+
+
+def test_vmapped_seeds_resume(tmp_path):
+  """Vmapped seeds checkpoint and resume like one run: 2 steps, then the
+  same runs extended to 4, equal 4 steps at once."""
+  def cfgs(steps):
+    return [config_utils.apply_overrides(digits_config(), {
+        "integrator.name": "dense", "model.factor.kind": "dense", "seed": s,
+        "train.num_steps": steps, "train.checkpoint_every": 2,
+        "optimizer.schedule": "constant",   # cosine would depend on num_steps
+        "diagnostics.enabled": False}) for s in (0, 1)]
+  part = [str(tmp_path / f"p{i}") for i in range(2)]
+  train.train_seeds_vmapped(cfgs(2), part)
+  seen = []
+  hook = train.Hook(2, lambda step, p, s: seen.append(step))
+  resumed = train.train([train.build_run(c).replace(hooks=(hook,)) for c in cfgs(4)],
+                        part)
+  assert seen == [4, 4]        # started at the saved step 2 (one call per seed)
+  ref = train.train_seeds_vmapped(cfgs(4), [str(tmp_path / f"r{i}") for i in range(2)])
+  for a, b in zip(resumed, ref):
+    assert a["steps"] == b["steps"] == 4
+    assert a["test/loss"] == pytest.approx(b["test/loss"], rel=1e-6)
+  rows = [json.loads(l) for l in open(tmp_path / "p0" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
