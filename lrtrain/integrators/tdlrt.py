@@ -132,45 +132,6 @@ def _inv(s: jax.Array, rcond: float) -> jax.Array:
   return jnp.where(ok, 1.0 / jnp.where(ok, s, 1.0), 0.0)
 
 
-class ModeMaps:
-  """Per-mode linear maps of an order-N tensor: X -> X x_1 A_1 ... x_N A_N
-  (None = identity). Duck-types `transport.Congruence` (first / second)."""
-
-  def __init__(self, maps):
-    self.maps = list(maps)
-
-  def first(self, X: jax.Array) -> jax.Array:
-    Y = X.astype(jnp.float32)
-    for i, A in enumerate(self.maps):
-      if A is not None:
-        Y = tk.mode_product(Y, A.astype(jnp.float32), i)
-    return Y.astype(X.dtype)
-
-  def second(self, v: jax.Array, rule: str = "squares") -> jax.Array:
-    """Map a second moment like `transport.Congruence.second`: 'squares'
-    maps v with the elementwise-squared matrices (coordinates that receive
-    no mass, e.g. new directions of an augmented basis, keep their old
-    value); 'root' maps sqrt(v) and squares."""
-    v32 = v.astype(jnp.float32)
-    if rule != "squares":
-      return jnp.square(self.first(jnp.sqrt(jnp.maximum(v32, 0.0)))).astype(
-          v.dtype)
-    sq = [None if A is None else jnp.square(A.astype(jnp.float32))
-          for A in self.maps]
-    out = ModeMaps(sq).first(v32)
-    if all(A is None or A.shape[0] == A.shape[1] for A in sq):
-      miss = jnp.zeros(v.shape, jnp.float32)
-      for i, A2 in enumerate(sq):
-        if A2 is None:
-          continue
-        shape = [1] * v.ndim
-        shape[i] = v.shape[i]
-        miss = jnp.maximum(miss, jnp.clip(1.0 - A2.sum(1), 0.0, 1.0).reshape(
-            shape))
-      out = out + miss * v32
-    return out.astype(v.dtype)
-
-
 # --------------------------------------------------------------------------
 # The pieces of one step, on one node (public for tests and reuse).
 # --------------------------------------------------------------------------
@@ -240,7 +201,7 @@ def basis_step(x, Ks, moving, *, adaptive: bool = True):
       rh.append(r[i])
     Ms.append(U_new.T @ Us[i].astype(jnp.float32))
     Uh.append(U_new.astype(Us[i].dtype))
-  S0 = ModeMaps(Ms).first(core.astype(jnp.float32) * core_mask(r, caps))
+  S0 = tr.ModeMaps(Ms).first(core.astype(jnp.float32) * core_mask(r, caps))
   rh = jnp.stack([jnp.asarray(v, jnp.int32) for v in rh])
   return rebuild(x, S0.astype(dt), Uh, rh), Ms
 
@@ -297,7 +258,7 @@ def truncate_node(x, moving, bounds, *, tau: float):
       Ps.append(P * base.column_mask(ri, caps[i]))
       rn.append(ri)
     rn = jnp.stack([jnp.asarray(v, jnp.int32) for v in rn])
-    S_new = ModeMaps([None if P is None else P.T for P in Ps]).first(S)
+    S_new = tr.ModeMaps([None if P is None else P.T for P in Ps]).first(S)
   Us_new = [U if P is None else (U.astype(jnp.float32) @ P).astype(U.dtype)
             for U, P in zip(Us, Ps)]
   # Bound the rounding drift of the factors (they stay the first blocks of
@@ -310,7 +271,7 @@ def truncate_node(x, moving, bounds, *, tau: float):
     U2, R = linalg.polish_basis(U, rn[i])
     Us_new[i] = U2.astype(U.dtype)
     Rs.append(R.astype(jnp.float32))
-  S_new = ModeMaps(Rs).first(S_new.astype(jnp.float32))
+  S_new = tr.ModeMaps(Rs).first(S_new.astype(jnp.float32))
   return rebuild(x, S_new.astype(dt), Us_new, rn), Ps
 
 
@@ -469,7 +430,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     aug = jax.tree.map(lambda x: next(it)[0] if _handled(x) else x, params,
                        is_leaf=fz.is_factor)
     s_state = tr.transport(state.s, s_tree(params),
-                           _s_maps(params, lambda i: ModeMaps(augs[i][1])),
+                           _s_maps(params, lambda i: tr.ModeMaps(augs[i][1])),
                            enabled=transport)
 
     # --- Backward 2: core (and non-factor) sub-step. ---
@@ -489,7 +450,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
                             tau=tau)
               for p, q in zip(nodes, snodes)]
       s_state = tr.transport(
-          s_state, s0, _s_maps(params, lambda i: ModeMaps(
+          s_state, s0, _s_maps(params, lambda i: tr.ModeMaps(
               [None if P is None else P.T for P in outs[i][1]])),
           enabled=transport)
       finals = [o[0] for o in outs]
@@ -541,7 +502,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         lambda i, j: None if plans[i][j] is None else tr.Congruence(
             None, plans[i][j])))
     s = tr.transport(state.s, s_tree(params),
-                     _s_maps(params, lambda i: ModeMaps(plans[i])))
+                     _s_maps(params, lambda i: tr.ModeMaps(plans[i])))
 
     it = iter(plans)
 
@@ -550,7 +511,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         return x
       plan = next(it)
       core, Us, r = view(x)
-      core = ModeMaps(plan).first(core)
+      core = tr.ModeMaps(plan).first(core)
       Us = [U if E is None else (U.astype(jnp.float32) @ E.T).astype(U.dtype)
             for U, E in zip(Us, plan)]
       return rebuild(x, core, Us, r)

@@ -25,8 +25,8 @@ Counts, schedules' step counters, and states of other shapes are untouched.
 
 References:
   Schotthoefer et al., "GeoLoRA: Geometric integration for parameter
-  efficient fine-tuning", ICLR 2025 (no transport in their code; section 2
-  of docs/design.md derives the rule used here).
+  efficient fine-tuning", ICLR 2025 (no transport in their code;
+  docs/design.md, "Moment transport", derives the rule used here).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from lrtrain.factorizations import tucker as tk
 
 SECOND_MOMENT_FIELDS = ("nu",)
 SECOND_RULES = ("squares", "root")
@@ -68,31 +70,63 @@ class Congruence(NamedTuple):
       opposite sign make entries of A sqrt(v) B^T cancel, so some v become
       tiny and Adam's next step there huge; measured worse (see tests).
     """
-    if rule == "squares":
-      sq = lambda X: None if X is None else jnp.square(X.astype(jnp.float32))
-      A2, B2 = sq(self.A), sq(self.B)
-      v32 = v.astype(jnp.float32)
-      out = Congruence(A2, B2).first(v32)
-      # Coordinates the map gives no mass (new directions of an augmented
-      # basis: rows of A with sum(A^2) = 0) keep their old second moment
-      # instead of 0, which would make Adam's next step there ~lr whatever
-      # the gradient size and inflate the rank.
-      miss = lambda X2, k: (jnp.ones((k,)) if X2 is None or X2.shape[0]
-                            != X2.shape[1] else
-                            jnp.clip(1.0 - X2.sum(1), 0.0, 1.0))
-      if v.ndim == 2 and (self.A is None or self.A.shape[0] == self.A.shape[1]) \
-          and (self.B is None or self.B.shape[0] == self.B.shape[1]):
-        a = miss(A2, v.shape[0]) if A2 is not None else jnp.zeros(v.shape[0])
-        b = miss(B2, v.shape[1]) if B2 is not None else jnp.zeros(v.shape[1])
-        out = out + jnp.maximum(a[:, None], b[None, :]) * v32
-      return out.astype(v.dtype)
-    root = jnp.sqrt(jnp.maximum(v.astype(jnp.float32), 0.0))
-    return jnp.square(self.first(root)).astype(v.dtype)
+    maps = (self.A, self.B) if v.ndim == 2 else ()
+    return _second(v, rule, self.first, lambda sq: Congruence(*sq).first,
+                   (self.A, self.B), maps)
 
   def then(self, other: "Congruence") -> "Congruence":
     """The composition `other` after `self` (one combined map)."""
     mul = lambda x, y: y if x is None else (x if y is None else x @ y)
     return Congruence(mul(other.A, self.A), mul(other.B, self.B))
+
+
+class ModeMaps:
+  """Per-mode linear maps of an order-N tensor: X -> X x_1 A_1 ... x_N A_N
+  (None = identity); `Congruence` is the order-2 case written as A X B^T.
+  Tucker cores and their moments move with it."""
+
+  def __init__(self, maps: Sequence[jax.Array | None]):
+    self.maps = list(maps)
+
+  def first(self, X: jax.Array) -> jax.Array:
+    Y = X.astype(jnp.float32)
+    for i, A in enumerate(self.maps):
+      if A is not None:
+        Y = tk.mode_product(Y, A.astype(jnp.float32), i)
+    return Y.astype(X.dtype)
+
+  def second(self, v: jax.Array, rule: str = "squares") -> jax.Array:
+    """As `Congruence.second`, mode by mode."""
+    return _second(v, rule, self.first, lambda sq: ModeMaps(sq).first,
+                   self.maps, self.maps)
+
+
+def _second(v, rule, first, first_of_squares, maps, mass_maps):
+  """A second moment under a linear map given mode-wise by `maps`.
+
+  rule 'squares': the map with elementwise-squared matrices; coordinates the
+  map gives no mass (new directions of an augmented basis: rows of a square
+  A with sum(A^2) = 0) keep their old second moment instead of 0, which
+  would make Adam's next step there ~lr whatever the gradient size and
+  inflate the rank (only where every map in `mass_maps` is square).
+  rule 'root': (map of sqrt(v))^2.
+  """
+  v32 = v.astype(jnp.float32)
+  if rule != "squares":
+    return jnp.square(first(jnp.sqrt(jnp.maximum(v32, 0.0)))).astype(v.dtype)
+  sq = [None if A is None else jnp.square(A.astype(jnp.float32)) for A in maps]
+  out = first_of_squares(sq)(v32)
+  sq_mass = [None if A is None else jnp.square(A.astype(jnp.float32))
+             for A in mass_maps]
+  if sq_mass and all(A2 is None or A2.shape[0] == A2.shape[1] for A2 in sq_mass):
+    miss = jnp.zeros(v.shape, jnp.float32)
+    for i, A2 in enumerate(sq_mass):
+      if A2 is not None:
+        shape = [1] * v.ndim
+        shape[i] = v.shape[i]
+        miss = jnp.maximum(miss, jnp.clip(1.0 - A2.sum(1), 0.0, 1.0).reshape(shape))
+    out = out + miss * v32
+  return out.astype(v.dtype)
 
 
 def _shapes(tree) -> list[tuple[int, ...]]:
