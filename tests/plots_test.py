@@ -69,3 +69,17 @@ def test_render_empty_file(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text("")
   assert render(str(path), str(tmp_path / "p")) == []
+
+
+def test_rank_figure_draws_tucker_channel_ranks(tmp_path):
+  """rank/<layer> of a Tucker layer is its (4,) mode ranks (the step's aux):
+  the rank figure draws its c_out and c_in ranks beside scalar layers."""
+  from lrtrain.diagnostics import plots  # pylint: disable=g-import-not-at-top
+  rows = [{"step": s, "rank/conv": [8 - s, 6 - s, 3, 3], "rank/fc": 5 - s}
+          for s in range(1, 4)]
+  assert plots._series(rows, ("rank/conv", 1)) == ([1, 2, 3], [5.0, 4.0, 3.0])  # pylint: disable=protected-access
+  assert plots._series(rows, "rank/conv") == ([], [])  # pylint: disable=protected-access
+  path = tmp_path / "metrics.jsonl"
+  _write(path, rows)
+  out = render(str(path), str(tmp_path / "plots"))
+  assert [os.path.basename(p) for p in out] == ["rank.png"]

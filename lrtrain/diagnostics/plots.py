@@ -5,7 +5,7 @@ subset of the diagnostics (or none) still gets the figures it can have.
 Figures (file names in out_dir):
 
   loss.png, accuracy.png         '<split>/loss', '<split>/accuracy' vs step
-  rank.png                       rank/<layer> vs step
+  rank.png                       rank/<layer> vs step (a Tucker layer: its c_out and c_in ranks)
   spectral_ranks.png             stable and effective rank per layer vs step
   condition.png                  spectral/<layer>/kappa_log10 vs step
   sv_<layer>.png                 heat map of the logged top-k singular values
@@ -53,7 +53,11 @@ def _scalar(v):
 
 
 def _series(rows, key):
-  pts = [(r["step"], _scalar(r.get(key))) for r in rows if key in r]
+  """(steps, values) of a key; key (name, i) reads entry i of vector values."""
+  key, i = key if isinstance(key, tuple) else (key, None)
+  pick = lambda v: (v[i] if isinstance(v, list) and len(v) > i else None
+                    ) if i is not None else v
+  pts = [(r["step"], _scalar(pick(r.get(key)))) for r in rows if key in r]
   pts = [(s, v) for s, v in pts if v is not None]
   return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -177,9 +181,14 @@ def render(metrics_jsonl_path: str, out_dir: str) -> list[str]:
   for what, logy in (("loss", True), ("accuracy", False)):
     sel = [(k, k) for k in keys if k.endswith(f"/{what}")]
     _lines(rows, sel, what, what, out_dir, f"{what}.png", paths, logy=logy)
-  ranks = _layers(rows, r"rank/(.+)")
-  _lines(rows, [(f"rank/{l}", l) for l in ranks], "rank per layer", "rank",
-         out_dir, "rank.png", paths)
+  rank_lines = []
+  for l in _layers(rows, r"rank/(.+)"):
+    k = f"rank/{l}"
+    if any(isinstance(r.get(k), list) for r in rows):   # Tucker: mode ranks
+      rank_lines += [((k, 0), f"{l} c_out"), ((k, 1), f"{l} c_in")]
+    else:
+      rank_lines.append((k, l))
+  _lines(rows, rank_lines, "rank per layer", "rank", out_dir, "rank.png", paths)
   _spectral_ranks(rows, out_dir, paths)
   kap = _layers(rows, r"spectral/(.+)/kappa_log10")
   _lines(rows, [(f"spectral/{l}/kappa_log10", l) for l in kap],
