@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common
 from experiments.cuttlefish_stable_rank import run as cuttlefish
 from experiments.dlrt_gap_vs_steps import run as gap_steps
 from experiments.dlrt_lenet5_tau import run as lenet_tau

@@ -16,13 +16,11 @@ each factorized layer over training), summary.csv.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import common as gc

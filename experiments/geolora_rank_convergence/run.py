@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 
 from experiments import common as gc
 

@@ -53,8 +53,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
