@@ -278,6 +278,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   tx = optim.build(config.optimizer, total)
   integ = integrators.build(config.integrator.name, tx,
                             **integrator_kwargs(config))
+  jax.eval_shape(integ.init, params)   # the method can train this model
   return Run(config=config, ds=ds, model=model, init_params=params,
              loss_fn=make_loss_fn(model, ds.task), integrator=integ, tx=tx,
              total=total)

@@ -88,6 +88,18 @@ def test_rank_larger_than_layer(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.parametrize("method", ["kls", "geolora", "condlr", "tdlrt"])
+@pytest.mark.parametrize("kind", ["lora", "dense"])
+def test_factor_method_without_factor_layers(method, kind, tmp_path):
+  """A low-rank method on a model with no LowRank layer is refused before
+  the workdir (it used to exit 0, truncating nothing)."""
+  c = config_utils.apply_overrides(cfg(), {"integrator.name": method,
+                                           "model.factor.kind": kind})
+  with pytest.raises(ValueError, match=f"integrator.name='{method}' trains"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_missing_dataset_files(tmp_path):
   c = config_utils.apply_overrides(cfg(), {"data.name": "cifar10",
                                            "data.dir": str(tmp_path / "none")})

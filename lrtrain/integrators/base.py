@@ -50,6 +50,21 @@ def no_resize(params, state):
   return params, state, False
 
 
+def require_nodes(params: Params, kinds: tuple[type, ...], method: str) -> None:
+  """Refuse params without a factor node the method trains: it would run
+  as a plain optimizer on dense layers and truncate nothing.
+
+  Raises:
+    ValueError: naming the method and the config fields to change.
+  """
+  if not any(isinstance(x, kinds) for _, x in fz.factor_paths(params)):
+    names = "/".join(k.__name__ for k in kinds)
+    raise ValueError(
+        f"integrator.name={method!r} trains {names} layers and the model has "
+        f"none; set model.factor.kind=lowrank (model.factor.conv_kind for "
+        "convolutions) or use integrator.name=dense|lora")
+
+
 def is_float(x) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 

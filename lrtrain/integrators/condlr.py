@@ -189,6 +189,7 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
   tx = base.with_weight_decay(tx, weight_decay)   # after the projection
 
   def init(params):
+    base.require_nodes(params, (fz.LowRank,), "condlr")
     return tx.init(base.trainable(params))
 
   def project(params, grads):

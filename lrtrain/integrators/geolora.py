@@ -191,6 +191,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
             transport_rule=transport_rule)
 
   def init(params):
+    base.require_nodes(params, (fz.LowRank,), "geolora")
     return GeoLoRAState(tx.init(opt_tree(params)), jnp.zeros((), jnp.int32))
 
   def step(loss_fn, params, state, batch):
@@ -250,6 +251,7 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
              basis_period=0, transport_rule="squares").items()}
 
   def init_fn(params):
+    base.require_nodes(params, (fz.LowRank,), "geolora")
     return GeoLoRAState(tx_in.init(opt_tree(params)), jnp.zeros((), jnp.int32))
 
   def update_fn(grads, state, params=None):

@@ -197,6 +197,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   tx_kl = tx if kl_tx is None else kl_tx
 
   def init(params):
+    base.require_nodes(params, (fz.LowRank,), "kls")
     return KLSState(tx_kl.init(kl_tree(params)), tx_s.init(s_tree(params)))
 
   def step(loss_fn, params, state, batch):

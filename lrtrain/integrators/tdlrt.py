@@ -398,6 +398,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     return _node_map(params, fn)
 
   def init(params):
+    base.require_nodes(params, (fz.LowRank, fz.Tucker), "tdlrt")
     return TDLRTState(tx_k.init(k_like(params)), tx_s.init(s_tree(params)))
 
   def step(loss_fn, params, state, batch):
