@@ -340,6 +340,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     integrators.check_config(c)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  _check(c.data.max_train >= 0,
+         f"data.max_train={c.data.max_train} must be >= 0 (0 = all examples)")
   t = c.train
   _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
   _check(t.eval_batch_size >= 1,

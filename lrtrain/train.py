@@ -268,6 +268,12 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   from lrtrain import models  # pylint: disable=g-import-not-at-top
   config_utils.validate(config)
   ds = data_lib.load(config.data)
+  n_train = ds.num_examples("train")
+  if config.train.batch_size > n_train:
+    raise config_utils.ConfigError(
+        f"train.batch_size={config.train.batch_size} exceeds the "
+        f"{n_train} training examples of data.name={config.data.name!r} "
+        "(a batch would repeat examples); lower it or raise data.max_train")
   model = models.build(config.model, num_classes=ds.num_classes,
                        input_shape=tuple(ds.input_shape))
   key = jax.random.key(config.seed)

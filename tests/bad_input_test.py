@@ -66,6 +66,8 @@ def test_unknown_config_argument():
     ("data.name", "imagenet", "unknown dataset"),
     ("optimizer.name", "lion", "unknown optimizer"),
     ("train.batch_size", 0, "batch_size"),
+    ("train.batch_size", 5000, "exceeds the .* training examples"),
+    ("data.max_train", -1, "data.max_train=-1 must be >= 0"),
 ])
 def test_validate(field, value, match, tmp_path):
   c = config_utils.apply_overrides(cfg(), {field: value})
