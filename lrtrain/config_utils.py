@@ -340,6 +340,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     integrators.check_config(c)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  _check(isinstance(c.seed, int) and c.seed >= 0,
+         f"seed={c.seed} must be a non-negative integer")
   _check(c.data.max_train >= 0,
          f"data.max_train={c.data.max_train} must be >= 0 (0 = all examples)")
   t = c.train

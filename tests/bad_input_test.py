@@ -68,6 +68,7 @@ def test_unknown_config_argument():
     ("train.batch_size", 0, "batch_size"),
     ("train.batch_size", 5000, "exceeds the .* training examples"),
     ("data.max_train", -1, "data.max_train=-1 must be >= 0"),
+    ("seed", -1, "seed=-1 must be a non-negative integer"),
 ])
 def test_validate(field, value, match, tmp_path):
   c = config_utils.apply_overrides(cfg(), {field: value})
