@@ -608,9 +608,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
                 d.writer.write(step, out)
     if pending is not None:
       flush(*pending)
-    progress.close()
-    progress = None
-    for d in dirs:
+    for d in dirs:            # metrics.jsonl complete before finish_run appends
       d.writer.close()
       d.writer = None
 
@@ -663,7 +661,4 @@ def train_seeds_vmapped(configs, workdirs) -> list[dict]:
     ConfigError: configs that differ in more than the seed, or a method
       whose shapes change.
   """
-  if not all(fixed_shape(c) for c in configs):
-    raise config_utils.ConfigError("vmapped seeds need configs of a fixed-shape "
-                                   "method that differ only in seed")
   return train([build_run(c) for c in configs], workdirs)

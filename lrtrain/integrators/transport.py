@@ -70,9 +70,8 @@ class Congruence(NamedTuple):
       opposite sign make entries of A sqrt(v) B^T cancel, so some v become
       tiny and Adam's next step there huge; measured worse (see tests).
     """
-    maps = (self.A, self.B) if v.ndim == 2 else ()
     return _second(v, rule, self.first, lambda sq: Congruence(*sq).first,
-                   (self.A, self.B), maps)
+                   (self.A, self.B), keep_unmapped=v.ndim == 2)
 
   def then(self, other: "Congruence") -> "Congruence":
     """The composition `other` after `self` (one combined map)."""
@@ -98,17 +97,18 @@ class ModeMaps:
   def second(self, v: jax.Array, rule: str = "squares") -> jax.Array:
     """As `Congruence.second`, mode by mode."""
     return _second(v, rule, self.first, lambda sq: ModeMaps(sq).first,
-                   self.maps, self.maps)
+                   self.maps, keep_unmapped=True)
 
 
-def _second(v, rule, first, first_of_squares, maps, mass_maps):
+def _second(v, rule, first, first_of_squares, maps, *, keep_unmapped: bool):
   """A second moment under a linear map given mode-wise by `maps`.
 
   rule 'squares': the map with elementwise-squared matrices; coordinates the
   map gives no mass (new directions of an augmented basis: rows of a square
   A with sum(A^2) = 0) keep their old second moment instead of 0, which
   would make Adam's next step there ~lr whatever the gradient size and
-  inflate the rank (only where every map in `mass_maps` is square).
+  inflate the rank (with `keep_unmapped`, and only where every map is
+  square: one mode-wise map per axis of v).
   rule 'root': (map of sqrt(v))^2.
   """
   v32 = v.astype(jnp.float32)
@@ -116,11 +116,9 @@ def _second(v, rule, first, first_of_squares, maps, mass_maps):
     return jnp.square(first(jnp.sqrt(jnp.maximum(v32, 0.0)))).astype(v.dtype)
   sq = [None if A is None else jnp.square(A.astype(jnp.float32)) for A in maps]
   out = first_of_squares(sq)(v32)
-  sq_mass = [None if A is None else jnp.square(A.astype(jnp.float32))
-             for A in mass_maps]
-  if sq_mass and all(A2 is None or A2.shape[0] == A2.shape[1] for A2 in sq_mass):
+  if keep_unmapped and all(A2 is None or A2.shape[0] == A2.shape[1] for A2 in sq):
     miss = jnp.zeros(v.shape, jnp.float32)
-    for i, A2 in enumerate(sq_mass):
+    for i, A2 in enumerate(sq):
       if A2 is not None:
         shape = [1] * v.ndim
         shape[i] = v.shape[i]
