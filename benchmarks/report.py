@@ -104,13 +104,14 @@ def tables(res) -> str:
     out.append(f"| {r['impl']} | {r['method']} | {r['ms']:.2f} | "
                f"{_spread(r)} | {r['ratio']:.2f} |")
   if res.get("lenet_torch"):
-    ours = {r["method"]: r["ms"] for r in res.get("lenet", []) if r["impl"] == "im2col"}
+    impl = res.get("lenet_default_impl", "im2col")   # the default before it was recorded
+    ours = {r["method"]: r["ms"] for r in res.get("lenet", []) if r["impl"] == impl}
     out.append("\n### LeNet5 beside PyTorch (CPU, batch 128, `lenet_torch.py`)\n")
     out.append("PyTorch in its own venv, run after lrtrain's rows in the same "
                "benchmark run; the DLRT scheme is three passes (K, L, S) with "
                "Householder QR of [K | U] and an SVD of the 2r x 2r core, ranks "
                "held at 10 / 25 / 250 like lrtrain's rows.\n")
-    out.append("| PyTorch | ms/step | lrtrain (im2col) | ms/step | PyTorch / lrtrain |"
+    out.append(f"| PyTorch | ms/step | lrtrain ({impl}) | ms/step | PyTorch / lrtrain |"
                "\n|---|---|---|---|---|")
     pairs = {"torch_dense": ["dense"], "torch_dlrt_adaptive": ["kls_adaptive",
                                                                "geolora"]}

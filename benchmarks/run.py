@@ -66,8 +66,8 @@ def targets(res: dict) -> list[dict]:
     out.append(dict(target=f"{method} <= 1.2x dense at n=1024, r=64", value=g,
                     met=None if g is None else g <= 1.2))
   torch_rows = {x["method"]: x["ms"] for x in res.get("lenet_torch") or []}
-  ours = {x["method"]: x["ms"] for x in res.get("lenet") or []
-          if x["impl"] == "im2col"}
+  impl = res.get("lenet_default_impl", "im2col")
+  ours = {x["method"]: x["ms"] for x in res.get("lenet") or [] if x["impl"] == impl}
   for mine, theirs, want, text in (
       ("dense", "torch_dense", 1 / 1.3, "lrtrain dense LeNet5 <= 1.3x PyTorch dense"),
       ("kls_adaptive", "torch_dlrt_adaptive", 2, "KLS adaptive >= 2x faster than "
@@ -127,7 +127,8 @@ def run(quick: bool, *, widths=WIDTHS, import_log: str = "",
   far after every section and width row."""
   t0 = time.perf_counter()
   res = dict(date=datetime.date.today().isoformat(), quick=quick,
-             machine=machine(), section_seconds={})
+             machine=machine(), section_seconds={},
+             lenet_default_impl=lenet.DEFAULT)
   log = lambda s: print(s, flush=True)
 
   def save(_=None):
@@ -149,7 +150,7 @@ def run(quick: bool, *, widths=WIDTHS, import_log: str = "",
   if quick:
     section("width", lambda: width.run([128], steps=5, repeats=1, ranks=(8,),
                                        log=log))
-    section("lenet", lambda: lenet.run(steps=3, repeats=1, impls=("im2col",),
+    section("lenet", lambda: lenet.run(steps=3, repeats=1, impls=(lenet.DEFAULT,),
                                        methods=("dense", "kls_adaptive"),
                                        log=log))
   else:

@@ -187,10 +187,10 @@ class Conv(nn.Module):
   """NHWC 2-D convolution with a dense or factorized kernel.
 
   Dense kernels are (kh, kw, c_in, c_out); LowRank and Lora kernels factor
-  the (c_out, kh * kw * c_in) matrix and are applied to im2col patches (with
-  impl 'xla' a LowRank kernel is materialised and run through
-  lax.conv_general_dilated); Tucker kernels go through `tucker.conv`
-  (channel projections around a small core convolution).
+  the (c_out, kh * kw * c_in) matrix: with the 'xla' routine the kernel is
+  formed and run through lax.conv_general_dilated, with 'im2col' the factors
+  are applied to the patches in sequence; Tucker kernels go through
+  `tucker.conv` (channel projections around a small core convolution).
 
   Attributes:
     features: c_out.
@@ -198,7 +198,8 @@ class Conv(nn.Module):
     strides: (sh, sw).
     padding: 'VALID', 'SAME' or explicit pairs.
     factor: FactorSpec or None (dense).
-    impl: 'im2col' or 'xla' (the convolution routine).
+    impl: 'auto', 'im2col' or 'xla' (the convolution routine,
+      `conv_lib.resolve`).
     use_bias: add a bias of shape (c_out,).
     dtype: param dtype.
   """
@@ -207,7 +208,7 @@ class Conv(nn.Module):
   strides: Sequence[int] = (1, 1)
   padding: str | Sequence[tuple[int, int]] = "SAME"
   factor: FactorSpec | None = None
-  impl: str = "im2col"
+  impl: str = "auto"
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
 
@@ -232,7 +233,9 @@ class Conv(nn.Module):
     else:
       kernel = _factor_param(self, lambda k: matrix_node(
           k, spec, c_out, fan_in, name=name, dtype=self.dtype))
-      if self.impl == "xla" and spec.kind == "lowrank":
+      if conv_lib.resolve(self.impl) == "xla":
+        # One convolution with the formed kernel: kernel-sized work, where
+        # patches cost b h' w' kh kw c_in per layer.
         w = lowrank.matrix_to_conv_kernel(fz.materialize(kernel), kh, kw)
         y = conv_lib.conv2d(x, w, strides, padding, "xla")
       else:

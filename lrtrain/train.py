@@ -47,6 +47,7 @@ from lrtrain import config_utils
 from lrtrain import factorizations as fz
 from lrtrain import optim
 from lrtrain import writers as writers_lib
+from lrtrain.factorizations import conv as conv_lib
 from lrtrain.integrators import base as ibase
 
 # Fields that change what a run computes; a workdir holding a run whose
@@ -540,8 +541,13 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
       aux["finite"] = _finite_flags(new) & jnp.isfinite(aux["loss"])
       return new, state, aux
 
-    step_fn = jax.jit(jax.vmap(train_step) if vmapped else train_step,
-                      donate_argnums=(0, 1))
+    def seeds_step(*args):
+      # The kernels carry the seed axis: batched matmuls, not grouped
+      # convolutions (factorizations/conv.py).
+      with conv_lib.batched_kernels():
+        return jax.vmap(train_step)(*args)
+
+    step_fn = jax.jit(seeds_step if vmapped else train_step, donate_argnums=(0, 1))
     iters = [r.ds.batches("train", t.batch_size, seed=r.config.seed,
                           start_step=r.start_step + step) for r in runs]
     progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,

@@ -1,17 +1,49 @@
 """2-D convolution helpers shared by dense and factored conv layers (NHWC).
 
-`im2col` builds patches by stacking kh * kw shifted slices; its last axis is
-ordered (kh, kw, c_in), matching a Flax kernel (kh, kw, c_in, c_out) reshaped
-to (kh * kw * c_in, c_out). On the CPU this slice-based formulation is faster
-than lax.conv_general_dilated for small kernels (see benchmarks/README.md).
+Two routines compute a convolution:
+
+  "xla"     lax.conv_general_dilated;
+  "im2col"  patches built by stacking kh * kw shifted slices (last axis
+            ordered (kh, kw, c_in), matching a Flax kernel (kh, kw, c_in,
+            c_out) reshaped to (kh * kw * c_in, c_out)), then one matmul.
+
+"auto" (the layers' default) is "xla", except in programs traced inside
+`batched_kernels()`: there the kernel carries a vmapped (seed) axis, which
+jax.vmap turns into a grouped convolution, and XLA's CPU backend runs that
+2.3x slower than the batched matmuls of im2col (benchmarks/README.md). The
+runner enters it for vmapped seeds.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+
+IMPLS = ("auto", "im2col", "xla")
+_batched = [False]
+
+
+@contextlib.contextmanager
+def batched_kernels() -> Iterator[None]:
+  """"auto" convolutions traced inside this block use im2col (read at trace
+  time, like `linalg.implementation`)."""
+  _batched.append(True)
+  try:
+    yield
+  finally:
+    _batched.pop()
+
+
+def resolve(impl: str) -> str:
+  """The routine "auto" stands for here; other names as they are."""
+  if impl not in IMPLS:
+    raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "im2col" if _batched[-1] else "xla"
+  return impl
 
 Padding = str | Sequence[tuple[int, int]]
 
@@ -51,20 +83,18 @@ def im2col(x: jax.Array, kh: int, kw: int, strides=(1, 1),
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1),
-           padding: Padding = "VALID", impl: str = "im2col") -> jax.Array:
+           padding: Padding = "VALID", impl: str = "auto") -> jax.Array:
   """NHWC convolution with a (kh, kw, c_in, c_out) kernel.
 
   Args:
-    impl: "im2col" (slices + one matmul) or "xla" (lax.conv_general_dilated).
+    impl: "auto", "im2col" (slices + one matmul) or "xla"
+      (lax.conv_general_dilated).
   """
   kh, kw, c_in, c_out = kernel.shape
   if x.shape[-1] != c_in:
     raise ValueError(f"conv: input has {x.shape[-1]} channels, kernel expects {c_in}")
-  if impl == "im2col":
+  if resolve(impl) == "im2col":
     return im2col(x, kh, kw, strides, padding) @ kernel.reshape(-1, c_out)
-  if impl == "xla":
-    pads = _pads(x.shape[1], x.shape[2], kh, kw, strides, padding)
-    return jax.lax.conv_general_dilated(
-        x, kernel, tuple(strides), pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  raise ValueError(f"conv impl must be 'im2col' or 'xla', got {impl!r}")
+  pads = _pads(x.shape[1], x.shape[2], kh, kw, strides, padding)
+  return jax.lax.conv_general_dilated(
+      x, kernel, tuple(strides), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -138,7 +138,7 @@ def to_flax_kernel(f: Tucker) -> jax.Array:
 
 
 def conv(f: Tucker, x: jax.Array, strides=(1, 1), padding="VALID",
-         impl: str = "im2col") -> jax.Array:
+         impl: str = "auto") -> jax.Array:
   """NHWC conv: contract c_in with U2, small conv with the spatially expanded
   core (kh, kw, C2, C1), expand with U1 - never builds the full kernel."""
   z = x @ f.U2                                              # (b, h, w, C2)

@@ -369,6 +369,19 @@ def fits_half(params: Params):
   return True, ok
 
 
+def _has_conv(jaxpr) -> bool:
+  """Whether a jaxpr (or any jaxpr nested in its equations) convolves."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      return True
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        sub = getattr(sub, "jaxpr", sub)
+        if isinstance(sub, jcore.Jaxpr) and _has_conv(sub):
+          return True
+  return False
+
+
 def at_active_width(fn, params: Params):
   """fn(params), computed on `half_width(params)` when every LowRank rank
   fits in half its capacity (the products of the pass then cost half) and
@@ -380,6 +393,12 @@ def at_active_width(fn, params: Params):
   if not static_ok:
     return fn(params)
   full, like = jax.make_jaxpr(fn, return_shape=True)(params)
+  if jax.default_backend() == "cpu" and _has_conv(full.jaxpr):
+    # XLA's CPU backend compiles a convolution inside a conditional branch
+    # without its fast convolution routine (10-14x slower for LeNet5's
+    # shapes, benchmarks/README.md): the full-width pass outside a branch
+    # costs less than the half-width one inside it.
+    return fn(params)
   half = jax.make_jaxpr(lambda p: pad_to(fn(half_width(p)), like))(params)
   # fn's closure (a batch, possibly vmapped with the params) becomes
   # explicit operands: the branch then stays one under jax.vmap

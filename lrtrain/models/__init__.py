@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lrtrain.factorizations import conv as conv_lib
 from lrtrain.layers import FactorSpec
 
 MODEL_NAMES = ("mlp", "lenet5", "vgg", "transformer")
@@ -46,7 +47,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.factor.rank_stabilised = False  # Lora scale alpha / sqrt(r) (rsLoRA)
   m.factor.init = "random"          # random|flat|svd (see layers.matrix_node)
   m.dense_layers = ("head",)        # layer paths/patterns kept dense
-  m.conv_impl = "im2col"            # im2col|xla
+  m.conv_impl = "auto"              # auto|im2col|xla (factorizations/conv.py)
   # Transformer (char LM for (T,) int inputs, ViT for images).
   m.d_model = 64                    # residual width
   m.num_heads = 4                   # attention heads
@@ -130,8 +131,9 @@ def build(model_cfg, *, num_classes: int, input_shape: tuple) -> nn.Module:
   policy = FactorPolicy.from_config(model_cfg)
   input_shape = tuple(int(d) for d in input_shape)
   impl = model_cfg.conv_impl
-  if impl not in ("im2col", "xla"):
-    raise ValueError(f"unknown model.conv_impl={impl!r}; valid: im2col, xla")
+  if impl not in conv_lib.IMPLS:
+    raise ValueError(f"unknown model.conv_impl={impl!r}; valid: "
+                     f"{', '.join(conv_lib.IMPLS)}")
   if name == "mlp":
     module = mlp.MLP(widths=tuple(int(w) for w in model_cfg.widths),
                      num_classes=num_classes, policy=policy)

@@ -34,7 +34,7 @@ class LeNet5(nn.Module):
   """LeNet5; kernels per `policy` (models.FactorPolicy)."""
   num_classes: int
   policy: object
-  impl: str = "im2col"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

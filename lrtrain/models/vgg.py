@@ -31,7 +31,7 @@ class VGG(nn.Module):
   """Small VGG; kernels per `policy` (models.FactorPolicy)."""
   num_classes: int
   policy: object
-  impl: str = "im2col"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
