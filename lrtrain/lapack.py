@@ -29,7 +29,8 @@ from jax import lax
 UNROLL = 8
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
+  """Whether programs traced now target the CPU (the default backend)."""
   return jax.default_backend() == "cpu"
 
 
@@ -51,7 +52,7 @@ def _unbatched(name: str, core_ndims: tuple, **static) -> Callable:
   def call(*args):
     lead = jnp.broadcast_shapes(*[a.shape[:a.ndim - k]
                                   for a, k in zip(args, core_ndims)])
-    if not lead or not _on_cpu():
+    if not lead or not on_cpu():
       return fn(*args)
     batch = 1
     for d in lead:
@@ -66,7 +67,7 @@ def _unbatched(name: str, core_ndims: tuple, **static) -> Callable:
   def rule(axis_size, in_batched, *args):
     args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
             for a, b in zip(args, in_batched)]
-    if _on_cpu():
+    if on_cpu():
       out = _per_matrix(call, args, axis_size)
     else:
       out = jax.vmap(fn)(*args)

@@ -28,8 +28,8 @@ _batched = [False]
 
 @contextlib.contextmanager
 def batched_kernels() -> Iterator[None]:
-  """"auto" convolutions traced inside this block use im2col (read at trace
-  time, like `linalg.implementation`)."""
+  """Inside this block "auto" convolutions are traced as im2col (read at
+  trace time, like `linalg.implementation`)."""
   _batched.append(True)
   try:
     yield

@@ -393,7 +393,7 @@ def at_active_width(fn, params: Params):
   if not static_ok:
     return fn(params)
   full, like = jax.make_jaxpr(fn, return_shape=True)(params)
-  if jax.default_backend() == "cpu" and _has_conv(full.jaxpr):
+  if lapack.on_cpu() and _has_conv(full.jaxpr):
     # XLA's CPU backend compiles a convolution inside a conditional branch
     # without its fast convolution routine (10-14x slower for LeNet5's
     # shapes, benchmarks/README.md): the full-width pass outside a branch
