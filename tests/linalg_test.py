@@ -90,6 +90,35 @@ def test_extend_rank_deficient_blocks_get_orthonormal_completions(kind):
   assert float(jnp.linalg.norm(resid)) <= 1e-5 * (1 + float(jnp.linalg.norm(D)))
 
 
+def test_straight_line_path_is_taken_and_equals_the_general_one():
+  """A full-rank block whose columns differ in scale (the first pass then
+  leaves a Gram defect of a few 1e-2, as real K and L updates do) is done
+  by the two straight-line passes, and they give the general algorithm's
+  basis to rounding; a rank-deficient block is handed to the general one."""
+  n, C, r = 400, 32, 16
+  H = C // 2
+  U = _random_orthonormal(jax.random.PRNGKey(11), n, r, C)
+  key = jax.random.PRNGKey(12)
+  D = (jax.random.normal(key, (n, C)) * jnp.logspace(0, -2.5, C)[None, :]
+       @ jax.random.normal(jax.random.PRNGKey(13), (C, C)))
+  D = D * base.column_mask(r, C)
+  mask = base.column_mask(r, H)
+  eps = float(jnp.finfo(jnp.float32).eps)
+  X = D[:, :H] - U[:, :H] @ (U[:, :H].T @ D[:, :H])
+  Q1, _, _ = linalg._cholesky_pass(X, mask, eps, always_shift=True)
+  defect = float(jnp.max(jnp.abs(Q1.T @ Q1 - jnp.eye(H))))
+  assert 1e-2 < defect <= linalg.NEAR, defect
+  Q, ok = linalg._two_passes(U[:, :H], D[:, :H], mask, eps)
+  assert bool(ok)
+  Uh = linalg.extend(U, D, r)
+  np.testing.assert_allclose(Uh, linalg._extend_robust(U, D, r), atol=2e-5)
+  assert _orth_err(Uh, 2 * r) < 1e-5
+  D2 = (jax.random.normal(key, (n, 2)) @ jax.random.normal(key, (2, C))
+        ) * base.column_mask(r, C)
+  _, ok = linalg._two_passes(U[:, :H], D2[:, :H], mask, eps)
+  assert not bool(ok)
+
+
 def test_extend_when_2r_exceeds_capacity():
   n, C, r = 60, 8, 6
   U = _random_orthonormal(jax.random.PRNGKey(5), n, r, C)

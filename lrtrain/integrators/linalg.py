@@ -21,9 +21,13 @@ Robustness, all decided inside the jitted program:
     they stay zero and cost nothing in the factorization;
   * the first pass's Gram matrix is shifted so the Cholesky factorization
     succeeds for any finite input; the passes repeat while the Gram matrix
-    of their input is off the identity by more than 1e-2 (at most
+    of their input is off the identity by more than `NEAR` (at most
     `MAX_PASSES`), and the last one, on a nearly orthonormal input, is
-    unshifted;
+    unshifted (a Gram defect d leaves an orthonormality error of about
+    u (1 + d) / (1 - d) after an unshifted pass);
+  * the common case (full-rank block, two passes enough) runs as
+    straight-line code, and one branch hands every other case to the
+    general algorithm;
   * a rank-deficient new block (rank >= batch, a zero gradient), which the
     first pass finds as a column with nothing left above the shift, is
     Householder-QR'd after its projection off U (n x k, a quarter of the
@@ -62,6 +66,10 @@ from lrtrain import lapack
 
 IMPLS = ("matmul", "lapack")
 MAX_PASSES = 5
+# Gram defect below which a Cholesky pass runs unshifted and counts as the
+# last: after a shifted first pass, real K / L blocks leave defects of a few
+# 1e-2, and an unshifted pass from there is orthonormal to about 1.7 u.
+NEAR = 0.25
 GRAM_TAU2 = 64.0
 _impl = ["matmul"]
 
@@ -165,7 +173,7 @@ def _cholesky_pass(X, mask, eps, always_shift=False):
 
   The shift s = u (n + k) max_i ||x_i||^2 makes the factorization succeed
   for any input; it is applied to the first pass (always_shift) and to any
-  input whose Gram matrix is off the identity by more than 1e-2, and not to
+  input whose Gram matrix is off the identity by more than `NEAR`, and not to
   nearly orthonormal inputs (it would leave a defect of s in Q^T Q).
 
   Returns (Q, off, weak): Q with inactive columns zero, `off` the largest
@@ -183,7 +191,7 @@ def _cholesky_pass(X, mask, eps, always_shift=False):
   n = X.shape[0]
   shift = eps * (n + k) * scale
   if not always_shift:
-    shift = jnp.where(off > 1e-2, shift, 0.0)
+    shift = jnp.where(off > NEAR, shift, 0.0)
   L, Linv = _cholesky(G + jnp.diag(shift * mask + (1.0 - mask)))
   Q = (X @ Linv.T) * mask[None, :]
   d2 = jnp.where(mask > 0, jnp.square(jnp.diagonal(L)), jnp.inf)
@@ -193,14 +201,14 @@ def _cholesky_pass(X, mask, eps, always_shift=False):
 
 def _more_passes(U, Q, mask, eps, max_passes):
   """The passes after the first: project off U and Cholesky-QR until the
-  input's Gram matrix is the identity to 1e-2 (the second pass always
+  input's Gram matrix is the identity to `NEAR` (the second pass always
   runs: it is the reorthogonalization), at most `max_passes` in all.
   Returns (Q, ok)."""
   Q, off, _ = _cholesky_pass(_project(U, Q), mask, eps)
 
   def cond(c):
     _, off, t = c
-    return (off > 1e-2) & (t < max_passes)
+    return (off > NEAR) & (t < max_passes)
 
   def body(c):
     Q, _, t = c
@@ -210,7 +218,7 @@ def _more_passes(U, Q, mask, eps, max_passes):
   Q, off, _ = lax.while_loop(cond, body, (Q, off, jnp.asarray(2)))
   # `off` is the defect of the last pass's input; its output is then
   # orthonormal to about u (1 + off) / (1 - off).
-  return Q, jnp.all(jnp.isfinite(Q)) & (off <= 1e-2)
+  return Q, jnp.all(jnp.isfinite(Q)) & (off <= NEAR)
 
 
 def _orthonormalize(U, X, mask, dtype):
@@ -248,6 +256,35 @@ def _householder(X, r):
   return Q * d[None, :] * column_mask(r, X.shape[-1], X.dtype)
 
 
+def _two_passes(U, X, mask, eps):
+  """The common case of `_orthonormalize` as straight-line code: a shifted
+  and an unshifted Cholesky QR pass, each after projecting off U.
+
+  Returns (Q, ok). ok: the first pass found every column above its shift
+  and the second pass's input was orthonormal to `NEAR`, so Q is what
+  `_orthonormalize` returns (it would stop after these two passes);
+  otherwise the caller runs `_orthonormalize` itself. Kept out of branches
+  and loops on purpose: XLA's CPU runtime runs independent conditionals and
+  loops (one per layer and factor) badly side by side (three independent
+  `_orthonormalize` calls on 4096 x 64 blocks: 43 ms in one program, 10 ms
+  one after another, 8 ms as straight-line code).
+  """
+  X = _project(U, X * mask[None, :])
+  Q1, _, weak = _cholesky_pass(X, mask, eps, always_shift=True)
+  Q, off, _ = _cholesky_pass(_project(U, Q1), mask, eps)
+  ok = ~weak & (off <= NEAR) & jnp.all(jnp.isfinite(Q))
+  return Q, ok
+
+
+def _orth_robust(X, r):
+  """`orth` through `_orthonormalize`, Householder where that fails."""
+  dtype = X.dtype
+  mask = column_mask(r, X.shape[-1], dtype)
+  Q, ok = _orthonormalize(None, X * mask[None, :], mask, dtype)
+  return cond(ok, lambda Q, X, r: Q, lambda Q, X, r: _householder(X, r),
+              Q, X * mask[None, :], r)
+
+
 def orth(X: jax.Array, r) -> jax.Array:
   """Orthonormal basis of the first r columns of X (n, C), columns >= r zero.
 
@@ -261,9 +298,9 @@ def orth(X: jax.Array, r) -> jax.Array:
   if current() == "lapack":
     return _householder(X, r)
   mask = column_mask(r, C, dtype)
-  Q, ok = _orthonormalize(None, X * mask[None, :], mask, dtype)
-  return cond(ok, lambda Q, X, r: Q, lambda Q, X, r: _householder(X, r),
-              Q, X * mask[None, :], r)
+  Q, ok = _two_passes(None, X, mask, jnp.finfo(dtype).eps)
+  return cond(~ok, lambda Q, X, r: _orth_robust(X, r), lambda Q, X, r: Q,
+              Q, X, r)
 
 
 def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
@@ -281,6 +318,11 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
   with_block=True also returns the new block alone, (n, C // 2) with its
   columns first (products with it cost half of those with U^), so that
   U^[:, r + j] = block[:, j].
+
+  The common case (r <= C / 2, which `resize` keeps; a full-rank new block;
+  two passes enough) runs as straight-line code on the first C / 2
+  columns; anything else is decided by one branch that runs the general
+  algorithm (`_extend_robust`).
   """
   dtype = work_dtype(U, D)
   n, C = U.shape
@@ -289,13 +331,31 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
   H = max(C // 2, 1)
   if current() == "lapack":
     Uh = _householder_extend(U, D, r)
-    return (Uh, jnp.roll(Uh, -r, axis=1)[:, :H]) if with_block else Uh
+  elif C == 2 * H:
+    mask = column_mask(r, H, dtype)
+    Q, ok = _two_passes(U[:, :H], D[:, :H], mask, jnp.finfo(dtype).eps)
+    Uh = U + jnp.roll(jnp.pad(Q, ((0, 0), (0, C - H))), r, axis=1)
+    Uh = cond(~ok | (r > H), lambda Uh, U, D, r: _extend_robust(U, D, r),
+              lambda Uh, U, D, r: Uh, Uh, U, D, r)
+  else:
+    Uh = _extend_robust(U, D, r)
+  if with_block:
+    return Uh, jnp.roll(Uh, -r, axis=1)[:, :H]
+  return Uh
+
+
+def _extend_robust(U, D, r):
+  """`extend` for any rank: U masked to its r columns, in the working
+  dtype; Householder QR of [U | D] where the passes do not converge."""
+  dtype = U.dtype
+  n, C = U.shape
+  H = max(C // 2, 1)
   k = jnp.minimum(r, C - r)              # new columns: always <= C // 2
   mask = column_mask(k, H, dtype)
   Dh = D[:, :H] * mask[None, :]
   if H >= 1 and C - H == H:
-    # U's active columns fit in its first half when r <= C / 2 (what
-    # `resize` keeps): the projections then cost half.
+    # U's active columns fit in its first half when r <= C / 2: the
+    # projections then cost half.
     Q, ok = cond(r <= H,
                  lambda U, Dh, mask: _orthonormalize(U[:, :H], Dh, mask, dtype),
                  lambda U, Dh, mask: _orthonormalize(U, Dh, mask, dtype),
@@ -304,13 +364,9 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
     Q, ok = _orthonormalize(U, Dh, mask, dtype)
   Q = jnp.pad(Q, ((0, 0), (0, C - H)))
   # Move the new block behind U's r columns.
-  shifted = jnp.roll(Q, r, axis=1)
-  Uh = U + shifted
-  Uh = cond(ok, lambda Uh, U, D, r: Uh,
-            lambda Uh, U, D, r: _householder_extend(U, D, r), Uh, U, D, r)
-  if with_block:
-    return Uh, jnp.roll(Uh, -r, axis=1)[:, :H]
-  return Uh
+  Uh = U + jnp.roll(Q, r, axis=1)
+  return cond(ok, lambda Uh, U, D, r: Uh,
+              lambda Uh, U, D, r: _householder_extend(U, D, r), Uh, U, D, r)
 
 
 def _householder_extend(U, D, r):
