@@ -168,13 +168,15 @@ def _cholesky(G):
   return L, lapack.solve_triangular(L, eye, lower=True)
 
 
-def _cholesky_pass(X, mask, eps, always_shift=False):
+def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False):
   """One Cholesky QR pass: X = Q R with R^T R = X^T X + s I.
 
   The shift s = u (n + k) max_i ||x_i||^2 makes the factorization succeed
   for any input; it is applied to the first pass (always_shift) and to any
   input whose Gram matrix is off the identity by more than `NEAR`, and not to
   nearly orthonormal inputs (it would leave a defect of s in Q^T Q).
+  never_shift: no shift whatever the input (the pass after a shifted pass
+  that found full rank: its input then has condition below about sqrt(11)).
 
   Returns (Q, off, weak): Q with inactive columns zero, `off` the largest
   entry of |X^T X - I| on the active block (how far X was from
@@ -190,7 +192,9 @@ def _cholesky_pass(X, mask, eps, always_shift=False):
   scale = jnp.max(jnp.diagonal(G))
   n = X.shape[0]
   shift = eps * (n + k) * scale
-  if not always_shift:
+  if never_shift:
+    shift = jnp.zeros_like(shift)
+  elif not always_shift:
     shift = jnp.where(off > NEAR, shift, 0.0)
   L, Linv = _cholesky(G + jnp.diag(shift * mask + (1.0 - mask)))
   Q = (X @ Linv.T) * mask[None, :]
@@ -257,21 +261,33 @@ def _householder(X, r):
 
 
 def _two_passes(U, X, mask, eps):
-  """The common case of `_orthonormalize` as straight-line code: a shifted
-  and an unshifted Cholesky QR pass, each after projecting off U.
+  """The common case of `_orthonormalize` without its loop: a shifted
+  Cholesky QR pass and an unshifted one, each after projecting off U, and a
+  third unshifted pass where the second's input was off the identity by
+  more than `NEAR`.
 
   Returns (Q, ok). ok: the first pass found every column above its shift
-  and the second pass's input was orthonormal to `NEAR`, so Q is what
-  `_orthonormalize` returns (it would stop after these two passes);
-  otherwise the caller runs `_orthonormalize` itself. Kept out of branches
-  and loops on purpose: XLA's CPU runtime runs independent conditionals and
-  loops (one per layer and factor) badly side by side (three independent
-  `_orthonormalize` calls on 4096 x 64 blocks: 43 ms in one program, 10 ms
-  one after another, 8 ms as straight-line code).
+  (full rank) and the last pass's input was orthonormal to `NEAR`, so Q is
+  orthonormal to working precision and spans X's projection off U;
+  otherwise the caller runs the general algorithm. The general one
+  (`_orthonormalize`: a loop, and a Householder branch for rank-deficient
+  blocks) costs its branches and loop even when they do little; here the
+  common case costs its products.
   """
   X = _project(U, X * mask[None, :])
   Q1, _, weak = _cholesky_pass(X, mask, eps, always_shift=True)
-  Q, off, _ = _cholesky_pass(_project(U, Q1), mask, eps)
+  # Full rank (not weak) leaves Q1 with condition below about sqrt(11):
+  # the second pass needs no shift. A third runs where the second's input
+  # was far from orthonormal (an ill-conditioned block: rank near the
+  # batch size leaves defects of 0.5 - 0.7 after the shifted pass).
+  Q, off, _ = _cholesky_pass(_project(U, Q1), mask, eps, never_shift=True)
+
+  def third(Q, off, mask):
+    Q, off, _ = _cholesky_pass(Q, mask, eps, never_shift=True)
+    return Q, off
+
+  Q, off = cond(off > NEAR, third, lambda Q, off, mask: (Q, off),
+                Q, off, mask)
   ok = ~weak & (off <= NEAR) & jnp.all(jnp.isfinite(Q))
   return Q, ok
 
@@ -329,19 +345,21 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
   U = U.astype(dtype) * column_mask(r, C, dtype)[None, :]
   D = D.astype(dtype)
   H = max(C // 2, 1)
-  if current() == "lapack":
-    Uh = _householder_extend(U, D, r)
-  elif C == 2 * H:
-    mask = column_mask(r, H, dtype)
-    Q, ok = _two_passes(U[:, :H], D[:, :H], mask, jnp.finfo(dtype).eps)
-    Uh = U + jnp.roll(jnp.pad(Q, ((0, 0), (0, C - H))), r, axis=1)
-    Uh = cond(~ok | (r > H), lambda Uh, U, D, r: _extend_robust(U, D, r),
-              lambda Uh, U, D, r: Uh, Uh, U, D, r)
-  else:
-    Uh = _extend_robust(U, D, r)
-  if with_block:
-    return Uh, jnp.roll(Uh, -r, axis=1)[:, :H]
-  return Uh
+  if current() == "lapack" or C != 2 * H:
+    Uh = (_householder_extend(U, D, r) if current() == "lapack"
+          else _extend_robust(U, D, r))
+    return (Uh, jnp.roll(Uh, -r, axis=1)[:, :H]) if with_block else Uh
+  mask = column_mask(r, H, dtype)
+  Q, ok = _two_passes(U[:, :H], D[:, :H], mask, jnp.finfo(dtype).eps)
+  # The branch returns the new block only (not U^): a branch's outputs and
+  # operands are copied, and the block is the smaller part.
+  def general(Q, U, D, r):
+    block = jnp.roll(_extend_robust(U, D, r), -r, axis=1)[:, :H]
+    return block * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :]
+
+  Q = cond(~ok | (r > H), general, lambda Q, U, D, r: Q, Q, U, D, r)
+  Uh = U + jnp.roll(jnp.pad(Q, ((0, 0), (0, C - H))), r, axis=1)
+  return (Uh, Q) if with_block else Uh
 
 
 def _extend_robust(U, D, r):
