@@ -224,7 +224,8 @@ def augment(U: jax.Array, D: jax.Array, r):
 
   Args:
     U: (n, C) orthonormal active columns, zero after.
-    D: (n, C) new directions (K1 or an update of K), active columns < r.
+    D: (n, C) new directions (K1 or an update of K); columns >= r are
+      ignored.
     r: active rank (int or traced int).
 
   Returns:

@@ -111,7 +111,9 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
       C, r = p.capacity, p.rank
       cm = base.column_mask(r, C, wd)
       U, V = p.U.astype(wd), p.V.astype(wd)
-      K1, L1, S1 = (q[0].astype(wd) * cm, q[1].astype(wd) * cm,
+      # K1 and L1 enter only through products that the masks below (on
+      # S^) and in extend cut to the active columns: no n x C mask here.
+      K1, L1, S1 = (q[0].astype(wd), q[1].astype(wd),
                     q[2].astype(wd) * cm[:, None] * cm[None, :])
       # U^ = [U | U_new]: U is kept as U^'s first block (linalg.extend), so
       # M = U^^T U = [I; 0] and N = V^^T V = [I; 0] exactly and the
@@ -119,8 +121,8 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
       #   S^ = U^^T [U S1 V^T + (I - U U^T) K1 V^T + U L1^T (I - V V^T)] V^
       # is the block matrix [[S1, L1^T V_new], [U_new^T K1, 0]], assembled
       # from the n x r products with the new blocks only.
-      Uh, Un = linalg.extend(U, d[0].astype(wd) * cm, r, with_block=True)
-      Vh, Vn = linalg.extend(V, d[1].astype(wd) * cm, r, with_block=True)
+      Uh, Un = linalg.extend(U, d[0].astype(wd), r, with_block=True)
+      Vh, Vn = linalg.extend(V, d[1].astype(wd), r, with_block=True)
       A = jnp.roll(jnp.pad(Un.T @ K1, ((0, C - Un.shape[1]), (0, 0))), r,
                    axis=0)                       # rows r..: U_new^T K1
       B = jnp.roll(jnp.pad(Vn.T @ L1, ((0, C - Vn.shape[1]), (0, 0))), r,

@@ -228,8 +228,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       C = p.capacity
       r = p.rank
       wd = linalg.work_dtype(p.U)
-      cm = base.column_mask(r, C, wd)
-      K1, L1 = k[0].astype(wd) * cm, k[1].astype(wd) * cm
+      # Columns >= r of K1, L1 are ignored by augment / orth (no mask here).
+      K1, L1 = k[0].astype(wd), k[1].astype(wd)
       if adaptive:
         # U and V stay the first blocks of U^, V^: M = U^^T U = [I; 0] and
         # N likewise, so S^0 = M S N^T = S and the moments need no map.

@@ -342,30 +342,36 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
   """
   dtype = work_dtype(U, D)
   n, C = U.shape
-  U = U.astype(dtype) * column_mask(r, C, dtype)[None, :]
+  U = U.astype(dtype)
   D = D.astype(dtype)
   H = max(C // 2, 1)
   if current() == "lapack" or C != 2 * H:
     Uh = (_householder_extend(U, D, r) if current() == "lapack"
           else _extend_robust(U, D, r))
     return (Uh, jnp.roll(Uh, -r, axis=1)[:, :H]) if with_block else Uh
-  mask = column_mask(r, H, dtype)
-  Q, ok = _two_passes(U[:, :H], D[:, :H], mask, jnp.finfo(dtype).eps)
-  # The branch returns the new block only (not U^): a branch's outputs and
-  # operands are copied, and the block is the smaller part.
-  def general(Q, U, D, r):
-    block = jnp.roll(_extend_robust(U, D, r), -r, axis=1)[:, :H]
-    return block * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :]
+  Q, ok = _two_passes(U[:, :H], D[:, :H], column_mask(r, H, dtype),
+                      jnp.finfo(dtype).eps)
 
-  Q = cond(~ok | (r > H), general, lambda Q, U, D, r: Q, Q, U, D, r)
-  Uh = U + jnp.roll(jnp.pad(Q, ((0, 0), (0, C - H))), r, axis=1)
+  def place(Q, U, D, r):
+    # U's columns from r on are zero (the contract), so writing Q there is
+    # U + [0 | Q | 0]: one pass over the block.
+    r = jnp.asarray(r, jnp.int32)
+    return lax.dynamic_update_slice(U, Q, (jnp.zeros((), jnp.int32), r)), Q
+
+  def general(Q, U, D, r):
+    Uh = _extend_robust(U, D, r)
+    block = jnp.roll(Uh, -r, axis=1)[:, :H]
+    return Uh, block * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :]
+
+  Uh, Q = cond(~ok | (r > H), general, place, Q, U, D, r)
   return (Uh, Q) if with_block else Uh
 
 
 def _extend_robust(U, D, r):
-  """`extend` for any rank: U masked to its r columns, in the working
-  dtype; Householder QR of [U | D] where the passes do not converge."""
+  """`extend` for any rank, in the working dtype; Householder QR of
+  [U | D] where the passes do not converge."""
   dtype = U.dtype
+  U = U * column_mask(r, U.shape[1], dtype)[None, :]
   n, C = U.shape
   H = max(C // 2, 1)
   k = jnp.minimum(r, C - r)              # new columns: always <= C // 2
