@@ -1,0 +1,132 @@
+"""Per-op breakdown of one training step of the width benchmark's MLP.
+
+Traces a few steps of one method at one width and rank with the JAX
+profiler and sums the time of every XLA operation by kind and by category:
+
+  matmul         dots (XLA's `dot` and the YNNPACK dot fusions)
+  factorization  LAPACK calls: SVD, QR (geqrf + householder_product),
+                 Cholesky, triangular solves, eigh
+  other          elementwise fusions, copies, pads, slices, concatenates
+
+Operations inside a conditional or a loop are counted where they run (the
+conditional or loop itself is not counted again). Times are summed over
+XLA's worker threads, so with two threads the total can exceed the step's
+wall time; the step's untraced wall time is printed beside it.
+
+  python -m benchmarks.profile --method geolora --n 1024 --r 64
+  python -m benchmarks.profile --method kls_adaptive --n 4096 --r 64 --top 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
+
+import jax
+
+from benchmarks import common, width
+
+FACTORIZATIONS = ("svd", "geqrf", "householder_product", "cholesky",
+                  "triangular_solve", "eigh", "syevd", "potrf", "trsm")
+CONTAINERS = ("cond", "while", "conditional", "call")
+
+
+def kind_of(op_name: str) -> str:
+  """'ynn_fusion.12' -> 'ynn_fusion'; 'wrapped_pad.3' -> 'wrapped_pad'."""
+  return re.sub(r"(\.\d+)+(\.clone)?$", "", op_name)
+
+
+def category(kind: str) -> str:
+  if kind.startswith(("dot", "ynn_fusion")):
+    return "matmul"
+  if any(kind.startswith(f) for f in FACTORIZATIONS):
+    return "factorization"
+  return "other"
+
+
+def _build_step(method: str, n: int, r: int):
+  params = width.make_params(method, n, r, jax.random.PRNGKey(0), init="random")
+  integ = width.make_integrator(method, r)
+  state = integ.init(params)
+  if not integ.fixed_shape:
+    params, state, _ = integ.resize(params, state)
+  kx, ky = jax.random.split(jax.random.PRNGKey(1))
+  batch = {"x": jax.random.normal(kx, (width.BATCH, n)),
+           "y": jax.random.randint(ky, (width.BATCH,), 0, width.CLASSES)}
+  step = jax.jit(lambda p, s, b: integ.step(width.loss_fn, p, s, b)[:2],
+                 donate_argnums=(0, 1))
+  return step, params, state, batch
+
+
+def profile(method: str, n: int, r: int, *, steps: int = 10) -> dict:
+  """Wall ms per step (untraced) and op time per step by kind and category."""
+  step, params, state, batch = _build_step(method, n, r)
+  res = common.time_steps(lambda c: step(c[0], c[1], batch), (params, state),
+                          steps=steps, repeats=1)
+  params, state = res.pop("carry")
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(steps):
+        params, state = step(params, state, batch)
+      jax.block_until_ready(params)
+    path = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)[0]
+    with gzip.open(path) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  by_kind = collections.Counter()
+  count = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or "dur" not in e or name.startswith("$"):
+      continue
+    if not re.match(r"^[a-z][\w\-]*(\.\d+)*(\.clone)?$", name):
+      continue                         # runtime spans, not XLA operations
+    kind = kind_of(name)
+    if kind.startswith(CONTAINERS):
+      continue
+    by_kind[kind] += e["dur"] / 1e3 / steps
+    count[kind] += 1
+  by_cat = collections.Counter()
+  for k, v in by_kind.items():
+    by_cat[category(k)] += v
+  return dict(method=method, n=n, r=r, wall_ms=res["ms"],
+              op_ms=sum(by_kind.values()), by_category=dict(by_cat),
+              by_kind={k: (v, count[k] // steps) for k, v in by_kind.most_common()})
+
+
+def report(p: dict, top: int = 12, log=print) -> None:
+  log(f"{p['method']} n={p['n']} r={p['r']}: step {p['wall_ms']:.2f} ms wall, "
+      f"{p['op_ms']:.2f} ms of op time per step")
+  for c in ("matmul", "factorization", "other"):
+    log(f"  {c:14s} {p['by_category'].get(c, 0.0):7.2f} ms")
+  for k, (v, c) in list(p["by_kind"].items())[:top]:
+    log(f"    {k:32s} {v:7.2f} ms  ({c} per step)")
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--method", default="geolora", choices=width.METHODS)
+  ap.add_argument("--n", type=int, default=1024)
+  ap.add_argument("--r", type=int, default=64)
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--top", type=int, default=12)
+  ap.add_argument("--json", default="", help="also write the breakdown here")
+  args = ap.parse_args(argv)
+  t0 = time.perf_counter()
+  p = profile(args.method, args.n, 0 if args.method == "dense" else args.r,
+              steps=args.steps)
+  report(p, args.top)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(p, f, indent=1)
+  print(f"[{time.perf_counter() - t0:.0f} s]")
+
+
+if __name__ == "__main__":
+  main()
