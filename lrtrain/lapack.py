@@ -76,8 +76,15 @@ def _unbatched(name: str, core_ndims: tuple, **static) -> Callable:
   return call
 
 
+def _svd_qr(a, full_matrices=True, compute_uv=True):
+  return jax.lax.linalg.svd(a, full_matrices=full_matrices,
+                            compute_uv=compute_uv,
+                            algorithm=jax.lax.linalg.SvdAlgorithm.QR)
+
+
 _FUNCTIONS = {
     "svd": jnp.linalg.svd,
+    "svd_qr": _svd_qr,
     "qr": jnp.linalg.qr,
     "cholesky": jnp.linalg.cholesky,
     "eigh": jnp.linalg.eigh,
@@ -88,6 +95,13 @@ _FUNCTIONS = {
 
 def svd(a, full_matrices: bool = True, compute_uv: bool = True):
   return _unbatched("svd", (2,), full_matrices=full_matrices,
+                    compute_uv=compute_uv)(a)
+
+
+def svd_qr(a, full_matrices: bool = True, compute_uv: bool = True):
+  """`svd` by the QR iteration (LAPACK's gesvd) instead of divide and
+  conquer (gesdd): slower, for the rare matrix where gesdd fails."""
+  return _unbatched("svd_qr", (2,), full_matrices=full_matrices,
                     compute_uv=compute_uv)(a)
 
 

@@ -295,7 +295,7 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
   S = S.astype(linalg.work_dtype(S))
 
   def general(S):
-    A, s, Bt = lapack.svd(S)
+    A, s, Bt = linalg.svd(S)
     inv = jnp.where(s > rel_eps * s[0], 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
     return (Bt.T * inv[None, :]) @ A.T, s[0]
 

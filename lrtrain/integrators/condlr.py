@@ -47,6 +47,7 @@ import optax
 from lrtrain import factorizations as fz
 from lrtrain import lapack
 from lrtrain.integrators import base
+from lrtrain.integrators import linalg
 
 VARIANTS = ("mean", "approx_orth")
 
@@ -96,7 +97,7 @@ def _masked_svd(S: jax.Array, rank):
   m = base.column_mask(rank, C)
   Sa = S.astype(jnp.float32) * m[:, None] * m[None, :] + jnp.diag(
       (1.0 - m) * _INACTIVE)
-  return lapack.svd(Sa), m
+  return linalg.svd(Sa), m
 
 
 def grad_scale(S: jax.Array, rank, variant: str) -> jax.Array:

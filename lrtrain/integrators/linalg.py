@@ -406,6 +406,21 @@ def _householder_extend(U, D, r):
   return jnp.where((j < r)[None, :], U, Uh)
 
 
+def svd(S: jax.Array, full_matrices: bool = True):
+  """(P, sigma, Q^T) of S by LAPACK's divide-and-conquer SVD, and by its QR
+  iteration where that returns non-finite values for a finite S: float32
+  gesdd fails on some nearly singular cores (a GeoLoRA 512 x 512 core with
+  sigma_min / sigma_max ~ 1e-15 at step 121 of the width benchmark, n =
+  1024, r = 256: "SLASCL parameter number 4 had an illegal value", NaN
+  out; gesvd and gesdd of S^T were fine). Every SVD inside a step goes
+  through here."""
+  P, s, Qt = lapack.svd(S, full_matrices=full_matrices)
+  failed = ~jnp.all(jnp.isfinite(s)) & jnp.all(jnp.isfinite(S))
+  return cond(failed,
+              lambda P, s, Qt, S: lapack.svd_qr(S, full_matrices=full_matrices),
+              lambda P, s, Qt, S: (P, s, Qt), P, s, Qt, S)
+
+
 def gram_route(C: int, tau, dtype) -> bool:
   """Whether `core_svd` may use the eigenvectors of S^T S for a (C, C) core
   truncated at `tau` (a Python float) in `dtype` (module docstring)."""
@@ -439,7 +454,7 @@ def core_svd(S: jax.Array, tau=None, route: str = "svd"):
   S = S.astype(dtype)
   C = S.shape[-1]
   if route != "eigh" or not gram_route(C, tau, dtype):
-    P, sigma, Qt = lapack.svd(S)
+    P, sigma, Qt = svd(S)
     return P, sigma, Qt.T
   lam, W = lapack.eigh(S.T @ S)
   lam, W = lam[::-1], W[:, ::-1]

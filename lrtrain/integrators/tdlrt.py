@@ -61,7 +61,6 @@ import numpy as np
 import optax
 
 from lrtrain import factorizations as fz
-from lrtrain import lapack
 from lrtrain.factorizations import tucker as tk
 from lrtrain.integrators import base
 from lrtrain.integrators import buckets
@@ -120,7 +119,7 @@ def _mode_svd(core: jax.Array, i: int):
   C, k = M.shape
   if k < C:
     M = jnp.pad(M, ((0, 0), (0, C - k)))
-  P, s, Rt = lapack.svd(M, full_matrices=False)
+  P, s, Rt = linalg.svd(M, full_matrices=False)
   return P, s, Rt.T[:k]
 
 

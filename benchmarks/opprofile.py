@@ -13,8 +13,8 @@ conditional or loop itself is not counted again). Times are summed over
 XLA's worker threads, so with two threads the total can exceed the step's
 wall time; the step's untraced wall time is printed beside it.
 
-  python -m benchmarks.profile --method geolora --n 1024 --r 64
-  python -m benchmarks.profile --method kls_adaptive --n 4096 --r 64 --top 20
+  python -m benchmarks.opprofile --method geolora --n 1024 --r 64
+  python -m benchmarks.opprofile --method kls_adaptive --n 4096 --r 64 --top 20
 """
 
 from __future__ import annotations
