@@ -99,6 +99,30 @@ def study_main(study: str, argv: Sequence[str] | None,
   return report(a.workdir, a.results)
 
 
+def show(result: Any) -> None:
+  """Print a study's report: a dict as `key: value` lines, a list one item
+  a line, anything else as it is."""
+  if isinstance(result, dict):
+    for k, v in result.items():
+      print(f"{k}: {v}")
+  elif isinstance(result, (list, tuple)):
+    for row in result:
+      print(row)
+  else:
+    print(result)
+
+
+def cli(study: str, report: Callable[[str, str], Any], *,
+        doc: str | None = None) -> Callable[..., Any]:
+  """`main(argv=None)` of a study trained by its config's sweep:
+  `study_main`, then the report printed (`show`) and returned."""
+  def main(argv: Sequence[str] | None = None) -> Any:
+    out = study_main(study, argv, report, doc=doc)
+    show(out)
+    return out
+  return main
+
+
 # --------------------------------------------------------------------------
 # Runs with substituted parts.
 # --------------------------------------------------------------------------

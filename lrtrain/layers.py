@@ -245,6 +245,15 @@ class Conv(nn.Module):
     return y
 
 
+class ImageClassifier(nn.Module):
+  """Fields of the convolutional classifiers (LeNet5, VGG): the number of
+  classes, the factor policy choosing each layer's kernel
+  (models.FactorPolicy) and the convolution routine (`Conv`'s impl)."""
+  num_classes: int
+  policy: object
+  impl: str = "auto"
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 (NHWC; odd trailing rows/cols dropped).
 

@@ -91,10 +91,7 @@ def summarize(workdir: str, out: str) -> dict:
   return final
 
 
-def main(argv=None):
-  final = U.study_main("dlrt_gap_vs_steps", argv, summarize, doc=__doc__)
-  print(final)
-  return final
+main = U.cli("dlrt_gap_vs_steps", summarize, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -169,11 +169,7 @@ def _plot(rows, pub, path):
   U.save(fig, path)
 
 
-def main(argv=None):
-  rows = U.study_main("dlrt_lenet5_tau", argv, summarize, doc=__doc__)
-  for r in rows:
-    print(r)
-  return rows
+main = U.cli("dlrt_lenet5_tau", summarize, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -97,11 +97,7 @@ def _plot(runs, order, rows, pub, out):
   U.save(fig, os.path.join(out, "accuracy_vs_compression.png"))
 
 
-def main(argv=None):
-  rows = U.study_main("dlrt_mlp_rank_dynamics", argv, summarize, doc=__doc__)
-  for r in rows:
-    print(r)
-  return rows
+main = U.cli("dlrt_mlp_rank_dynamics", summarize, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ training), ranks_vs_step.png (rank of each hidden layer over training).
 from __future__ import annotations
 
 import os
-import sys
 
 
 from experiments import common as gc
@@ -73,10 +72,8 @@ def report(workdir: str, results: str) -> dict[str, str]:
   return out
 
 
-def main(argv=None) -> dict[str, str]:
-  return gc.study_main(STUDY, argv, report)
+main = gc.cli(STUDY, report, doc=__doc__)
 
 
 if __name__ == "__main__":
-  for k, v in main(sys.argv[1:]).items():
-    print(f"{k}: {v}")
+  main()

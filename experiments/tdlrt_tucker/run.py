@@ -13,7 +13,6 @@ factorized convolutions; dense at 0).
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import numpy as np
@@ -108,10 +107,8 @@ def report(workdir: str, results: str) -> dict[str, str]:
   return out
 
 
-def main(argv=None) -> dict[str, str]:
-  return gc.study_main(STUDY, argv, report)
+main = gc.cli(STUDY, report, doc=__doc__)
 
 
 if __name__ == "__main__":
-  for k, v in main(sys.argv[1:]).items():
-    print(f"{k}: {v}")
+  main()

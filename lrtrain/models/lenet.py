@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from lrtrain.layers import Conv, Dense, max_pool_2x2
+from lrtrain.layers import Conv, Dense, ImageClassifier, max_pool_2x2
 
 MIN_SIDE = 16  # two VALID 5x5 convs and two 2x2 pools need >= 16 pixels
 
@@ -30,11 +30,8 @@ def _pool(x):
   return max_pool_2x2(x)
 
 
-class LeNet5(nn.Module):
+class LeNet5(ImageClassifier):
   """LeNet5; kernels per `policy` (models.FactorPolicy)."""
-  num_classes: int
-  policy: object
-  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

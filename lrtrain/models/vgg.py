@@ -14,7 +14,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from lrtrain.layers import Conv, Dense, max_pool_2x2
+from lrtrain.layers import Conv, Dense, ImageClassifier, max_pool_2x2
 
 CHANNELS = (32, 32, "pool", 64, 64, "pool", 128, "pool")
 FC_WIDTH = 128
@@ -27,11 +27,8 @@ def check_input(input_shape: tuple) -> None:
                      f"input_shape={input_shape}")
 
 
-class VGG(nn.Module):
+class VGG(ImageClassifier):
   """Small VGG; kernels per `policy` (models.FactorPolicy)."""
-  num_classes: int
-  policy: object
-  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
