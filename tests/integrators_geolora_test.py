@@ -193,3 +193,32 @@ def test_guarded_inverse_diagonal_path_matches_svd_path():
   np.testing.assert_allclose(base.guarded_inverse(S_diag, 4), want, atol=1e-6)
   np.testing.assert_allclose(base.guarded_inverse(S_rot, 4), Q @ want @ Q.T,
                              atol=1e-5)
+
+
+def test_as_transform_warns_when_a_later_transformation_moves_the_basis():
+  """as_transform must be last: optax.scale after it halves U_new - U and
+  leaves U off the Stiefel manifold, which the next update reports; the
+  chain with as_transform last stays silent."""
+  import warnings
+  batch = _teacher_problem()
+  p = {"w": lowrank.resize(lowrank.init(jax.random.PRNGKey(1), 32, 24, 3), 8)}
+
+  def run(chain):
+    q, cst = p, chain.init(p)
+    upd_fn = jax.jit(chain.update)
+    with warnings.catch_warnings(record=True) as seen:
+      warnings.simplefilter("always")
+      for _ in range(3):
+        (_, _), g = base.value_and_grad(_reg_loss, q, batch)
+        upd, cst = upd_fn(g, cst, q)
+        q = optax.apply_updates(q, upd)
+      jax.effects_barrier()
+    return q, [w for w in seen if "Stiefel" in str(w.message)]
+
+  q, seen = run(optax.chain(geolora.as_transform(optax.sgd(0.1), tau=0.05,
+                                                 r_min=1)))
+  assert not seen and _ortho_err(q["w"]) < 1e-5
+  q, seen = run(optax.chain(geolora.as_transform(optax.sgd(0.1), tau=0.05,
+                                                 r_min=1), optax.scale(0.5)))
+  assert seen and "w" in str(seen[0].message)
+  assert _ortho_err(q["w"]) > 1e-3

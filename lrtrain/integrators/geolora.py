@@ -32,6 +32,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -223,6 +225,35 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   return base.Integrator(init, step, resize, fixed_shape=not adaptive)
 
 
+# Orthonormality defect of an incoming basis above which as_transform warns:
+# rounding drift stays below about 1e-5 (linalg.polish), a transformation
+# that rescales or perturbs the update leaves defects of order its effect.
+OFF_MANIFOLD = 1e-3
+
+
+def _warn(path, defect):
+  warnings.warn(
+      f"geolora.as_transform: the basis of {path} is off the Stiefel "
+      f"manifold (defect {float(defect):.3g}): a transformation after "
+      "as_transform in the chain changed its update; as_transform must be "
+      "the last transformation of the chain", RuntimeWarning, stacklevel=2)
+
+
+def _warn_off_manifold(params) -> None:
+  """A RuntimeWarning (from inside the compiled step, on the host) for every
+  LowRank node whose U or V reaches `update` off the Stiefel manifold: the
+  sign that a transformation chained after as_transform changed the
+  update. Costs two matrix-vector products per basis."""
+  for path, f in fz.factor_paths(params):
+    if not _is_lr(f):
+      continue
+    d = jnp.maximum(linalg.defect_estimate(f.U.astype(jnp.float32), f.rank),
+                    linalg.defect_estimate(f.V.astype(jnp.float32), f.rank))
+    jax.lax.cond(d > OFF_MANIFOLD,
+                 lambda d: jax.debug.callback(functools.partial(_warn, path), d),
+                 lambda d: None, d)
+
+
 def as_transform(tx: optax.GradientTransformation, **kwargs
                  ) -> optax.GradientTransformation:
   """GeoLoRA as an optax GradientTransformation.
@@ -234,7 +265,8 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
   on gradients from `base.value_and_grad` (float32 zeros for the int rank
   leaves; jax.grad's float0 leaves break optax's clipping). It must be the
   last transformation of the chain: one after it rescales the update
-  U_new - U and leaves U off the Stiefel manifold.
+  U_new - U and leaves U off the Stiefel manifold, which the next `update`
+  reports with a RuntimeWarning (`OFF_MANIFOLD`).
   Capacities are fixed inside a chain: bucket them beforehand (the
   Integrator's `resize`), with capacity >= 2r.
 
@@ -259,6 +291,7 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
   def update_fn(grads, state, params=None):
     if params is None:
       raise ValueError("geolora.as_transform needs params in update()")
+    _warn_off_manifold(params)
     new, state = _core_step(params, grads, state, tx_in, **kw)
     # Rank leaves move by a float32 difference (a small integer, exact):
     # the dtype of their gradients, so wrappers that pass either one on
