@@ -57,8 +57,8 @@ def build(method: str, impl: str):
 
 def bench(method: str, impl: str, *, steps: int, repeats: int) -> dict:
   model, params, integ = build(method, impl)
+  params, _, _ = integ.resize(params, None)
   state = integ.init(params)
-  params, state, _ = integ.resize(params, state)
 
   def loss_fn(p, batch):
     logits = model.apply({"params": p}, batch["x"])

@@ -53,9 +53,8 @@ def category(kind: str) -> str:
 def _build_step(method: str, n: int, r: int):
   params = width.make_params(method, n, r, jax.random.PRNGKey(0), init="random")
   integ = width.make_integrator(method, r)
+  params, _, _ = integ.resize(params, None)
   state = integ.init(params)
-  if not integ.fixed_shape:
-    params, state, _ = integ.resize(params, state)
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
   batch = {"x": jax.random.normal(kx, (width.BATCH, n)),
            "y": jax.random.randint(ky, (width.BATCH,), 0, width.CLASSES)}

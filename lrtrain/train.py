@@ -387,9 +387,10 @@ class _RunDir:
     then config.json, and metrics.jsonl cut back to the resumed step."""
     integ, run = self.run.integrator, self.run
     if step is None:
-      params = run.init_params
+      # First bucketing (capacity >= 2r for rank-adaptive methods), then
+      # the optimizer state on the bucketed shapes.
+      params, _, _ = integ.resize(run.init_params, None)
       opt_state = integ.init(params)
-      params, opt_state, _ = integ.resize(params, opt_state)  # first bucketing
     else:
       # latest step -> params (saved shapes) -> optimizer-state structure
       # from those params -> its leaves -> data position = step -> RNG.

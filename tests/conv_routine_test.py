@@ -91,8 +91,8 @@ def test_no_convolution_inside_a_branch_on_cpu(method):
   params, loss_fn, batch = _lenet("lowrank")
   kw = dict(adaptive=True, tau=0.1) if method == "kls" else dict(tau=0.1)
   integ = integrators.build(method, optax.sgd(0.1), **kw)
+  params, _, _ = integ.resize(params, None)
   state = integ.init(params)
-  params, state, _ = integ.resize(params, state)
   convs = _convs(lambda p, s: integ.step(loss_fn, p, s, batch)[:2], params, state)
   assert convs and not any(convs)
   # Without convolutions the half-width branch is kept.

@@ -73,8 +73,8 @@ def test_unknown_option_is_an_error():
 def _setup(name, dtype=jnp.float32, seed=0):
   integ = _build(name)
   p = _params(name, jax.random.PRNGKey(seed), dtype)
+  p, _, _ = integ.resize(p, None)
   st = integ.init(p)
-  p, st, _ = integ.resize(p, st)
   return integ, p, st, _batch(name, jax.random.PRNGKey(100))
 
 

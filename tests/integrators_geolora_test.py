@@ -39,8 +39,8 @@ def _teacher_problem(n=32, m=24, seed=0, base_W=None):
 
 
 def _run(integ, p, batch, steps, resize_every=25):
+  p, _, _ = integ.resize(p, None)
   st = integ.init(p)
-  p, st, _ = integ.resize(p, st)
   step = jax.jit(lambda p, s: integ.step(_reg_loss, p, s, batch))
   for i in range(steps):
     p, st, aux = step(p, st)
@@ -55,8 +55,8 @@ def test_orthonormal_after_1000_random_steps(adaptive):
   p = {"w": lowrank.init(jax.random.PRNGKey(0), n, m, 3)}
   integ = geolora.make(optax.sgd(0.3, momentum=0.9), adaptive=adaptive,
                        tau=0.3, r_min=1, r_max=6)
+  p, _, _ = integ.resize(p, None)
   st = integ.init(p)
-  p, st, _ = integ.resize(p, st)
 
   def body(carry, key):
     p, st = carry

@@ -10,7 +10,7 @@ import pytest
 from lrtrain import factorizations as fz
 from lrtrain import integrators
 from lrtrain.factorizations import lowrank
-from lrtrain.integrators import base, kls
+from lrtrain.integrators import base, geolora, kls
 
 
 def _mat_loss(p, b):
@@ -30,8 +30,8 @@ def test_orthonormal_after_1000_random_steps(adaptive):
   p = {"w": lowrank.init(jax.random.PRNGKey(0), n, m, 3)}
   integ = kls.make(optax.sgd(0.3, momentum=0.9), adaptive=adaptive, tau=0.3,
                    r_min=1, r_max=6)
+  p, _, _ = integ.resize(p, None)
   st = integ.init(p)
-  p, st, _ = integ.resize(p, st)
 
   def body(carry, key):
     p, st = carry
@@ -161,8 +161,8 @@ def _reg_loss(p, b):
 
 
 def _run(integ, p, batch, steps, resize_every=25):
+  p, _, _ = integ.resize(p, None)
   st = integ.init(p)
-  p, st, _ = integ.resize(p, st)
   step = jax.jit(lambda p, s: integ.step(_reg_loss, p, s, batch))
   caps = {p["w"].capacity}
   for i in range(steps):
@@ -212,6 +212,7 @@ def test_transport_does_not_hurt(opt):
 def test_state_has_separate_kl_and_s_optimizers():
   p = {"w": lowrank.init(jax.random.PRNGKey(0), 10, 8, 2), "b": jnp.ones(10)}
   integ = kls.make(optax.adam(1e-2))
+  p, _, _ = integ.resize(p, None)
   st = integ.init(p)
   # Adam's step counters advance once per step in each sub-step.
   batch = {"x": jnp.ones((4, 8)), "y": jnp.zeros((4, 10))}
@@ -226,8 +227,8 @@ def test_bias_updates_in_s_step_and_frozen_base_untouched():
   W0 = jax.random.normal(jax.random.PRNGKey(0), (10, 8))
   p = {"w": lowrank.from_dense(W0, 2, frozen_base=True), "b": jnp.zeros(10)}
   integ = kls.make(optax.sgd(0.1), tau=0.0)
+  p, _, _ = integ.resize(p, None)
   st = integ.init(p)
-  p, st, _ = integ.resize(p, st)
   batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (16, 8)),
            "y": jnp.ones((16, 10))}
   loss = lambda p, b: (jnp.mean(jnp.square(fz.apply(p["w"], b["x"]) + p["b"]
@@ -242,3 +243,23 @@ def test_registry_builds_kls_and_rejects_unknown():
   assert isinstance(integrators.build("kls", optax.sgd(0.1)), base.Integrator)
   with pytest.raises(ValueError, match="valid names"):
     integrators.build("nope", optax.sgd(0.1))
+
+
+@pytest.mark.parametrize("method", ["kls", "geolora"])
+def test_init_refuses_a_node_without_room_and_resize_before_init_fixes_it(method):
+  """A rank-adaptive step needs capacity >= 2r to augment; at capacity =
+  rank it could add no direction, silently. init says so, naming the layer;
+  resize(params, None) buckets the params before init."""
+  p = {"enc": {"w": lowrank.init(jax.random.PRNGKey(0), 32, 24, 4)}}
+  integ = kls.make(optax.sgd(0.1)) if method == "kls" else geolora.make(
+      optax.sgd(0.1))
+  with pytest.raises(ValueError, match="enc/w.*rank 4 in capacity 4.*resize"):
+    integ.init(p)
+  q, none, changed = integ.resize(p, None)
+  assert changed and none is None and q["enc"]["w"].capacity >= 8
+  integ.init(q)
+  # Where no larger bucket exists (capacity = min(n, m)) there is no error.
+  small = {"w": lowrank.init(jax.random.PRNGKey(0), 6, 4, 3, capacity=4)}
+  integ.init(small)
+  # Fixed-rank KLS never augments: capacity = rank is right for it.
+  kls.make(optax.sgd(0.1), adaptive=False).init(p)

@@ -190,8 +190,8 @@ def test_orthonormal_after_10000_float32_steps(method):
   p = {"w": lowrank.init(jax.random.PRNGKey(0), n, m, 3)}
   mod = kls if method == "kls" else geolora
   integ = mod.make(optax.sgd(0.2, momentum=0.9), tau=0.3, r_min=1, r_max=6)
+  p, _, _ = integ.resize(p, None)
   st = integ.init(p)
-  p, st, _ = integ.resize(p, st)
   target = jax.random.normal(jax.random.PRNGKey(2), (n, m))
 
   def body(carry, key):

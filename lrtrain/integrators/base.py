@@ -2,6 +2,7 @@
 
 Every method is an `Integrator(init, step, resize)`:
 
+  params, _, _ = integrator.resize(params, None)    # buckets, before init
   state = integrator.init(params)
   params, state, aux = integrator.step(loss_fn, params, state, batch)   # jittable
   params, state, changed = integrator.resize(params, state)             # host side
@@ -10,7 +11,9 @@ Every method is an `Integrator(init, step, resize)`:
 holds "loss" (the loss at the start of the step), the entries of the loss's
 aux dict, and "rank/<path>" for every factor node. `resize` moves capacity
 buckets of rank-adaptive methods (a new shape, hence one recompile); it is
-the identity for fixed-shape methods.
+the identity for fixed-shape methods. With state None (before `init`) it
+buckets the params alone; the rank-adaptive methods' `init` refuses a node
+with too little room to augment.
 
 Integrators know nothing about Flax: they walk the params pytree and act on
 factorization nodes (`lrtrain.factorizations.is_factor`).

@@ -78,6 +78,27 @@ def lowrank_plan(params: Any, need: int = 2) -> list[tuple[int, int] | None]:
   return out
 
 
+def require_room(params: Any, method: str) -> None:
+  """Refuse LowRank nodes that a rank-adaptive step cannot augment: rank
+  above half the capacity where a larger bucket exists (the step would add
+  fewer than r new directions, none at capacity = rank). Reads ranks on the
+  host; traced params (`jax.eval_shape`, inside jit) are not checked.
+
+  Raises:
+    ValueError: naming the layer and how to bucket the buffers.
+  """
+  for path, f in fz.factor_paths(params):
+    if not isinstance(f, fz.LowRank) or isinstance(f.rank, jax.core.Tracer):
+      continue
+    r, C = int(np.asarray(f.rank)), f.capacity
+    if 2 * r > C and C < min(f.shape):
+      raise ValueError(
+          f"{method}: layer {path!r} has rank {r} in capacity {C}, too little "
+          f"room to augment (needs {min(2 * r, min(f.shape))}); bucket the "
+          "buffers first: params, _, _ = integrator.resize(params, None), "
+          "then integrator.init(params)")
+
+
 def resize_lowrank(params: Any, plan: Sequence[tuple[int, int] | None]) -> Any:
   """Apply a `lowrank_plan`: every LowRank node with a move gets the new
   capacity (active columns kept, the rest zero)."""

@@ -196,6 +196,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
 
   def init(params):
     base.require_nodes(params, (fz.LowRank,), "geolora")
+    buckets.require_room(params, "geolora")
     return GeoLoRAState(tx.init(opt_tree(params)), jnp.zeros((), jnp.int32))
 
   def step(loss_fn, params, state, batch):
@@ -210,6 +211,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     plan = buckets.lowrank_plan(params, need=2)
     if not buckets.count_moves(plan):
       return params, state, False
+    if state is None:                  # before init: the params alone
+      return buckets.resize_lowrank(params, plan), None, True
 
     def per_node(i, p):
       if plan[i] is None:

@@ -198,6 +198,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
 
   def init(params):
     base.require_nodes(params, (fz.LowRank,), "kls")
+    if adaptive:
+      buckets.require_room(params, "kls")
     return KLSState(tx_kl.init(kl_tree(params)), tx_s.init(s_tree(params)))
 
   def step(loss_fn, params, state, batch):
@@ -327,6 +329,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     plan = buckets.lowrank_plan(params, need=2)
     if not buckets.count_moves(plan):
       return params, state, False
+    if state is None:                  # before init: the params alone
+      return buckets.resize_lowrank(params, plan), None, True
 
     def emb(i, kind):
       move = plan[i]

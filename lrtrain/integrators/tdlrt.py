@@ -495,12 +495,14 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       plans.append(plan)
     if not any(E is not None for plan in plans for E in plan):
       return params, state, False
-    k = tr.transport(state.k, k_like(params), _k_maps(
-        params, moving_of,
-        lambda i, j: None if plans[i][j] is None else tr.Congruence(
-            None, plans[i][j])))
-    s = tr.transport(state.s, s_tree(params),
-                     _s_maps(params, lambda i: tr.ModeMaps(plans[i])))
+    if state is not None:              # None: before init, the params alone
+      k = tr.transport(state.k, k_like(params), _k_maps(
+          params, moving_of,
+          lambda i, j: None if plans[i][j] is None else tr.Congruence(
+              None, plans[i][j])))
+      s = tr.transport(state.s, s_tree(params),
+                       _s_maps(params, lambda i: tr.ModeMaps(plans[i])))
+      state = TDLRTState(k, s)
 
     it = iter(plans)
 
@@ -513,7 +515,6 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       Us = [U if E is None else (U.astype(jnp.float32) @ E.T).astype(U.dtype)
             for U, E in zip(Us, plan)]
       return rebuild(x, core, Us, r)
-    return (jax.tree.map(fix, params, is_leaf=fz.is_factor),
-            TDLRTState(k, s), True)
+    return jax.tree.map(fix, params, is_leaf=fz.is_factor), state, True
 
   return base.Integrator(init, step, resize, fixed_shape=not adaptive)
