@@ -123,6 +123,30 @@ def truncation_rank(sigma: jax.Array, tau: float | jax.Array, r_min,
   return jnp.clip(r, r_min, r_max).astype(jnp.int32)
 
 
+def map_nodes(fn: Callable, is_node: Callable[[Any], bool], params: Params,
+              *rest: Any) -> Any:
+  """The integrators' one walk over factor nodes: params is flattened once
+  at its factor nodes and leaves, each of `rest` is cut at the same places
+  (its parts there may be any subtree: a (K, L, S) tuple, None), and
+
+    fn(i, node, *parts)   for nodes with is_node(node), i counting them in
+                          tree order (the index per-node lists use);
+    fn(None, x, *parts)   for every other factor node or leaf.
+
+  Returns params' structure holding fn's results."""
+  leaves, treedef = jax.tree.flatten(params, is_leaf=fz.is_factor)
+  parts = [treedef.flatten_up_to(t) for t in rest]
+  out, i = [], 0
+  for j, x in enumerate(leaves):
+    args = [p[j] for p in parts]
+    if is_node(x):
+      out.append(fn(i, x, *args))
+      i += 1
+    else:
+      out.append(fn(None, x, *args))
+  return jax.tree.unflatten(treedef, out)
+
+
 def split_tree(params: Params):
   """Replace factor nodes by None: the non-factor leaves (biases, norms,
   dense kernels), for the plain optax chain."""

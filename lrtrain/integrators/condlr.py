@@ -195,8 +195,8 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
 
   def project(params, grads):
     """Tangent projection and scaling of the U, V gradients."""
-    def fix(p, g):
-      if not _is_lr(p):
+    def fix(i, p, g):
+      if i is None:
         return g
       c = grad_scale(p.S, p.rank, variant).astype(g.U.dtype)
       mask = base.column_mask(p.rank, p.capacity, g.S.dtype)
@@ -204,11 +204,11 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
           g, U=c * tangent_project(p.U, g.U, p.rank),
           V=c * tangent_project(p.V, g.V, p.rank),
           S=g.S * mask[:, None] * mask[None, :])
-    return jax.tree.map(fix, params, grads, is_leaf=fz.is_factor)
+    return base.map_nodes(fix, _is_lr, params, grads)
 
-  def retract(p):
+  def retract(i, p):
     """QR retraction of U, V and the conditioning of S."""
-    if not _is_lr(p):
+    if i is None:
       return p
     dt = p.dtype
     return dataclasses.replace(
@@ -222,7 +222,7 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
     t = base.trainable(params)
     upd, state = tx.update(base.trainable(grads), state, t)
     stepped = base.restore_frozen(params, optax.apply_updates(t, upd))
-    new_params = jax.tree.map(retract, stepped, is_leaf=fz.is_factor)
+    new_params = base.map_nodes(retract, _is_lr, stepped)
     return new_params, state, {"loss": loss, **aux,
                                **base.rank_aux(new_params)}
 

@@ -101,14 +101,12 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
 
   def basis(_):
     finals = {}
-    counter = iter(range(1 << 30))
 
-    def fix(p, q, d):
-      if not _is_lr(p):
+    def fix(i, p, q, d):
+      if i is None:
         if fz.is_factor(p):
           return base.restore_frozen(p, q)
         return q if base.is_float(p) else p
-      i = next(counter)
       wd = linalg.work_dtype(p.U)
       C, r = p.capacity, p.rank
       cm = base.column_mask(r, C, wd)
@@ -143,8 +141,7 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
       return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
                         jnp.asarray(r_new, jnp.int32), p.W0)
 
-    new = jax.tree.map(fix, params, moved, upd,
-                       is_leaf=lambda x: fz.is_factor(x) or x is None)
+    new = base.map_nodes(fix, _is_lr, params, moved, upd)
     # K = W V and L = W^T U follow V and U; S maps like S1: P^T M S1 N^T Q.
     maps = aligned_maps(params, lambda i, p: (
         tr.Congruence(None, finals[i][3]), tr.Congruence(None, finals[i][2]),

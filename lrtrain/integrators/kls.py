@@ -140,15 +140,13 @@ class _Opaque:
 def aligned_maps(params, per_node, *, others: bool):
   """One map per leaf of `kl_tree` (others=False) or `s_tree` (others=True):
   `per_node(i, node)` gives the tuple of maps of the i-th LowRank node."""
-  counter = iter(range(1 << 30))
-
-  def fix(x):
-    if _is_lr(x):
-      return tuple(_Opaque(m) for m in per_node(next(counter), x))
+  def fix(i, x):
+    if i is not None:
+      return tuple(_Opaque(m) for m in per_node(i, x))
     if not others:
       return None
     return jax.tree.map(lambda _: _Opaque(None), base.trainable(x))
-  tree = jax.tree.map(fix, params, is_leaf=fz.is_factor)
+  tree = base.map_nodes(fix, _is_lr, params)
   return [o.v for o in jax.tree.leaves(tree)]
 
 
@@ -250,10 +248,9 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       return fz.LowRank(Uh.astype(dt), S0.astype(dt), Vh.astype(dt),
                         r_aug.astype(jnp.int32), p.W0)
 
-    counter = iter(range(1 << 30))
-    aug = jax.tree.map(
-        lambda p, k: new_basis(next(counter), p, k) if _is_lr(p) else p,
-        params, kl1, is_leaf=lambda x: fz.is_factor(x) or x is None)
+    aug = base.map_nodes(
+        lambda i, p, k: p if i is None else new_basis(i, p, k), _is_lr,
+        params, kl1)
 
     s_like = s_tree(params)
     s_state = tr.transport(
@@ -301,10 +298,9 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
                         jnp.asarray(r_new, jnp.int32), p.W0)
 
-    counter = iter(range(1 << 30))
-    new_params = jax.tree.map(
-        lambda p, q: finish(next(counter), p, q) if _is_lr(p) else q,
-        params, stepped, is_leaf=fz.is_factor)
+    new_params = base.map_nodes(
+        lambda i, p, q: q if i is None else finish(i, p, q), _is_lr,
+        params, stepped)
 
     if adaptive:
       s_state = tr.transport(

@@ -294,13 +294,6 @@ class _Opaque:
     self.v = v
 
 
-def _node_map(params, fn, is_leaf=None):
-  counter = iter(range(1 << 30))
-  return jax.tree.map(
-      lambda x: fn(next(counter), x) if _handled(x) else fn(None, x), params,
-      is_leaf=is_leaf or fz.is_factor)
-
-
 def s_tree(params):
   """Handled nodes -> core; other trainable leaves as they are."""
   return base.trainable(jax.tree.map(
@@ -326,7 +319,7 @@ def _s_maps(params, per_node):
     if i is not None:
       return _Opaque(per_node(i))
     return jax.tree.map(lambda _: _Opaque(None), base.trainable(x))
-  return [o.v for o in jax.tree.leaves(_node_map(params, fn))]
+  return [o.v for o in jax.tree.leaves(base.map_nodes(fn, _handled, params))]
 
 
 def _k_maps(params, moving_of, per_mode):
@@ -336,7 +329,7 @@ def _k_maps(params, moving_of, per_mode):
       return None
     return tuple(_Opaque(per_mode(i, j)) if mv else None
                  for j, mv in enumerate(moving_of(x)))
-  return [o.v for o in jax.tree.leaves(_node_map(params, fn))]
+  return [o.v for o in jax.tree.leaves(base.map_nodes(fn, _handled, params))]
 
 
 class TDLRTState(NamedTuple):
@@ -394,7 +387,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       _, Us, _ = view(x)
       return tuple(jnp.zeros(U.shape, jnp.float32) if mv else None
                    for U, mv in zip(Us, moving_of(x)))
-    return _node_map(params, fn)
+    return base.map_nodes(fn, _handled, params)
 
   def init(params):
     base.require_nodes(params, (fz.LowRank, fz.Tucker), "tdlrt")
@@ -412,8 +405,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     pick = lambda idx: (lambda i, x: None if i is None else tuple(
         kinfo[i][idx][j] if mv else None
         for j, mv in enumerate(moving_of(x))))
-    K0 = _node_map(params, pick(0))
-    gK = _node_map(params, pick(1))
+    K0 = base.map_nodes(pick(0), _handled, params)
+    gK = base.map_nodes(pick(1), _handled, params)
     upd, k_state = tx_k.update(gK, state.k, K0)
     K1 = optax.apply_updates(K0, upd)
     # Regroup the K leaves per node (leaf order = node order, then modes).
