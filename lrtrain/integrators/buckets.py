@@ -91,7 +91,7 @@ def require_room(params: Any, method: str) -> None:
     if not isinstance(f, fz.LowRank) or isinstance(f.rank, jax.core.Tracer):
       continue
     r, C = int(np.asarray(f.rank)), f.capacity
-    if 2 * r > C and C < min(f.shape):
+    if target_capacity(r, C, min(f.shape), need=2) > C:
       raise ValueError(
           f"{method}: layer {path!r} has rank {r} in capacity {C}, too little "
           f"room to augment (needs {min(2 * r, min(f.shape))}); bucket the "

@@ -25,9 +25,10 @@ Robustness, all decided inside the jitted program:
     `MAX_PASSES`), and the last one, on a nearly orthonormal input, is
     unshifted (a Gram defect d leaves an orthonormality error of about
     u (1 + d) / (1 - d) after an unshifted pass);
-  * the common case (full-rank block, two passes enough) runs as
-    straight-line code, and one branch hands every other case to the
-    general algorithm;
+  * the common case (a full-rank block) runs without the loop: a shifted
+    pass, an unshifted one and, where that one's input was off by more
+    than `NEAR`, a third; one branch hands every other case to the general
+    algorithm;
   * a rank-deficient new block (rank >= batch, a zero gradient), which the
     first pass finds as a column with nothing left above the shift, is
     Householder-QR'd after its projection off U (n x k, a quarter of the
@@ -335,10 +336,10 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
   columns first (products with it cost half of those with U^), so that
   U^[:, r + j] = block[:, j].
 
-  The common case (r <= C / 2, which `resize` keeps; a full-rank new block;
-  two passes enough) runs as straight-line code on the first C / 2
-  columns; anything else is decided by one branch that runs the general
-  algorithm (`_extend_robust`).
+  The common case (r <= C / 2, which `resize` keeps, and a full-rank new
+  block) runs without the general algorithm's loop on the first C / 2
+  columns (`_two_passes`); anything else is decided by one branch that
+  runs the general algorithm (`_extend_robust`).
   """
   dtype = work_dtype(U, D)
   n, C = U.shape
