@@ -222,3 +222,66 @@ def test_as_transform_warns_when_a_later_transformation_moves_the_basis():
                                                  r_min=1), optax.scale(0.5)))
   assert seen and "w" in str(seen[0].message)
   assert _ortho_err(q["w"]) > 1e-3
+
+
+def test_truncation_delay_schedule_augments_trains_then_truncates():
+  """basis_period 4, delay 2: step 0 augments to 2r and keeps the core
+  whole, steps 1-2 train it in the augmented basis (U fixed), step 2
+  truncates it by SVD (with tau = 0 an exact rotation: W equals the plain
+  step's U S1 V^T), steps 3-4 are plain, step 5 augments again."""
+  n, m, r, lr = 16, 12, 3, 0.1
+  A = jax.random.normal(jax.random.PRNGKey(3), (n, m))
+  p = {"w": lowrank.resize(lowrank.init(jax.random.PRNGKey(0), n, m, r), 8)}
+  integ = geolora.make(optax.sgd(lr), tau=0.0, r_min=1, basis_period=4,
+                       truncation_delay=2)
+  st = integ.init(p)
+  step = jax.jit(lambda p, s: integ.step(_mat_loss, p, s, {"A": A}))
+  ranks, moved = [], []
+  for k in range(6):
+    q, st, _ = step(p, st)
+    f, g = p["w"], q["w"]
+    ranks.append(int(g.rank))
+    moved.append(not np.allclose(g.U, f.U))
+    assert _ortho_err(g) < 1e-5
+    if k == 2:
+      # S1 = S - lr U^T (W - A) V on the augmented block, then rotated.
+      W = lowrank.materialize(f)
+      S1 = f.S - lr * f.U.T @ (W - A) @ f.V
+      np.testing.assert_allclose(lowrank.materialize(g), f.U @ S1 @ f.V.T,
+                                 atol=1e-5)
+      S = np.asarray(g.S)
+      np.testing.assert_allclose(S, np.diag(np.diag(S)), atol=1e-6)
+    p = q
+  assert ranks[:3] == [6, 6, 6] and ranks[3:5] == [ranks[2]] * 2
+  assert ranks[5] == min(2 * ranks[4], 8)
+  assert moved == [True, False, True, False, False, True]
+
+
+def test_truncation_delay_lets_an_adapter_grow_from_rank_two():
+  """Adapter fine-tuning (W0 frozen, S = 0) towards a rank-5 update with
+  tau 0.15: with the truncation delayed after augmentation the new
+  directions are trained before they compete, and the rank reaches the
+  target's 5 from r0 = 2 (truncating in the augmenting step, a fresh
+  direction's O(lr) singular value is always in the tail here)."""
+  W0 = jax.random.normal(jax.random.PRNGKey(5), (32, 24))
+  batch = _teacher_problem(base_W=W0)
+  p = {"w": lowrank.from_dense(W0, 2, frozen_base=True)}
+  start = float(_reg_loss(p, batch)[0])
+  integ = geolora.make(optax.adam(1e-2), tau=0.15, r_min=1, basis_period=10,
+                       truncation_delay=7)
+  p, _, aux = _run(integ, p, batch, 396, resize_every=1)
+  # Steps 0..395: augmentations at 0, 11, .., 385, truncations 7 steps
+  # after each (the last at 392), plain steps 393-395.
+  assert int(p["w"].rank) == 5
+  assert float(aux["loss"]) < 0.01 * start
+  np.testing.assert_array_equal(p["w"].W0, W0)
+  assert _ortho_err(p["w"]) < 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(truncation_delay=3),
+                                dict(basis_period=2, truncation_delay=3),
+                                dict(basis_period=4, truncation_delay=2,
+                                     adaptive=False)])
+def test_truncation_delay_outside_the_period_is_refused(kw):
+  with pytest.raises(ValueError, match="truncation_delay"):
+    geolora.make(optax.sgd(0.1), **kw)

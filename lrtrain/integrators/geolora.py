@@ -13,7 +13,12 @@ For every LowRank node W = U S V^T (+ frozen W0), from one backward pass at W:
 
 With `basis_period` c > 0 the basis step runs every c + 1 iterations and
 the steps in between are plain optimizer steps on S (and the other
-parameters), as in the authors' fine-tuning runs. Works for training from
+parameters), as in the authors' fine-tuning runs. With `truncation_delay`
+d (1 <= d <= c) the basis step is split as there: the augmenting step keeps
+the 2r x 2r core whole (ranks 2r), the optimizer trains it for d steps and
+the d-th truncates it (SVD of the trained core, U <- U P, V <- V Q, the
+moments mapped); new directions then compete with trained, not
+freshly-assembled, singular values. Works for training from
 scratch and for fine-tuning (LowRank with W0 and S = 0 at start,
 `lowrank.from_dense(W, r, frozen_base=True)`): the first step then only
 moves S, since g_U = G V S^T = 0.
@@ -79,7 +84,8 @@ class GeoLoRAState(NamedTuple):
 
 
 def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
-               transport, basis_period, transport_rule="squares"):
+               transport, basis_period, truncation_delay=0,
+               transport_rule="squares"):
   """New params and state from factor gradients (the shared update)."""
   like = opt_tree(params)
   g = grad_tree(params, grads)
@@ -99,72 +105,111 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
                        or x is None)
     return new, opt
 
-  def basis(_):
-    finals = {}
+  def basis(augment, trunc):
+    """The basis step: augment [U | U_new] (and the core), truncate the
+    core by SVD, or both (the default schedule)."""
+    def run(_):
+      finals = {}
 
-    def fix(i, p, q, d):
-      if i is None:
-        if fz.is_factor(p):
-          return base.restore_frozen(p, q)
-        return q if base.is_float(p) else p
-      wd = linalg.work_dtype(p.U)
-      C, r = p.capacity, p.rank
-      cm = base.column_mask(r, C, wd)
-      U, V = p.U.astype(wd), p.V.astype(wd)
-      # K1 and L1 enter only through products that the masks below (on
-      # S^) and in extend cut to the active columns: no n x C mask here.
-      K1, L1, S1 = (q[0].astype(wd), q[1].astype(wd),
-                    q[2].astype(wd) * cm[:, None] * cm[None, :])
-      # U^ = [U | U_new]: U is kept as U^'s first block (linalg.extend), so
-      # M = U^^T U = [I; 0] and N = V^^T V = [I; 0] exactly and the
-      # Galerkin core
-      #   S^ = U^^T [U S1 V^T + (I - U U^T) K1 V^T + U L1^T (I - V V^T)] V^
-      # is the block matrix [[S1, L1^T V_new], [U_new^T K1, 0]], assembled
-      # from the n x r products with the new blocks only.
-      Uh, Un = linalg.extend(U, d[0].astype(wd), r, with_block=True)
-      Vh, Vn = linalg.extend(V, d[1].astype(wd), r, with_block=True)
-      A = jnp.roll(jnp.pad(Un.T @ K1, ((0, C - Un.shape[1]), (0, 0))), r,
-                   axis=0)                       # rows r..: U_new^T K1
-      B = jnp.roll(jnp.pad(Vn.T @ L1, ((0, C - Vn.shape[1]), (0, 0))), r,
-                   axis=0)                       # rows r..: V_new^T L1
-      nm = 1.0 - cm
-      S_hat = S1 + (A * nm[:, None]) * cm[None, :] + (B * nm[:, None] * cm[None, :]).T
-      lo, hi = base.rank_bounds(p, r_min, r_max)
-      P, Q, S_new, r_new = base.truncate(S_hat, tau=tau, r_min=lo, r_max=hi,
-                                         adaptive=adaptive, rank=r)
-      U_new, V_new = Uh @ P, Vh @ Q
-      # P^T M = U_new^T U = P^T [I; 0]: the first r rows of P.
-      PM, QN = (P * cm[:, None]).T, (Q * cm[:, None]).T
-      finals[i] = (PM, QN, PM, QN)
-      U_new, S_new, V_new = linalg.polish(U_new, S_new, V_new, r_new)
-      dt = p.dtype
-      return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
-                        jnp.asarray(r_new, jnp.int32), p.W0)
+      def fix(i, p, q, d):
+        if i is None:
+          if fz.is_factor(p):
+            return base.restore_frozen(p, q)
+          return q if base.is_float(p) else p
+        wd = linalg.work_dtype(p.U)
+        C, r = p.capacity, p.rank
+        cm = base.column_mask(r, C, wd)
+        U, V = p.U.astype(wd), p.V.astype(wd)
+        S1 = q[2].astype(wd) * cm[:, None] * cm[None, :]
+        if augment:
+          # K1 and L1 enter only through products that the masks below (on
+          # S^) and in extend cut to the active columns: no n x C mask here.
+          K1, L1 = q[0].astype(wd), q[1].astype(wd)
+          # U^ = [U | U_new]: U is kept as U^'s first block (linalg.extend),
+          # so M = U^^T U = [I; 0] and N = V^^T V = [I; 0] exactly and the
+          # Galerkin core
+          #   S^ = U^^T [U S1 V^T + (I - U U^T) K1 V^T + U L1^T (I - V V^T)] V^
+          # is the block matrix [[S1, L1^T V_new], [U_new^T K1, 0]],
+          # assembled from the n x r products with the new blocks only.
+          Uh, Un = linalg.extend(U, d[0].astype(wd), r, with_block=True)
+          Vh, Vn = linalg.extend(V, d[1].astype(wd), r, with_block=True)
+          A = jnp.roll(jnp.pad(Un.T @ K1, ((0, C - Un.shape[1]), (0, 0))), r,
+                       axis=0)                   # rows r..: U_new^T K1
+          B = jnp.roll(jnp.pad(Vn.T @ L1, ((0, C - Vn.shape[1]), (0, 0))), r,
+                       axis=0)                   # rows r..: V_new^T L1
+          nm = 1.0 - cm
+          S_hat = (S1 + (A * nm[:, None]) * cm[None, :]
+                   + (B * nm[:, None] * cm[None, :]).T)
+          r_hat = jnp.minimum(2 * r, C)
+        else:          # truncation of the core trained since augmentation
+          Uh, Vh, S_hat, r_hat = U, V, S1, r
+        if trunc:
+          lo, hi = base.rank_bounds(p, r_min, r_max)
+          P, Q, S_new, r_new = base.truncate(S_hat, tau=tau, r_min=lo,
+                                             r_max=hi, adaptive=adaptive,
+                                             rank=r)
+          U_new, V_new = Uh @ P, Vh @ Q
+          # P^T M = U_new^T U = P^T [I; 0]: the first r rows of P (M = I
+          # on the active block without augmentation).
+          PM, QN = (P * cm[:, None]).T, (Q * cm[:, None]).T
+        else:          # augmented, the core kept whole until truncation
+          U_new, V_new, S_new, r_new = Uh, Vh, S_hat, r_hat
+          PM = QN = jnp.diag(cm)
+        finals[i] = (PM, QN, PM, QN)
+        U_new, S_new, V_new = linalg.polish(U_new, S_new, V_new, r_new)
+        dt = p.dtype
+        return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
+                          jnp.asarray(r_new, jnp.int32), p.W0)
 
-    new = base.map_nodes(fix, _is_lr, params, moved, upd)
-    # K = W V and L = W^T U follow V and U; S maps like S1: P^T M S1 N^T Q.
-    maps = aligned_maps(params, lambda i, p: (
-        tr.Congruence(None, finals[i][3]), tr.Congruence(None, finals[i][2]),
-        tr.Congruence(finals[i][0], finals[i][1])), others=True)
-    return new, tr.transport(opt, like, maps, enabled=transport, second_rule=transport_rule)
+      new = base.map_nodes(fix, _is_lr, params, moved, upd)
+      # K = W V and L = W^T U follow V and U; S maps like S1: P^T M S1 N^T Q.
+      maps = aligned_maps(params, lambda i, p: (
+          tr.Congruence(None, finals[i][3]), tr.Congruence(None, finals[i][2]),
+          tr.Congruence(finals[i][0], finals[i][1])), others=True)
+      return new, tr.transport(opt, like, maps, enabled=transport,
+                               second_rule=transport_rule)
+    return run
 
-  if basis_period:
-    do_basis = state.count % (basis_period + 1) == 0
-    new, opt = jax.lax.cond(do_basis, basis, plain, None)
+  if not basis_period:
+    new, opt = basis(True, True)(None)
   else:
-    new, opt = basis(None)
+    phase = state.count % (basis_period + 1)
+    if not truncation_delay:
+      new, opt = jax.lax.cond(phase == 0, basis(True, True), plain, None)
+    else:
+      which = jnp.where(phase == 0, 1, jnp.where(phase == truncation_delay, 2, 0))
+      new, opt = jax.lax.switch(which, [plain, basis(True, False),
+                                        basis(False, True)], None)
   return new, GeoLoRAState(opt, state.count + 1)
 
 
-def _check(tau):
+def _check(tau, adaptive, basis_period, truncation_delay):
   if not 0.0 <= tau < 1.0:
     raise ValueError(f"geolora: tau must be in [0, 1), got {tau}")
+  if basis_period < 0:
+    raise ValueError(f"geolora: basis_period must be >= 0, got {basis_period}")
+  if truncation_delay and not 0 < truncation_delay <= basis_period:
+    raise ValueError(
+        f"geolora: truncation_delay={truncation_delay} needs 0 < "
+        f"truncation_delay <= basis_period (got basis_period={basis_period}): "
+        "the delayed truncation falls between two augmentations")
+  if truncation_delay and not adaptive:
+    raise ValueError("geolora: truncation_delay needs adaptive=True (a fixed "
+                     "rank is kept by truncating in the augmenting step)")
+
+
+def in_window(count, basis_period: int, truncation_delay: int) -> bool:
+  """The next step (number `count`) starts from an augmented basis not yet
+  truncated: its ranks are the augmented 2r, not a truncated r."""
+  return bool(truncation_delay) and (
+      1 <= int(count) % (basis_period + 1) <= truncation_delay)
 
 
 def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
          tau: float = 0.1, r_min: int = 2, r_max: int = 0,
          transport: bool = True, transport_rule: str = "squares", basis_period: int = 0,
-         weight_decay: float = 0.0) -> base.Integrator:
+         truncation_delay: int = 0, weight_decay: float = 0.0
+         ) -> base.Integrator:
   """The GeoLoRA / parallel BUG integrator (one backward pass per step).
 
   Args:
@@ -177,19 +222,25 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     transport_rule: second-moment rule, 'squares' or 'root'
       (`transport.Congruence.second`).
     basis_period: c > 0 runs the basis step every c + 1 steps only.
+    truncation_delay: d in 1..c splits the basis step of `basis_period` c:
+      the augmenting step keeps the whole 2r core (ranks 2r), the inner
+      optimizer trains it for d steps, and the d-th truncates it (the
+      schedule of the authors' fine-tuning runs, d = int(3 c / 4) there).
+      0: augment and truncate in one step.
     weight_decay: L2 decay on K, L, S and non-factor params (never U, V).
 
   Returns:
     base.Integrator(init, step, resize).
 
   Raises:
-    ValueError: tau outside [0, 1).
+    ValueError: tau outside [0, 1), or a truncation_delay the period does
+      not hold.
   """
-  _check(tau)
+  _check(tau, adaptive, basis_period, truncation_delay)
   tx = base.with_weight_decay(tx, weight_decay)
   kw = dict(adaptive=adaptive, tau=tau, r_min=r_min, r_max=r_max,
             transport=transport, basis_period=basis_period,
-            transport_rule=transport_rule)
+            truncation_delay=truncation_delay, transport_rule=transport_rule)
 
   def init(params):
     base.require_nodes(params, (fz.LowRank,), "geolora")
@@ -205,7 +256,11 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     return new, state, {"loss": loss, **aux, **base.rank_aux(new)}
 
   def resize(params, state):
-    plan = buckets.lowrank_plan(params, need=2)
+    # Inside a truncation window the ranks are the augmented 2r: the
+    # buffers need no room beyond them until the truncation.
+    augmented = state is not None and in_window(
+        jax.device_get(state.count), basis_period, truncation_delay)
+    plan = buckets.lowrank_plan(params, need=1 if augmented else 2)
     if not buckets.count_moves(plan):
       return params, state, False
     if state is None:                  # before init: the params alone
@@ -282,7 +337,8 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
   tx_in = base.with_weight_decay(tx, kwargs.pop("weight_decay", 0.0))
   kw = {k: kwargs.get(k, d) for k, d in
         dict(adaptive=True, tau=0.1, r_min=2, r_max=0, transport=True,
-             basis_period=0, transport_rule="squares").items()}
+             basis_period=0, truncation_delay=0,
+             transport_rule="squares").items()}
 
   def init_fn(params):
     base.require_nodes(params, (fz.LowRank,), "geolora")
