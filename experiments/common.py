@@ -23,12 +23,9 @@ import os
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lrtrain import checkpoint as ckpt_lib
 from lrtrain import sweep as sweep_lib
 from lrtrain import train as train_lib
 from lrtrain.diagnostics import plots as plots_lib
@@ -159,27 +156,6 @@ def train_with(config: ml_collections.ConfigDict, workdir: str, *,
   if init_fn is not None:
     run = run.replace(init_params=init_fn(run))
   return train_lib.train(run, workdir)
-
-
-def restore_params(run_dir: str, like_params) -> Any:
-  """Final params of a run from its latest checkpoint.
-
-  Args:
-    run_dir: a run directory with checkpoints/.
-    like_params: a params tree of the same model (shapes may differ).
-
-  Raises:
-    CheckpointError: none or unreadable.
-  """
-  ck = ckpt_lib.Checkpoints(os.path.join(run_dir, "checkpoints"))
-  step = ck.latest_step()
-  if step is None:
-    raise ckpt_lib.CheckpointError(f"no checkpoint in {run_dir}")
-  meta, leaves = ck.restore_leaves(step)
-  ck.close()
-  p = ckpt_lib.rebuild(like_params, leaves["params"],
-                       meta["groups"]["params"]["paths"], "params")
-  return jax.tree.map(jnp.asarray, p)
 
 
 def load_config(run_dir: str) -> ml_collections.ConfigDict:

@@ -281,6 +281,10 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   x0 = np.zeros((1, *ds.input_shape),
                 np.int32 if ds.task == "lm" else np.float32)
   params = jax.jit(lambda k: model.init(k, x0, train=False)["params"])(key)
+  if config.model.init_from:
+    from lrtrain import pretrained  # pylint: disable=g-import-not-at-top
+    params = pretrained.start(config, params, ds.num_classes,
+                              tuple(ds.input_shape))
   total = num_steps(config, ds)
   tx = optim.build(config.optimizer, total)
   integ = integrators.build(config.integrator.name, tx,

@@ -28,6 +28,7 @@ from lrtrain import attacks
 from lrtrain import data as data_lib
 from lrtrain import factorizations as fz
 from lrtrain import layers
+from lrtrain import pretrained
 from lrtrain import sweep as sweep_lib
 from lrtrain import train as train_lib
 from lrtrain.factorizations import lowrank
@@ -95,7 +96,7 @@ def fgsm_accuracy(run_dir: str, cache: dict) -> tuple[dict[float, float], object
   """{eps: accuracy} of a run's final checkpoint under FGSM."""
   cfg = gc.load_config(run_dir)
   built = train_lib.build_run(cfg)
-  params = gc.restore_params(run_dir, built.init_params)
+  params = pretrained.restore_params(run_dir, built.init_params)
   key = (cfg.data.name, cfg.data.max_train, cfg.data.validation_size)
   if key not in cache:
     cache[key] = data_lib.load(cfg.data)

@@ -30,10 +30,9 @@ import numpy as np
 
 from experiments import common as gc
 from lrtrain import data as data_lib
-from lrtrain import factorizations as fz
 from lrtrain import models
+from lrtrain import pretrained
 from lrtrain import sweep as sweep_lib
-from lrtrain.factorizations import lora as lora_lib
 
 STUDY = "intruder_dimensions"
 EPS_GRID = np.round(np.arange(0.05, 1.0001, 0.05), 2)
@@ -51,22 +50,6 @@ def task_dataset(full: data_lib.Dataset, classes) -> data_lib.Dataset:
             for k, (x, y) in full.splits.items()}
   return data_lib.Dataset(full.name, full.task, full.num_classes,
                           full.input_shape, splits, meta=dict(full.meta))
-
-
-def from_pretrained(init_params, pre):
-  """Fine-tuning start: Lora nodes get W0 = pre-trained kernel^T (their A,
-  B and scale kept: B = 0, so W = W0); every other leaf is pre-trained."""
-  flat_pre = {fz.path_str(p): x for p, x in
-              jax.tree_util.tree_flatten_with_path(pre, is_leaf=fz.is_factor)[0]}
-
-  def fn(path, x):
-    w = flat_pre[fz.path_str(path)]
-    if isinstance(x, lora_lib.Lora):
-      # Dense Flax kernels are (in, out); Lora's W0 is (out, in).
-      return lora_lib.Lora(jnp.array(w).T.astype(x.W0.dtype), x.A, x.B, x.scale)
-    # A copy: the runner donates its initial params to the first step.
-    return jnp.array(w, copy=True)
-  return jax.tree_util.tree_map_with_path(fn, init_params, is_leaf=fz.is_factor)
 
 
 def task_accuracy(model, params, ds: data_lib.Dataset, classes, split="test") -> float:
@@ -103,12 +86,12 @@ def train_all(runlocal: bool, workdir: str, train: bool = True):
   if train:
     gc.train_with(pre_cfg, pre_dir, dataset=ds_a)
   model, like = _model(pre_cfg, full)
-  pre = gc.restore_params(pre_dir, like)
+  pre = pretrained.restore_params(pre_dir, like)
   for name, cfg, _ in sweep_lib.expand(gc.config_spec(STUDY, runlocal)):
     if not train:
       break
     gc.train_with(cfg, os.path.join(workdir, "finetune", name), dataset=ds_b,
-                  init_fn=lambda run: from_pretrained(run.init_params, pre))
+                  init_fn=lambda run: pretrained.adapt(run.init_params, pre))
   return (full, ds_a, ds_b), (model, pre, pre_cfg)
 
 
@@ -176,7 +159,7 @@ def report(workdir: str, results: str, datasets, pre_info) -> dict[str, str]:
     last = int(gc.series(rows, "params/train")[0][-1])
     ms_last = maxsim_at(rows, layers, last)
     model, like = _model(cfg, full)
-    params = gc.restore_params(d, like)
+    params = pretrained.restore_params(d, like)
     runs.append(dict(dir=d, cfg=cfg, rows=rows, label=method_label(cfg), step=step,
                      reached=reached, ms=ms, ms_last=ms_last,
                      acc_b=task_accuracy(model, params, ds_b, study.task_b),

@@ -19,6 +19,7 @@ import numpy as np
 
 from experiments import common as gc
 from lrtrain import factorizations as fz
+from lrtrain import pretrained
 from lrtrain import train as train_lib
 
 STUDY = "tdlrt_tucker"
@@ -48,7 +49,7 @@ def report(workdir: str, results: str) -> dict[str, str]:
   rows = []
   for d in gc.finished_runs(workdir):
     cfg, s = gc.load_config(d), gc.read_json(os.path.join(d, "summary.json"))
-    params = gc.restore_params(d, train_lib.build_run(cfg).init_params)
+    params = pretrained.restore_params(d, train_lib.build_run(cfg).init_params)
     counts = conv_counts(params)
     dep = sum(c[0] for c in counts.values())
     den = sum(c[1] for c in counts.values())

@@ -46,7 +46,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.factor.alpha = 0.0              # Lora scale numerator (0 = rank: scale 1)
   m.factor.rank_stabilised = False  # Lora scale alpha / sqrt(r) (rsLoRA)
   m.factor.init = "random"          # random|flat|svd (see layers.matrix_node)
+  m.factor.adapter = False          # with init_from: LowRank layers start as W0 = pretrained, S = 0
   m.dense_layers = ("head",)        # layer paths/patterns kept dense
+  m.init_from = ""                  # workdir of a trained run to start from (lrtrain/pretrained.py)
   m.conv_impl = "auto"              # auto|im2col|xla (factorizations/conv.py)
   # Transformer (char LM for (T,) int inputs, ViT for images).
   m.d_model = 64                    # residual width
