@@ -34,12 +34,19 @@ def _run(module, tmp_path):
 def test_geolora_runlocal(tmp_path):
   out = _run(geolora_run, tmp_path)
   rows = _rows(out["summary"])
-  assert {r["method"] for r in rows} == {"geolora", "kls"}
+  assert {(r["setting"], r["method"]) for r in rows} == {
+      ("adapter", "geolora"), ("scratch", "geolora"), ("scratch", "kls")}
   for r in rows:
     assert 0.0 <= float(r["test_accuracy"]) <= 1.0
-    assert int(r["params_train_final"]) > 0
+    assert int(r["final_trainable_params"]) > 0
+  # The adapter runs start from the pretrained run's weights with the
+  # schedule: two cycles of 51 steps, ranks logged at the end of each.
+  ad = [r for r in rows if r["setting"] == "adapter"]
+  assert [(r["truncation_delay"], r["steps"]) for r in ad] == [("37", "102")]
+  assert os.path.exists(tmp_path / "w" / "pretrain" / "summary.json")
   curve = _rows(out["params_csv"])
-  assert {int(r["step"]) for r in curve} >= {2, 4}
+  assert {int(r["step"]) for r in curve if r["setting"] == "scratch"} >= {2, 4}
+  assert {int(r["step"]) for r in curve if r["setting"] == "adapter"} >= {51, 102}
   # A resumed call skips the finished runs and rebuilds the same table.
   again = geolora_run.main(["--runlocal", "--workdir", str(tmp_path / "w"),
                             "--results", str(tmp_path / "r2")])

@@ -219,7 +219,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     tau: relative truncation tolerance.
     r_min, r_max: rank clamps per layer (r_max = 0: floor(min(n, m) / 2)).
     transport: map optimizer moments across basis changes.
-    transport_rule: second-moment rule, 'squares' or 'root'
+    transport_rule: second-moment rule, one of transport.SECOND_RULES
       (`transport.Congruence.second`).
     basis_period: c > 0 runs the basis step every c + 1 steps only.
     truncation_delay: d in 1..c splits the basis step of `basis_period` c:
@@ -237,6 +237,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       not hold.
   """
   _check(tau, adaptive, basis_period, truncation_delay)
+  tr.check_rule(transport_rule, "geolora")
   tx = base.with_weight_decay(tx, weight_decay)
   kw = dict(adaptive=adaptive, tau=tau, r_min=r_min, r_max=r_max,
             transport=transport, basis_period=basis_period,

@@ -178,7 +178,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     tau: relative truncation tolerance (||sigma_tail|| <= tau ||sigma||).
     r_min, r_max: rank clamps per layer (r_max = 0: floor(min(n, m) / 2)).
     transport: map optimizer moments across basis changes.
-    transport_rule: second-moment rule, 'squares' or 'root'
+    transport_rule: second-moment rule, one of transport.SECOND_RULES
       (`transport.Congruence.second`).
     weight_decay: L2 decay on S and non-factor parameters (never U, V).
     kl_tx: a separate optimizer for the K/L sub-step.
@@ -187,10 +187,11 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     base.Integrator(init, step, resize).
 
   Raises:
-    ValueError: tau outside [0, 1).
+    ValueError: tau outside [0, 1), an unknown transport_rule.
   """
   if not 0.0 <= tau < 1.0:
     raise ValueError(f"kls: tau must be in [0, 1), got {tau}")
+  tr.check_rule(transport_rule, "kls")
   tx_s = base.with_weight_decay(tx, weight_decay)
   tx_kl = tx if kl_tx is None else kl_tx
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from lrtrain.factorizations import tucker as tk
 
 SECOND_MOMENT_FIELDS = ("nu",)
-SECOND_RULES = ("squares", "root")
+SECOND_RULES = ("squares", "squares_fresh", "squares_mean", "root")
 
 
 class Congruence(NamedTuple):
@@ -66,6 +66,9 @@ class Congruence(NamedTuple):
 
     rule 'squares': v <- (A o A) v (B o B)^T, the second moment of A x B^T
       for entries with independent signs; an orthogonal map keeps sum(v).
+      Coordinates the map gives no mass (new directions) keep their old
+      value; 'squares_fresh' starts them at 0 as a fresh optimizer would,
+      'squares_mean' at the mean of the mapped coordinates.
     rule 'root': v <- (A sqrt(v) B^T)^2. Rotations mixing coordinates of
       opposite sign make entries of A sqrt(v) B^T cancel, so some v become
       tiny and Adam's next step there huge; measured worse (see tests).
@@ -109,13 +112,17 @@ def _second(v, rule, first, first_of_squares, maps, *, keep_unmapped: bool):
   would make Adam's next step there ~lr whatever the gradient size and
   inflate the rank (with `keep_unmapped`, and only where every map is
   square: one mode-wise map per axis of v).
+  rule 'squares_fresh': those coordinates start at 0 (a fresh optimizer);
+  'squares_mean': at the mean of the coordinates the map does reach.
   rule 'root': (map of sqrt(v))^2.
   """
   v32 = v.astype(jnp.float32)
-  if rule != "squares":
+  if rule == "root":
     return jnp.square(first(jnp.sqrt(jnp.maximum(v32, 0.0)))).astype(v.dtype)
   sq = [None if A is None else jnp.square(A.astype(jnp.float32)) for A in maps]
   out = first_of_squares(sq)(v32)
+  if rule == "squares_fresh":
+    return out.astype(v.dtype)
   if keep_unmapped and all(A2 is None or A2.shape[0] == A2.shape[1] for A2 in sq):
     miss = jnp.zeros(v.shape, jnp.float32)
     for i, A2 in enumerate(sq):
@@ -123,8 +130,20 @@ def _second(v, rule, first, first_of_squares, maps, *, keep_unmapped: bool):
         shape = [1] * v.ndim
         shape[i] = v.shape[i]
         miss = jnp.maximum(miss, jnp.clip(1.0 - A2.sum(1), 0.0, 1.0).reshape(shape))
-    out = out + miss * v32
+    if rule == "squares_mean":
+      reached = 1.0 - miss
+      fill = jnp.sum(out * reached) / jnp.maximum(jnp.sum(reached), 1.0)
+    else:
+      fill = v32
+    out = out + miss * fill
   return out.astype(v.dtype)
+
+
+def check_rule(rule: str, method: str) -> None:
+  """Raises ValueError naming `method` for an unknown second-moment rule."""
+  if rule not in SECOND_RULES:
+    raise ValueError(f"{method}: transport_rule={rule!r} is not one of "
+                     f"{', '.join(SECOND_RULES)}")
 
 
 def _shapes(tree) -> list[tuple[int, ...]]:
@@ -145,7 +164,7 @@ def transport(opt_state: Any, like: Any, maps: Sequence[Congruence | None],
       `jax.tree.leaves(like)` order.
     enabled: False returns `opt_state` unchanged (the on/off switch).
     second_moments: field names whose leaves are second moments.
-    second_rule: 'squares' or 'root' (see `Congruence.second`).
+    second_rule: one of SECOND_RULES (see `Congruence.second`).
 
   Returns:
     The state with the same structure, moments mapped.
@@ -154,8 +173,7 @@ def transport(opt_state: Any, like: Any, maps: Sequence[Congruence | None],
     ValueError: `maps` does not have one entry per leaf of `like`, or an
       unknown second_rule.
   """
-  if second_rule not in SECOND_RULES:
-    raise ValueError(f"transport: second_rule must be one of {SECOND_RULES}")
+  check_rule(second_rule, "transport")
   if not enabled:
     return opt_state
   like_def = jax.tree.structure(like)

@@ -1,0 +1,57 @@
+"""Moment transport: the second-moment rules on the coordinates an
+augmentation map reaches and on the new ones it does not."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrtrain.integrators import transport as tr
+
+
+def _augment_map(C=4, r=2):
+  """An orthogonal rotation of the first r coordinates inside a C x C map;
+  coordinates r.. (the new directions) get no mass."""
+  c, s = np.cos(0.3), np.sin(0.3)
+  A = np.zeros((C, C), np.float32)
+  A[:r, :r] = [[c, -s], [s, c]]
+  return jnp.asarray(A)
+
+
+V = jnp.asarray(np.arange(1.0, 17.0, dtype=np.float32).reshape(4, 4))
+
+
+@pytest.mark.parametrize("rule", tr.SECOND_RULES)
+def test_second_rules_on_reached_and_new_coordinates(rule):
+  A = _augment_map()
+  out = np.asarray(tr.Congruence(A, A).second(V, rule))
+  assert (out >= 0).all()
+  reached = out[:2, :2]
+  if rule == "root":
+    want = np.square(np.asarray(A) @ np.sqrt(np.asarray(V)) @ np.asarray(A).T)[:2, :2]
+  else:
+    A2 = np.square(np.asarray(A))
+    want = (A2 @ np.asarray(V) @ A2.T)[:2, :2]
+  np.testing.assert_allclose(reached, want, rtol=1e-5)
+  new = out[2:, :]                      # rows of new directions
+  if rule == "squares":
+    np.testing.assert_array_equal(new, np.asarray(V)[2:, :])   # old values kept
+  elif rule == "squares_fresh":
+    np.testing.assert_array_equal(new, 0.0)
+  elif rule == "squares_mean":
+    np.testing.assert_allclose(new, reached.mean(), rtol=1e-6)
+
+
+def test_an_orthogonal_map_keeps_the_total_second_moment():
+  A = _augment_map()
+  out = tr.Congruence(A, A).second(V, "squares")
+  # The reached block is a rotation of V's first 2 x 2 block.
+  np.testing.assert_allclose(float(jnp.sum(out[:2, :2])),
+                             float(jnp.sum(V[:2, :2])), rtol=1e-5)
+
+
+def test_unknown_rule_is_refused_naming_the_method():
+  from lrtrain.integrators import geolora, kls
+  import optax
+  for make, name in ((kls.make, "kls"), (geolora.make, "geolora")):
+    with pytest.raises(ValueError, match=f"{name}: transport_rule='nope'"):
+      make(optax.sgd(0.1), transport_rule="nope")
