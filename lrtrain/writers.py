@@ -71,12 +71,12 @@ class JsonlWriter:
     self._fh.close()
 
 
-def truncate_jsonl(path: str, max_step: int) -> None:
+def truncate_jsonl(path: str, max_step: int) -> set[str]:
   """Drop rows with step > max_step (a resumed run rewrites them; -1 drops
-  every row)."""
+  every row); returns the keys logged at max_step."""
   if not os.path.exists(path):
-    return
-  keep = []
+    return set()
+  keep, at_max = [], set()
   with open(path) as fh:
     for line in fh:
       try:
@@ -85,8 +85,11 @@ def truncate_jsonl(path: str, max_step: int) -> None:
         continue
       if isinstance(row, dict) and row.get("step", 0) <= max_step:
         keep.append(line if line.endswith("\n") else line + "\n")
+        if row.get("step", 0) == max_step:
+          at_max.update(k for k in row if k != "step")
   with open(path, "w") as fh:
     fh.writelines(keep)
+  return at_max
 
 
 def scalars(key: str, value: Any) -> list[tuple[str, float]]:
@@ -217,7 +220,9 @@ class RunWriter:
     self.workdir = workdir
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     last = -1 if resume_step is None else int(resume_step)
-    truncate_jsonl(self.metrics_path, last)
+    # Keys the run logged at the resumed step (e.g. test/* of a finished
+    # run that is run again) are not written a second time.
+    self._last, self._logged = last, truncate_jsonl(self.metrics_path, last)
     self.writers: list[Any] = [JsonlWriter(self.metrics_path)]
     self.tb = None
     if tensorboard:
@@ -226,6 +231,10 @@ class RunWriter:
       self.writers.append(self.tb)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if step == self._last:
+      metrics = {k: v for k, v in metrics.items() if k not in self._logged}
+      if not metrics:
+        return
     for w in self.writers:
       w.write(step, metrics)
 
