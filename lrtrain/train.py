@@ -11,7 +11,8 @@ same loop with a leading seed axis and the step vmapped over it):
 
   1. refuse a workdir holding a run of another config (unless
      config.overwrite), restore the latest checkpoint if any (a corrupt one
-     raises), write config.json;
+     raises), write config.json; a fresh run logs step 0 (the initial ranks
+     and the hooks marked `at_start`, the diagnostics);
   2. loop: host batch -> device (batch axis sharded over all devices) ->
      jitted integrator step (buffers donated) -> host-side `resize`
      (capacity buckets; skipped for fixed-shape integrators under vmap) ->
@@ -19,6 +20,10 @@ same loop with a leading seed axis and the step vmapped over it):
      dispatched -> NaN/Inf guard -> the periodic `Hook`s (validation,
      diagnostics, the run's own, checkpoint), one cadence rule for all;
   3. test evaluation, summary.json, plots/.
+
+Every file but the checkpoints is written by process 0 alone, through the
+run's writer (`writers.open_run`); orbax coordinates checkpoint saves over
+all processes.
 
 `train_and_evaluate(config, workdir)` is steps 0-3 for one config.
 

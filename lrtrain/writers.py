@@ -233,8 +233,8 @@ class RunWriter:
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if step == self._last:
       metrics = {k: v for k, v in metrics.items() if k not in self._logged}
-      if not metrics:
-        return
+    if not metrics:
+      return
     for w in self.writers:
       w.write(step, metrics)
 
