@@ -128,13 +128,14 @@ class TensorBoardWriter:
         self._w.add_scalar(tag, x, int(step))
     self._w.flush()
 
-  def write_hparams(self, hparams: Mapping[str, Any],
+  def write_hparams(self, fields: Mapping[str, Any],
                     metric_tags: Sequence[str]) -> None:
-    """The hparams plugin's experiment and session records in this run (not
-    a sub-run, as SummaryWriter.add_hparams does), so its metrics are the
-    scalars already written under `metric_tags`."""
+    """`fields` (name -> bool, int, float or str) as the hparams plugin's
+    experiment and session records in this run (not in a sub-run, as
+    SummaryWriter.add_hparams does), so its metrics are the scalars already
+    written under `metric_tags` (the values passed here are not used)."""
     from tensorboardX.summary import hparams as hp_summary  # pylint: disable=g-import-not-at-top
-    for record in hp_summary(dict(hparams), dict.fromkeys(metric_tags, 0.0)):
+    for record in hp_summary(dict(fields), dict.fromkeys(metric_tags, 0.0)):
       self._w.file_writer.add_summary(record)
     self._w.flush()
 
