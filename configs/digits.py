@@ -50,6 +50,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = c.train.get_ref("num_steps") // 2
   c.diagnostics.every = c.train.get_ref("num_steps") // 12
   c.diagnostics.heavy_tail = False  # layers too small for power-law fits
+  c.diagnostics.full_spectrum = True  # every singular value (128 per layer)
 
   if a.runlocal:
     cu.shrink_for_local(c)

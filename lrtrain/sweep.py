@@ -119,7 +119,7 @@ def run_all(config_spec: str, workdir: str, *, vmap_seeds: bool = False,
   <run>/failed.json with the error and the sweep goes on (it is retried on
   the next call); without it the error propagates.
   """
-  from lrtrain import train  # pylint: disable=g-import-not-at-top
+  from lrtrain import train, writers  # pylint: disable=g-import-not-at-top
   points = expand(config_spec)
   dirs = [os.path.join(workdir, name) for name, _, _ in points]
   groups = seed_groups(points) if vmap_seeds else [[i] for i in range(len(points))]
@@ -136,7 +136,7 @@ def run_all(config_spec: str, workdir: str, *, vmap_seeds: bool = False,
     for i in todo:
       logging.info("run %s", points[i][0])
       failed = os.path.join(dirs[i], FAILED)
-      if os.path.exists(failed):
+      if os.path.exists(failed) and writers.is_writer():
         os.remove(failed)
       try:
         train.train_and_evaluate(points[i][1], dirs[i])
@@ -144,8 +144,9 @@ def run_all(config_spec: str, workdir: str, *, vmap_seeds: bool = False,
         if not keep_going:
           raise
         logging.warning("run %s diverged: %s", points[i][0], e)
-        with open(failed, "w") as fh:
-          json.dump({"error": str(e)}, fh)
+        if writers.is_writer():       # a run's files: process 0 alone
+          with open(failed, "w") as fh:
+            json.dump({"error": str(e)}, fh)
   return dirs
 
 

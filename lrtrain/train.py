@@ -11,7 +11,8 @@ same loop with a leading seed axis and the step vmapped over it):
 
   1. refuse a workdir holding a run of another config (unless
      config.overwrite), restore the latest checkpoint if any (a corrupt one
-     raises), write config.json;
+     raises), write config.json; a fresh run logs step 0 (the initial ranks
+     and the hooks marked `at_start`, the diagnostics);
   2. loop: host batch -> device (batch axis sharded over all devices) ->
      jitted integrator step (buffers donated) -> host-side `resize`
      (capacity buckets; skipped for fixed-shape integrators under vmap) ->
@@ -19,6 +20,10 @@ same loop with a leading seed axis and the step vmapped over it):
      dispatched -> NaN/Inf guard -> the periodic `Hook`s (validation,
      diagnostics, the run's own, checkpoint), one cadence rule for all;
   3. test evaluation, summary.json, plots/.
+
+Every file but the checkpoints is written by process 0 alone, through the
+run's writer (`writers.open_run`); orbax coordinates checkpoint saves over
+all processes.
 
 `train_and_evaluate(config, workdir)` is steps 0-3 for one config.
 
@@ -341,12 +346,17 @@ def _cache_size(jitted) -> int | None:
 @dataclasses.dataclass(frozen=True)
 class Hook:
   """`fn(step, params, opt_state) -> metrics dict or None`, called after
-  every `every`-th step (never when `every` <= 0) and after the last step;
-  a dict it returns is written to the run's metrics at that step."""
+  every `every`-th step (never when `every` <= 0) and after the last step,
+  and with `at_start` also at step 0 of a fresh run (the state training
+  starts from; a resumed run logged it already); a dict it returns is
+  written to the run's metrics at that step."""
   every: int
   fn: Callable[[int, Any, Any], dict | None]
+  at_start: bool = False
 
   def due(self, step: int, total: int) -> bool:
+    if step == 0:
+      return self.at_start
     return step == total or (self.every > 0 and step % self.every == 0)
 
 
@@ -382,7 +392,7 @@ class _RunDir:
       diag = diagnostics.Diagnostics(run.init_params, top_k=d.top_k, eps=d.eps,
                                      full_spectrum=d.full_spectrum,
                                      heavy_tail=d.heavy_tail)
-      self.hooks.append(Hook(d.every, lambda s, p, _: diag(p)))
+      self.hooks.append(Hook(d.every, lambda s, p, _: diag(p), at_start=True))
     self.hooks += list(run.hooks)
     self.hooks.append(Hook(t.checkpoint_every, save))   # after the metrics
 
@@ -409,13 +419,20 @@ class _RunDir:
       self.rng = leaves["rng"][0]
       self.last_good = step
       logging.info("resumed from step %d in %s", step, self.ckpts.directory)
-    with open(os.path.join(self.workdir, "config.json"), "w") as fh:
-      fh.write(run.config.to_json(indent=2))
-    writers_lib.truncate_jsonl(os.path.join(self.workdir, "metrics.jsonl"),
-                               step or 0)
-    self.writer = writers_lib.MultiWriter(
-        self.workdir, tensorboard=run.config.logging.tensorboard)
+    self.writer = writers_lib.open_run(
+        self.workdir, tensorboard=run.config.logging.tensorboard,
+        resume_step=step)
+    self.writer.write_file("config.json", run.config.to_json(indent=2))
     return params, opt_state
+
+  def run_hooks(self, step: int, params, opt_state):
+    """The hooks due at `step`, in order; each one's metrics are written
+    when it returns (before the checkpoint hook saves)."""
+    for h in self.hooks:
+      if h.due(step, self.run.total):
+        out = h.fn(step, params, opt_state)
+        if out:
+          self.writer.write(step, out)
 
   def close(self):
     if self.writer is not None:
@@ -453,15 +470,14 @@ def finish_run(d: _RunDir, eval_fn, params, sharder: Sharder, *, steps: int,
       "integrator": run.config.integrator.name,
       "devices": jax.device_count(),
   }
-  with open(os.path.join(d.workdir, "metrics.jsonl"), "a") as fh:
-    fh.write(json.dumps({"step": int(steps), **{
-        f"test/{k}": float(v) for k, v in test.items()}}) + "\n")
-  with open(os.path.join(d.workdir, "summary.json"), "w") as fh:
-    json.dump(writers_lib.to_json_value_tree(summary), fh, indent=2)
+  test_row = {f"test/{k}": float(v) for k, v in test.items()}
+  d.writer.write(steps, test_row)
+  d.writer.write_hparams(run.config.to_dict(), sorted(test_row))
+  d.writer.write_file("summary.json", json.dumps(
+      writers_lib.to_json_value_tree(summary), indent=2))
+  d.writer.close()
   try:
-    from lrtrain.diagnostics import plots  # pylint: disable=g-import-not-at-top
-    plots.render(os.path.join(d.workdir, "metrics.jsonl"),
-                 os.path.join(d.workdir, "plots"))
+    d.writer.render_plots()
   except Exception as e:  # plots never fail a finished run
     logging.warning("plots failed: %s", e)
   return summary
@@ -535,6 +551,13 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
     params, opt_state = sharder.replicate(params), sharder.replicate(opt_state)
     del starts
     paths = _float_paths(lane(params, 0))
+    if resumed is None:       # step 0: the ranks and the at_start hooks
+      for i, d in enumerate(dirs):
+        p_i = lane(params, i)
+        ranks = host_ranks(p_i)
+        if ranks:
+          d.writer.write(0, ranks)
+        d.run_hooks(0, p_i, lane(opt_state, i))
 
     def train_step(params, state, batch):
       new, state, aux = integ.step(loss_fn, params, state, batch)
@@ -611,17 +634,9 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
         flush(*pending)
         pending = None
         for i, d in enumerate(dirs):
-          p_i, s_i = lane(params, i), lane(opt_state, i)
-          for h in d.hooks:
-            if h.due(step, total):
-              out = h.fn(step, p_i, s_i)
-              if out:
-                d.writer.write(step, out)
+          d.run_hooks(step, lane(params, i), lane(opt_state, i))
     if pending is not None:
       flush(*pending)
-    for d in dirs:            # metrics.jsonl complete before finish_run appends
-      d.writer.close()
-      d.writer = None
 
     rates = {"time/steps_per_sec": (step - step0) / max(time.time() - t_loop, 1e-9),
              "time/steady_steps_per_sec": None, "time/train_loop_s": None,

@@ -4,6 +4,12 @@ log lines otherwise).
 
 Values may be Python scalars, numpy / jax arrays (0-d become numbers,
 vectors become lists) - whatever `Diagnostics` and the train step produce.
+
+Only process 0 writes a run's files (`is_writer`): `open_run` gives every
+other process of a multi-host run a `NullRunWriter`, so the runner calls
+the same methods on every process and the workdir gets one copy of each
+file. Checkpoints are not written here: every process calls orbax, which
+coordinates the processes itself.
 """
 
 from __future__ import annotations
@@ -13,10 +19,17 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 from absl import logging
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's files: process 0 of a
+  multi-host run (the only process of a single-host one)."""
+  return jax.process_index() == 0
 
 
 def to_json_value(v: Any) -> Any:
@@ -58,11 +71,12 @@ class JsonlWriter:
     self._fh.close()
 
 
-def truncate_jsonl(path: str, max_step: int) -> None:
-  """Drop rows with step > max_step (a resumed run rewrites them)."""
+def truncate_jsonl(path: str, max_step: int) -> set[str]:
+  """Drop rows with step > max_step (a resumed run rewrites them; -1 drops
+  every row); returns the keys logged at max_step."""
   if not os.path.exists(path):
-    return
-  keep = []
+    return set()
+  keep, at_max = [], set()
   with open(path) as fh:
     for line in fh:
       try:
@@ -71,24 +85,58 @@ def truncate_jsonl(path: str, max_step: int) -> None:
         continue
       if isinstance(row, dict) and row.get("step", 0) <= max_step:
         keep.append(line if line.endswith("\n") else line + "\n")
+        if row.get("step", 0) == max_step:
+          at_max.update(k for k in row if k != "step")
   with open(path, "w") as fh:
     fh.writelines(keep)
+  return at_max
+
+
+def scalars(key: str, value: Any) -> list[tuple[str, float]]:
+  """A metric as TensorBoard scalars: a number is `key`; a vector is one
+  scalar per entry, `key/<i>` with i its 0-based index in metrics.jsonl
+  (histograms would lose which singular value is which); non-numeric and
+  NaN/Inf entries are skipped."""
+  a = np.asarray(value)
+  if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or a.ndim > 1:
+    return []
+  if a.ndim == 0:
+    pairs = [(key, a.item())]
+  else:
+    pairs = [(f"{key}/{i}", x.item()) for i, x in enumerate(a)]
+  return [(t, float(x)) for t, x in pairs if math.isfinite(x)]
 
 
 class TensorBoardWriter:
-  """Scalars (and histograms of small vectors) as TensorBoard events."""
+  """Scalars (vectors as indexed scalars, `scalars`) and the config as
+  hparams, in TensorBoard event files.
 
-  def __init__(self, logdir: str):
+  Args:
+    logdir: the run's tensorboard/ folder.
+    purge_step: first step this writer writes; TensorBoard discards the
+      events of earlier files at this step and after (the steps a resumed
+      run replays), so no curve has a duplicated segment.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None = None):
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._w = SummaryWriter(logdir)
+    self._w = SummaryWriter(logdir, purge_step=purge_step)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     for k, v in metrics.items():
-      a = np.asarray(v)
-      if a.ndim == 0 and np.issubdtype(a.dtype, np.number):
-        self._w.add_scalar(k, float(a), int(step))
-      elif a.ndim == 1 and a.size and np.issubdtype(a.dtype, np.number):
-        self._w.add_histogram(k, a.astype(np.float64), int(step))
+      for tag, x in scalars(k, v):
+        self._w.add_scalar(tag, x, int(step))
+    self._w.flush()
+
+  def write_hparams(self, fields: Mapping[str, Any],
+                    metric_tags: Sequence[str]) -> None:
+    """`fields` (name -> bool, int, float or str) as the hparams plugin's
+    experiment and session records in this run (not in a sub-run, as
+    SummaryWriter.add_hparams does), so its metrics are the scalars already
+    written under `metric_tags` (the values passed here are not used)."""
+    from tensorboardX.summary import hparams as hp_summary  # pylint: disable=g-import-not-at-top
+    for record in hp_summary(dict(fields), dict.fromkeys(metric_tags, 0.0)):
+      self._w.file_writer.add_summary(record)
     self._w.flush()
 
   def close(self) -> None:
@@ -143,18 +191,100 @@ def _fmt_time(s: float) -> str:
   return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class MultiWriter:
-  """metrics.jsonl + optional TensorBoard behind one `write`."""
+def hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """The config's fields of scalar type (bool, int, float, str), flattened
+  to dotted names ("integrator.tau"); tuples and lists are left out."""
+  out = {}
+  for k, v in config.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(hparams(v, name + "."))
+    elif isinstance(v, (bool, int, float, str)):
+      out[name] = v
+  return out
 
-  def __init__(self, workdir: str, *, tensorboard: bool = False):
-    self.writers: list[Any] = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+
+class RunWriter:
+  """The files of one run's workdir that process 0 writes: metrics.jsonl,
+  TensorBoard events (optional), config.json, summary.json and plots/.
+
+  Args:
+    workdir: the run's workdir (exists).
+    tensorboard: also write TensorBoard events under tensorboard/.
+    resume_step: the checkpoint step the run resumes from, or None for a
+      fresh start; metrics.jsonl keeps only the rows up to it (none on a
+      fresh start) and TensorBoard purges the later steps.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = False,
+               resume_step: int | None = None):
+    self.workdir = workdir
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    last = -1 if resume_step is None else int(resume_step)
+    # Keys the run logged at the resumed step (e.g. test/* of a finished
+    # run that is run again) are not written a second time.
+    self._last, self._logged = last, truncate_jsonl(self.metrics_path, last)
+    self.writers: list[Any] = [JsonlWriter(self.metrics_path)]
+    self.tb = None
     if tensorboard:
-      self.writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+      self.tb = TensorBoardWriter(os.path.join(workdir, "tensorboard"),
+                                  purge_step=last + 1)
+      self.writers.append(self.tb)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if step == self._last:
+      metrics = {k: v for k, v in metrics.items() if k not in self._logged}
+    if not metrics:
+      return
     for w in self.writers:
       w.write(step, metrics)
+
+  def write_file(self, name: str, text: str) -> None:
+    """workdir/<name> (config.json, summary.json) with `text`."""
+    with open(os.path.join(self.workdir, name), "w") as fh:
+      fh.write(text)
+
+  def write_hparams(self, config: Mapping[str, Any],
+                    metric_tags: Sequence[str]) -> None:
+    """The config (`hparams`) and its result metrics (tags written before
+    with `write`) for TensorBoard's hparams view; nothing without it."""
+    if self.tb is not None:
+      self.tb.write_hparams(hparams(config), metric_tags)
+
+  def render_plots(self) -> list[str]:
+    """plots/*.png from metrics.jsonl (lrtrain.diagnostics.plots)."""
+    from lrtrain.diagnostics import plots  # pylint: disable=g-import-not-at-top
+    return plots.render(self.metrics_path, os.path.join(self.workdir, "plots"))
 
   def close(self) -> None:
     for w in self.writers:
       w.close()
+    self.writers = []
+
+
+class NullRunWriter:
+  """`RunWriter`'s methods, writing nothing (processes other than 0)."""
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    del step, metrics
+
+  def write_file(self, name: str, text: str) -> None:
+    del name, text
+
+  def write_hparams(self, config, metric_tags) -> None:
+    del config, metric_tags
+
+  def render_plots(self) -> list[str]:
+    return []
+
+  def close(self) -> None:
+    pass
+
+
+def open_run(workdir: str, *, tensorboard: bool = False,
+             resume_step: int | None = None) -> RunWriter | NullRunWriter:
+  """The run's writer on process 0 (`is_writer`), a `NullRunWriter` on the
+  others."""
+  if not is_writer():
+    return NullRunWriter()
+  return RunWriter(workdir, tensorboard=tensorboard, resume_step=resume_step)

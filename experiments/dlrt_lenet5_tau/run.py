@@ -68,9 +68,11 @@ def summarize(workdir: str, out: str) -> list[dict]:
   first: dict[str, list[dict]] = {}
   for name, r in runs.items():
     groups.setdefault(_tau_of(name), []).append(r["summary"])
-    # Ranks at the first logged step: how much of the final rank was set by
-    # the first truncation of the initial spectrum.
-    row0 = next((m for m in r["metrics"] if "rank/fc1" in m), {})
+    # Ranks after the first step (step 0 logs the initial ranks): how much
+    # of the final rank was set by the first truncation of the initial
+    # spectrum.
+    row0 = next((m for m in r["metrics"] if "rank/fc1" in m and m["step"] > 0),
+                {})
     first.setdefault(_tau_of(name), []).append(row0)
   dense_total = None
   rows = []
