@@ -14,6 +14,7 @@ from experiments.condlr_robustness import run as condlr_run
 from experiments.geolora_rank_convergence import run as geolora_run
 from experiments.intruder_dimensions import run as intruder_run
 from experiments.tdlrt_tucker import run as tdlrt_run
+from experiments.transport_rules import run as transport_run
 
 
 
@@ -135,3 +136,14 @@ def test_write_csv_and_series(tmp_path):
   assert _rows(p) == [{"a": "1", "b": "0.5", "c": ""}, {"a": "2", "b": "", "c": "1 2"}]
   st, v = gc.series([{"step": 1, "x": 2.0}, {"step": 2}, {"step": 3, "x": 4.0}], "x")
   assert st.tolist() == [1, 3] and v.tolist() == [2.0, 4.0]
+
+
+@pytest.mark.tier2
+def test_transport_rules_runlocal(tmp_path):
+  out = _run(transport_run, tmp_path)
+  comp = _rows(out["comparison"])
+  assert [r["variant"] for r in comp] == ["off", "squares", "squares_fresh",
+                                          "squares_mean"]
+  assert all(r["seeds"] == "2" for r in comp)
+  runs = _rows(out["runs"])
+  assert len(runs) == 8 and all(0 <= float(r["test_accuracy"]) <= 1 for r in runs)
