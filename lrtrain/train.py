@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -46,23 +45,60 @@ from lrtrain import checkpoint as ckpt_lib
 from lrtrain import config_utils
 from lrtrain import factorizations as fz
 from lrtrain import optim
+from lrtrain import workdir as workdir_lib
 from lrtrain import writers as writers_lib
 from lrtrain.factorizations import conv as conv_lib
 from lrtrain.integrators import base as ibase
 
-# Fields that change what a run computes; a workdir holding a run whose
-# fingerprint differs is refused (num_steps may grow: that is a resume).
-FINGERPRINT_SECTIONS = ("seed", "data", "model", "integrator", "optimizer")
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
-             "plots", "tensorboard")
-
-
-class WorkdirError(RuntimeError):
-  """The workdir holds a run of a different config."""
+WorkdirError = workdir_lib.WorkdirError
+fingerprint = workdir_lib.fingerprint
+prepare_workdir = workdir_lib.prepare_workdir
 
 
 class DivergedError(FloatingPointError):
-  """Loss or parameters became NaN/Inf."""
+  """Loss or parameters became NaN/Inf (or blew up, under train.blowup=error)."""
+
+
+class BlowupGuard:
+  """Finite divergence of the train loss, checked at each logged step.
+
+  A loss that explodes without reaching Inf (e.g. 1e19 after too large a
+  learning rate) passes the NaN/Inf guard and would end as a "finished"
+  run. The guard compares each logged loss with the median of the logged
+  losses before it that were not themselves suspect; `PATIENCE`
+  consecutive losses above `FACTOR` times that median are a blow-up.
+  `mode` (train.blowup): "warn" logs one warning line for the run (the
+  step, the loss, the median, lower optimizer.learning_rate), "error"
+  raises DivergedError with that text, "off" checks nothing.
+  """
+  FACTOR = 10.0
+  PATIENCE = 3
+
+  def __init__(self, mode: str, learning_rate: float):
+    self.mode, self.lr = mode, learning_rate
+    self.healthy: list[float] = []
+    self.streak = 0
+    self.warned = False
+
+  def __call__(self, step: int, loss: float) -> None:
+    if self.mode == "off" or self.warned:
+      return
+    median = float(np.median(self.healthy)) if self.healthy else None
+    if median is None or not loss > self.FACTOR * abs(median):
+      self.healthy.append(loss)
+      self.streak = 0
+      return
+    self.streak += 1
+    if self.streak < self.PATIENCE:
+      return
+    msg = (f"train loss {loss:.3g} at step {step} has been above "
+           f"{self.FACTOR:g}x its running median {median:.3g} for "
+           f"{self.PATIENCE} log periods: the run is blowing up; lower "
+           f"optimizer.learning_rate (now {self.lr:g})")
+    if self.mode == "error":
+      raise DivergedError(msg)
+    logging.warning("%s (train.blowup=error stops such runs)", msg)
+    self.warned = True
 
 
 # --------------------------------------------------------------------------
@@ -76,14 +112,6 @@ def maybe_initialize_distributed() -> None:
   if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) \
       or ("SLURM_NTASKS" in env and int(env.get("SLURM_NTASKS", "1")) > 1):
     jax.distributed.initialize()
-
-
-def fingerprint(config: ml_collections.ConfigDict) -> str:
-  """JSON of the config sections that determine the trajectory."""
-  d = config.to_dict()
-  fp = {k: d[k] for k in FINGERPRINT_SECTIONS}
-  fp["batch_size"] = d["train"]["batch_size"]
-  return json.dumps(fp, sort_keys=True, default=str)
 
 
 def num_steps(config, ds) -> int:
@@ -291,35 +319,6 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
              total=total)
 
 
-def prepare_workdir(config, workdir: str) -> None:
-  """Refuse a workdir of another config; clear it under config.overwrite.
-
-  Raises:
-    WorkdirError: a config.json with another fingerprint and no overwrite.
-  """
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    try:
-      with open(path) as fh:
-        old = ml_collections.ConfigDict(json.load(fh))
-      same = fingerprint(old) == fingerprint(config)
-    except (json.JSONDecodeError, KeyError, TypeError):
-      same = False
-    if not same:
-      if not config.overwrite:
-        raise WorkdirError(f"workdir {workdir} holds a run of a different "
-                           "config; use another workdir or set "
-                           "--config.overwrite=True to replace it")
-      logging.warning("overwriting the run in %s", workdir)
-      for name in RUN_FILES:
-        p = os.path.join(workdir, name)
-        if os.path.isdir(p):
-          shutil.rmtree(p)
-        elif os.path.exists(p):
-          os.remove(p)
-  os.makedirs(workdir, exist_ok=True)
-
-
 def _cache_size(jitted) -> int | None:
   """Compiled variants of a jitted function (one per input shape set: each
   capacity-bucket change of a rank-adaptive run adds one); None if this jax
@@ -352,10 +351,15 @@ class _RunDir:
 
   def __init__(self, run: Run, workdir: str, eval_fn, sharder: Sharder):
     c = run.config
-    prepare_workdir(c, workdir)
+    self.lock = workdir_lib.Lock(workdir).acquire()   # before any read
+    try:
+      prepare_workdir(c, workdir)
+      self.ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                        c.train.max_to_keep)
+    except BaseException:
+      self.lock.release()
+      raise
     self.run, self.workdir, self.fp = run, workdir, fingerprint(c)
-    self.ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
-                                      c.train.max_to_keep)
     self.rng = jax.random.key_data(jax.random.key(c.seed))
     self.last_good = None
     self.writer = None
@@ -414,18 +418,51 @@ class _RunDir:
     return params, opt_state
 
   def close(self):
-    if self.writer is not None:
-      self.writer.close()
-    self.ckpts.close()
+    try:
+      if self.writer is not None:
+        self.writer.close()
+      self.ckpts.close()
+    finally:
+      self.lock.release()
 
 
-def _resume_step(dirs: Sequence[_RunDir]) -> int | None:
-  """The latest step every run directory has saved (None: start fresh)."""
+def _start(dirs: Sequence[_RunDir], fallback: bool):
+  """(step, [(params, opt_state) per run dir]) from the latest step every
+  run directory has saved (step None: none, start fresh).
+
+  A corrupt checkpoint raises, unless `fallback` (train.restore_fallback):
+  then it is moved aside (`Checkpoints.set_aside`, so a later save of its
+  step cannot clash) and the newest earlier intact step is used, with a
+  warning naming both; never silently, and never a fresh start.
+  """
   common = None
   for d in dirs:
     steps = set(d.ckpts.all_steps())
     common = steps if common is None else common & steps
-  return max(common) if common else None
+  candidates = sorted(common or (), reverse=True)
+  if not candidates:
+    return None, [d.start(None) for d in dirs]
+  first_error = None
+  for step in candidates:
+    try:
+      return step, [d.start(step) for d in dirs]
+    except ckpt_lib.CheckpointError as e:
+      if not fallback:
+        raise
+      first_error = first_error or e
+      for d in dirs:        # the ones that restored it start again below
+        if d.writer is not None:
+          d.writer.close()
+          d.writer = None
+      aside = [d.ckpts.set_aside(step) for d in dirs][0]
+      later = [c for c in candidates if c < step]
+      logging.warning(
+          "train.restore_fallback: checkpoint step %d is corrupt (moved to %s),"
+          " %s: %s", step, aside,
+          f"resuming from step {later[0]}" if later else "no earlier one", e)
+  raise ckpt_lib.CheckpointError(
+      f"{first_error}; train.restore_fallback found no intact earlier "
+      "checkpoint") from first_error
 
 
 def finish_run(d: _RunDir, eval_fn, params, sharder: Sharder, *, steps: int,
@@ -509,6 +546,8 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
   single = isinstance(runs, Run)
   runs = [runs] if single else list(runs)
   workdirs = [workdirs] if single else list(workdirs)
+  for w in workdirs:
+    workdir_lib.check(w)
   vmapped = len(runs) > 1
   if vmapped:
     _check_seeds(runs)
@@ -520,8 +559,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
   try:
     for r, w in zip(runs, workdirs):
       dirs.append(_RunDir(r, w, eval_fn, sharder))
-    resumed = _resume_step(dirs)
-    starts = [d.start(resumed) for d in dirs]
+    resumed, starts = _start(dirs, r0.config.train.restore_fallback)
     step = resumed or 0
     lane = (lambda tree, i: _slice(tree, i)) if vmapped else (lambda tree, i: tree)
     if vmapped:
@@ -553,6 +591,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
                           start_step=r.start_step + step) for r in runs]
     progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,
                                     every=max(t.log_every, 1))
+    blowup = BlowupGuard(t.blowup, r0.config.optimizer.learning_rate)
     t_loop, step0 = time.time(), step
     # Steady rate: from the end of the first (compiling) step to the end of
     # the last, host work in between (evals, checkpoints, resizes) included.
@@ -577,6 +616,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
       progress.update(s, float(np.mean(aux["loss"])))
       if not (s == total or (t.log_every > 0 and s % t.log_every == 0)):
         return
+      blowup(s, float(np.max(aux["loss"])))   # the worst seed
       rate = (s - step0) / max(time.time() - t_loop, 1e-9)
       for i, d in enumerate(dirs):
         a = dict(lane(aux, i))
@@ -649,6 +689,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       is touched). WorkdirError: workdir of another config.
     CheckpointError: corrupt checkpoint. DivergedError: NaN/Inf.
   """
+  workdir_lib.check(workdir)        # in a second, before the data and model
   return train(build_run(config), workdir)
 
 
