@@ -60,32 +60,39 @@ class DivergedError(FloatingPointError):
 
 
 class BlowupGuard:
-  """Finite divergence of the train loss, checked at each logged step.
+  """Finite divergence of the train loss, judged at each logged step.
 
   A loss that explodes without reaching Inf (e.g. 1e19 after too large a
   learning rate) passes the NaN/Inf guard and would end as a "finished"
-  run. The guard compares each logged loss with the median of the logged
-  losses before it that were not themselves suspect; `PATIENCE`
-  consecutive losses above `FACTOR` times that median are a blow-up.
-  `mode` (train.blowup): "warn" logs one warning line for the run (the
-  step, the loss, the median, lower optimizer.learning_rate), "error"
+  run. The guard sees every step's loss; the first one (the loss at the
+  initial or resumed params) and each logged loss that is not itself
+  suspect form the baseline. A logged loss above `FACTOR` times the
+  baseline's median is suspect; `PATIENCE` consecutive suspect log periods
+  are a blow-up. `mode` (train.blowup): "warn" logs one warning line for
+  the run (step, loss, median, lower optimizer.learning_rate), "error"
   raises DivergedError with that text, "off" checks nothing.
   """
   FACTOR = 10.0
   PATIENCE = 3
 
-  def __init__(self, mode: str, learning_rate: float):
-    self.mode, self.lr = mode, learning_rate
-    self.healthy: list[float] = []
+  def __init__(self, mode: str, learning_rate: float, *, every: int,
+               total: int):
+    self.mode, self.lr, self.every, self.total = mode, learning_rate, every, total
+    self.baseline: list[float] = []
     self.streak = 0
-    self.warned = False
+    self.done = mode == "off"
 
   def __call__(self, step: int, loss: float) -> None:
-    if self.mode == "off" or self.warned:
+    if self.done:
       return
-    median = float(np.median(self.healthy)) if self.healthy else None
-    if median is None or not loss > self.FACTOR * abs(median):
-      self.healthy.append(loss)
+    if not self.baseline:
+      self.baseline.append(loss)
+      return
+    if not (step == self.total or (self.every > 0 and step % self.every == 0)):
+      return
+    median = float(np.median(self.baseline))
+    if not loss > self.FACTOR * abs(median):
+      self.baseline.append(loss)
       self.streak = 0
       return
     self.streak += 1
@@ -98,7 +105,7 @@ class BlowupGuard:
     if self.mode == "error":
       raise DivergedError(msg)
     logging.warning("%s (train.blowup=error stops such runs)", msg)
-    self.warned = True
+    self.done = True
 
 
 # --------------------------------------------------------------------------
@@ -591,7 +598,8 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
                           start_step=r.start_step + step) for r in runs]
     progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,
                                     every=max(t.log_every, 1))
-    blowup = BlowupGuard(t.blowup, r0.config.optimizer.learning_rate)
+    blowup = BlowupGuard(t.blowup, r0.config.optimizer.learning_rate,
+                         every=t.log_every, total=total)
     t_loop, step0 = time.time(), step
     # Steady rate: from the end of the first (compiling) step to the end of
     # the last, host work in between (evals, checkpoints, resizes) included.
@@ -614,9 +622,9 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
             + (f"step {d.last_good} in {d.ckpts.directory}"
                if d.last_good is not None else "none saved yet"))
       progress.update(s, float(np.mean(aux["loss"])))
+      blowup(s, float(np.max(aux["loss"])))   # the worst seed
       if not (s == total or (t.log_every > 0 and s % t.log_every == 0)):
         return
-      blowup(s, float(np.max(aux["loss"])))   # the worst seed
       rate = (s - step0) / max(time.time() - t_loop, 1e-9)
       for i, d in enumerate(dirs):
         a = dict(lane(aux, i))

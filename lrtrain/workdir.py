@@ -47,13 +47,15 @@ class WorkdirError(RuntimeError):
 
 def check(workdir: str) -> None:
   """Refuse, before anything is built, a workdir that cannot be used: a
-  path that exists and is no directory, or one that is not writable (the
+  path that exists and is no directory, one that is not writable (the
   directory itself, or where it does not exist yet the nearest existing
-  parent it would be created in). Creates nothing.
+  parent it would be created in), or one whose lock another run holds now
+  (`Lock.acquire` decides for good later). Creates nothing.
 
   Raises:
     WorkdirError: naming the path and what to do.
   """
+  Lock(workdir).probe()
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f"workdir {workdir} is a file, not a directory; "
@@ -99,19 +101,42 @@ class Lock:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-      holder = os.pread(fd, 512, 0).decode("utf-8", "replace")
+      err = (self._in_use(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+             else WorkdirError(f"workdir {self.workdir} cannot be locked "
+                               f"({e.strerror}); use another workdir"))
       os.close(fd)
-      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise WorkdirError(f"workdir {self.workdir} cannot be locked "
-                           f"({e.strerror}); use another workdir") from None
-      raise WorkdirError(f"workdir {self.workdir} is in use by "
-                         f"{_describe(holder)}; wait for it to finish or use "
-                         "another workdir") from None
+      raise err from None
     os.ftruncate(fd, 0)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {stamp}\n".encode(), 0)
     self._fd = fd
     return self
+
+  def probe(self) -> None:
+    """Raise if another process holds the lock now; takes nothing, creates
+    nothing (a shared lock, dropped at once, fails only against a holder).
+
+    Raises:
+      WorkdirError: as `acquire`.
+    """
+    if jax.process_index() != 0:
+      return              # the other processes of a run: process 0's lock
+    try:
+      fd = os.open(self.path, os.O_RDONLY)
+    except OSError:
+      return              # no lock file (or no workdir): nobody holds it
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+      raise self._in_use(fd) from None
+    finally:
+      os.close(fd)
+
+  def _in_use(self, fd: int) -> WorkdirError:
+    holder = os.pread(fd, 512, 0).decode("utf-8", "replace")
+    return WorkdirError(f"workdir {self.workdir} is in use by "
+                        f"{_describe(holder)}; wait for it to finish or use "
+                        "another workdir")
 
   def release(self) -> None:
     """Drop the lock (the file stays); a no-op when not held."""
