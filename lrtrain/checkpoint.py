@@ -51,6 +51,14 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be read or does not belong to this run."""
 
 
+class CorruptCheckpointError(CheckpointError):
+  """A damaged checkpoint: `step` and `problem` (what is wrong, short)."""
+
+  def __init__(self, message: str, step: int, problem: str):
+    super().__init__(message)
+    self.step, self.problem = step, problem
+
+
 @contextlib.contextmanager
 def _quiet():
   """orbax logs every save at INFO; keep run logs readable."""
@@ -150,17 +158,18 @@ class Checkpoints:
     return meta
 
   def _corrupt(self, step: int, what: str,
-               cause: Exception | None = None) -> "CheckpointError":
+               cause: Exception | None = None) -> CorruptCheckpointError:
     """The one-line error of a damaged checkpoint: the step, what is wrong
     and what to do."""
     if cause is not None:
       first = str(cause).splitlines()[0] if str(cause) else ""
       what += f" ({type(cause).__name__}: {first[:200]})"
-    return CheckpointError(
+    return CorruptCheckpointError(
         f"checkpoint step {step} in {self.directory} is corrupt: {what}; "
         "refusing to resume from it - rerun with "
         "--config.train.restore_fallback=True to resume from the newest "
-        "intact earlier checkpoint, or delete it, or use another workdir")
+        "intact earlier checkpoint, or delete it, or use another workdir",
+        step, what)
 
   def restore_leaves(self, step: int) -> tuple[dict, dict[str, list]]:
     """(meta, {group: [arrays as saved]}) of `step`, host numpy arrays.

@@ -438,9 +438,12 @@ def _start(dirs: Sequence[_RunDir], fallback: bool):
   run directory has saved (step None: none, start fresh).
 
   A corrupt checkpoint raises, unless `fallback` (train.restore_fallback):
-  then it is moved aside (`Checkpoints.set_aside`, so a later save of its
-  step cannot clash) and the newest earlier intact step is used, with a
-  warning naming both; never silently, and never a fresh start.
+  then the newest earlier intact step is used and the corrupt newer ones
+  are moved aside (`Checkpoints.set_aside`: kept for inspection, and a
+  later save of their step cannot clash), with a warning naming them and
+  the step used; never silently. When no intact step is left nothing is
+  moved and the error of the newest one is raised (a fresh start would
+  discard the run's progress unasked).
   """
   common = None
   for d in dirs:
@@ -449,27 +452,30 @@ def _start(dirs: Sequence[_RunDir], fallback: bool):
   candidates = sorted(common or (), reverse=True)
   if not candidates:
     return None, [d.start(None) for d in dirs]
-  first_error = None
+  corrupt = []
   for step in candidates:
     try:
-      return step, [d.start(step) for d in dirs]
-    except ckpt_lib.CheckpointError as e:
+      states = [d.start(step) for d in dirs]
+    except ckpt_lib.CorruptCheckpointError as e:
       if not fallback:
         raise
-      first_error = first_error or e
+      corrupt.append(e)
       for d in dirs:        # the ones that restored it start again below
         if d.writer is not None:
           d.writer.close()
           d.writer = None
-      aside = [d.ckpts.set_aside(step) for d in dirs][0]
-      later = [c for c in candidates if c < step]
-      logging.warning(
-          "train.restore_fallback: checkpoint step %d is corrupt (moved to %s),"
-          " %s: %s", step, aside,
-          f"resuming from step {later[0]}" if later else "no earlier one", e)
+      continue
+    for e in corrupt:
+      aside = [d.ckpts.set_aside(e.step) for d in dirs][0]
+      logging.warning("checkpoint step %d is corrupt (%s); moved to %s, "
+                      "resuming from step %d (train.restore_fallback)",
+                      e.step, e.problem, aside, step)
+    return step, states
   raise ckpt_lib.CheckpointError(
-      f"{first_error}; train.restore_fallback found no intact earlier "
-      "checkpoint") from first_error
+      f"no intact checkpoint in {dirs[0].ckpts.directory}: steps "
+      f"{', '.join(str(e.step) for e in corrupt)} are corrupt (newest: "
+      f"{corrupt[0].problem}); delete checkpoints/ to start afresh or use "
+      "another workdir")
 
 
 def finish_run(d: _RunDir, eval_fn, params, sharder: Sharder, *, steps: int,
