@@ -25,10 +25,11 @@ optimizer-state structure is then derived from the restored params. The key
 paths stored in `meta` are compared with the rebuilt trees, so a checkpoint
 of another model refuses to load instead of loading wrongly.
 
-Resume order (train.py): validate config -> build data and model -> refuse
-a workdir of another config -> latest step -> restore params -> rebuild the
-optimizer state's structure from them -> restore it -> data iterator at
-`step` (the train stream is deterministic in (seed, step)) -> RNG.
+Resume order (train.py): validate config -> build data and model -> lock
+the workdir -> refuse a workdir of another config -> latest step -> restore
+params (digests checked) -> rebuild the optimizer state's structure from
+them -> restore it -> data iterator at `step` (the train stream is
+deterministic in (seed, step)) -> RNG.
 """
 
 from __future__ import annotations

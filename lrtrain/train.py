@@ -9,18 +9,22 @@ parts of the `Run` (initial params, dataset, integrator, extra hooks).
 `train(run, workdir)` (or `train([run per seed], [workdir per seed])`: the
 same loop with a leading seed axis and the step vmapped over it):
 
-  1. refuse a workdir holding a run of another config (unless
-     config.overwrite), restore the latest checkpoint if any (a corrupt one
-     raises), write config.json;
+  1. lock the workdir (lrtrain/workdir.py; a workdir in use is refused),
+     refuse one holding a run of another config (unless config.overwrite),
+     restore the latest checkpoint if any (a corrupt one raises, or under
+     train.restore_fallback gives way to the newest intact one, with a
+     warning), write config.json;
   2. loop: host batch -> device (batch axis sharded over all devices) ->
      jitted integrator step (buffers donated) -> host-side `resize`
      (capacity buckets; skipped for fixed-shape integrators under vmap) ->
      metrics of the previous step fetched after the next step is
-     dispatched -> NaN/Inf guard -> the periodic `Hook`s (validation,
+     dispatched -> NaN/Inf guard and `BlowupGuard` -> the periodic `Hook`s (validation,
      diagnostics, the run's own, checkpoint), one cadence rule for all;
   3. test evaluation, summary.json, plots/.
 
-`train_and_evaluate(config, workdir)` is steps 0-3 for one config.
+`train_and_evaluate(config, workdir)` is steps 0-3 for one config, after
+`workdir.check` (a workdir that is a file, not writable or in use ends
+before the data and model are built).
 
 Axis legend: b = batch, T = sequence length, k = classes (or vocab).
 """
