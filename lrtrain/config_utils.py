@@ -169,8 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500    # steps between checkpoints (0 = end only)
   c.train.eval_batch_size = 256     # eval batch, examples
   c.train.max_to_keep = 2           # checkpoints kept
-  c.train.restore_fallback = False  # corrupt latest checkpoint: resume from an intact earlier one (warning)
-  c.train.blowup = "warn"           # finite loss blow-up: warn|error|off (train.BlowupGuard)
+  c.train.restore_fallback = False  # corrupt checkpoint: resume from an earlier one
+  c.train.blowup = "warn"           # finite loss blow-up: warn|error|off
 
   # --- Diagnostics (lrtrain.diagnostics.Diagnostics) ---
   c.diagnostics = ml_collections.ConfigDict()

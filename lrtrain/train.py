@@ -18,8 +18,9 @@ same loop with a leading seed axis and the step vmapped over it):
      jitted integrator step (buffers donated) -> host-side `resize`
      (capacity buckets; skipped for fixed-shape integrators under vmap) ->
      metrics of the previous step fetched after the next step is
-     dispatched -> NaN/Inf guard and `BlowupGuard` -> the periodic `Hook`s (validation,
-     diagnostics, the run's own, checkpoint), one cadence rule for all;
+     dispatched -> NaN/Inf guard and `BlowupGuard` -> the periodic `Hook`s
+     (validation, diagnostics, the run's own, checkpoint), one cadence
+     rule for all;
   3. test evaluation, summary.json, plots/.
 
 `train_and_evaluate(config, workdir)` is steps 0-3 for one config, after
@@ -71,8 +72,9 @@ class BlowupGuard:
   run. The guard sees every step's loss; the first one (the loss at the
   initial or resumed params) and each logged loss that is not itself
   suspect form the baseline. A logged loss above `FACTOR` times the
-  baseline's median is suspect; `PATIENCE` consecutive suspect log periods
-  are a blow-up. `mode` (train.blowup): "warn" logs one warning line for
+  baseline's median and above the first loss is suspect (the second
+  condition keeps a loss near zero from flagging its noise); `PATIENCE`
+  consecutive suspect log periods are a blow-up. `mode` (train.blowup): "warn" logs one warning line for
   the run (step, loss, median, lower optimizer.learning_rate), "error"
   raises DivergedError with that text, "off" checks nothing.
   """
@@ -95,7 +97,7 @@ class BlowupGuard:
     if not (step == self.total or (self.every > 0 and step % self.every == 0)):
       return
     median = float(np.median(self.baseline))
-    if not loss > self.FACTOR * abs(median):
+    if not loss > max(self.FACTOR * abs(median), self.baseline[0]):
       self.baseline.append(loss)
       self.streak = 0
       return

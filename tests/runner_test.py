@@ -242,6 +242,9 @@ def test_blowup_guard_judges_logged_losses():
   healthy = train.BlowupGuard("error", 0.1, every=1, total=50)
   for s in range(1, 51):               # decreasing with a noisy spike: fine
     healthy(s, 2.3 / s + (5.0 if s == 30 else 0.0))
+  fitted = train.BlowupGuard("error", 0.1, every=1, total=50)
+  for s, loss in enumerate([2.3] + [0.0] * 20 + [1e-3] * 10, start=1):
+    fitted(s, loss)                    # noise above a zero median: fine
   stop = train.BlowupGuard("error", 0.1, every=1, total=50)
   with pytest.raises(train.DivergedError, match="at step 4 .*blowing up"):
     for s, loss in enumerate([2.3, 50.0, 60.0, 70.0], start=1):
