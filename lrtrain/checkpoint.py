@@ -4,8 +4,18 @@ What a checkpoint holds (one step directory, two items):
 
   arrays  every array leaf of {params, opt_state, rng} in tree-flatten order
           under keys '000000', '000001', ... (StandardSave)
-  meta    JSON: step, the leaf count and key paths of each group, and a
-          fingerprint of the config (JsonSave)
+  meta    JSON: step, the leaf count and key paths of each group, a
+          fingerprint of the config, and a digest of every array (JsonSave)
+
+Integrity: `save` stores a blake2b digest of each array (dtype, shape and
+bytes) in `meta`; `restore_leaves` recomputes them and refuses a checkpoint
+whose bytes changed since (a flipped bit on disk, a partly copied file):
+CheckpointError naming the step and the leaf. The runner then stops, or,
+under train.restore_fallback, sets the step aside (`set_aside`) and resumes
+from the newest intact earlier one with a warning. Checkpoints written
+before digests existed have none in `meta`; they load unverified (with a
+log line saying so) rather than being refused, since their bytes can no
+longer be vouched for either way and refusing would strand those runs.
 
 Why flat leaves: rank-adaptive methods change factor capacities between
 saves, so a target built from a fresh model has the wrong shapes. The arrays
@@ -15,15 +25,17 @@ optimizer-state structure is then derived from the restored params. The key
 paths stored in `meta` are compared with the rebuilt trees, so a checkpoint
 of another model refuses to load instead of loading wrongly.
 
-Resume order (train.py): validate config -> build data and model -> refuse
-a workdir of another config -> latest step -> restore params -> rebuild the
-optimizer state's structure from them -> restore it -> data iterator at
-`step` (the train stream is deterministic in (seed, step)) -> RNG.
+Resume order (train.py): validate config -> build data and model -> lock
+the workdir -> refuse a workdir of another config -> latest step -> restore
+params (digests checked) -> rebuild the optimizer state's structure from
+them -> restore it -> data iterator at `step` (the train stream is
+deterministic in (seed, step)) -> RNG.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging as py_logging
 import os
 from typing import Any
@@ -31,12 +43,21 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 GROUPS = ("params", "opt_state", "rng")
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be read or does not belong to this run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A damaged checkpoint: `step` and `problem` (what is wrong, short)."""
+
+  def __init__(self, message: str, step: int, problem: str):
+    super().__init__(message)
+    self.step, self.problem = step, problem
 
 
 @contextlib.contextmanager
@@ -53,6 +74,17 @@ def _quiet():
 
 def _key(i: int) -> str:
   return f"{i:06d}"
+
+
+def digest(a: Any) -> str:
+  """blake2b of an array's dtype, shape and bytes (C order), hex."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    a = a.addressable_data(0)         # replicated: any shard is the array
+  a = np.ascontiguousarray(np.asarray(a))
+  h = hashlib.blake2b(digest_size=16)
+  h.update(f"{a.dtype.name}{a.shape}".encode())
+  h.update(a.reshape(-1).view(np.uint8))
+  return h.hexdigest()
 
 
 def leaf_paths(tree: Any) -> list[str]:
@@ -102,6 +134,7 @@ class Checkpoints:
         i += 1
     meta["num_leaves"] = i
     meta["empty"] = empty
+    meta["digests"] = {k: digest(v) for k, v in arrays.items()}
     with _quiet():
       self._mngr.save(int(step), args=ocp.args.Composite(
           arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
@@ -120,15 +153,24 @@ class Checkpoints:
             meta=ocp.args.JsonRestore()))
       meta = out["meta"]
     except Exception as e:  # orbax raises many types for damaged files
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
-                            f"corrupt or unreadable ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); "
-                            "refusing to restart silently - delete it or use "
-                            "another workdir") from e
+      raise self._corrupt(step, "unreadable metadata", e) from e
     if not isinstance(meta, dict) or "groups" not in meta:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} has "
-                            "no valid metadata (corrupt)")
+      raise self._corrupt(step, "no valid metadata")
     return meta
+
+  def _corrupt(self, step: int, what: str,
+               cause: Exception | None = None) -> CorruptCheckpointError:
+    """The one-line error of a damaged checkpoint: the step, what is wrong
+    and what to do."""
+    if cause is not None:
+      first = str(cause).splitlines()[0] if str(cause) else ""
+      what += f" ({type(cause).__name__}: {first[:200]})"
+    return CorruptCheckpointError(
+        f"checkpoint step {step} in {self.directory} is corrupt: {what}; "
+        "refusing to resume from it - rerun with "
+        "--config.train.restore_fallback=True to resume from the newest "
+        "intact earlier checkpoint, or delete it, or use another workdir",
+        step, what)
 
   def restore_leaves(self, step: int) -> tuple[dict, dict[str, list]]:
     """(meta, {group: [arrays as saved]}) of `step`, host numpy arrays.
@@ -143,26 +185,46 @@ class Checkpoints:
             arrays=ocp.args.StandardRestore()))
       arrays = out["arrays"]
     except Exception as e:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
-                            f"corrupt or unreadable ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); "
-                            "refusing to restart silently - delete it or use "
-                            "another workdir") from e
+      raise self._corrupt(step, "unreadable arrays", e) from e
     n = meta.get("num_leaves", -1)
     empty = meta.get("empty", {})
-    arrays = dict(arrays)
+    arrays = {k: np.asarray(v) for k, v in dict(arrays).items()}
     for k, (shape, dtype) in empty.items():
       arrays.setdefault(k, np.zeros(shape, jax.numpy.dtype(dtype)))
     if len(arrays) != n or any(_key(i) not in arrays for i in range(n)):
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is "
-                            f"corrupt: {len(arrays) - len(empty)} arrays and "
-                            f"{len(empty)} empty ones, metadata says {n}")
+      raise self._corrupt(step, f"{len(arrays) - len(empty)} arrays and "
+                          f"{len(empty)} empty ones, metadata says {n}")
+    digests = meta.get("digests")
+    if digests is None:
+      logging.warning("checkpoint step %d in %s has no array digests (written "
+                      "before they existed): loaded unverified", step,
+                      self.directory)
     groups = {}
     for name in GROUPS:
       g = meta["groups"][name]
-      groups[name] = [np.asarray(arrays[_key(g["start"] + j)])
-                      for j in range(len(g["paths"]))]
+      groups[name] = []
+      for j, path in enumerate(g["paths"]):
+        k = _key(g["start"] + j)
+        if digests is not None and k in digests and digest(arrays[k]) != digests[k]:
+          raise self._corrupt(step, f"{name}{path} does not match the digest "
+                              "saved with it")
+        groups[name].append(arrays[k])
     return meta, groups
+
+  def set_aside(self, step: int) -> str:
+    """Move a corrupt step out of the managed steps (to
+    `corrupt_step_<step>` beside them; kept for inspection) so the run can
+    resume from an earlier one and later save this step again. Returns the
+    new path."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f"corrupt_step_{step}")
+    n = 1
+    while os.path.exists(dst):
+      n += 1
+      dst = os.path.join(self.directory, f"corrupt_step_{step}.{n}")
+    os.rename(src, dst)
+    self._mngr.reload()
+    return dst
 
   def close(self) -> None:
     self._mngr.close()

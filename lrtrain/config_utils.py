@@ -28,6 +28,10 @@ import ml_collections
 Override = dict[str, Any]
 
 
+# train.blowup: what a finite loss blow-up does (train.BlowupGuard).
+BLOWUP_MODES = ("warn", "error", "off")
+
+
 class ConfigError(ValueError):
   """A config that cannot run: the message names the field and the problem."""
 
@@ -167,6 +171,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500    # steps between checkpoints (0 = end only)
   c.train.eval_batch_size = 256     # eval batch, examples
   c.train.max_to_keep = 2           # checkpoints kept
+  c.train.restore_fallback = False  # corrupt checkpoint: resume from an earlier one
+  c.train.blowup = "warn"           # finite loss blow-up: warn|error|off
 
   # --- Diagnostics (lrtrain.diagnostics.Diagnostics) ---
   c.diagnostics = ml_collections.ConfigDict()
@@ -356,6 +362,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "train.num_steps and train.num_epochs must be >= 0")
   for key in ("eval_every", "log_every", "checkpoint_every"):
     _check(t[key] >= 0, f"train.{key}={t[key]} must be >= 0")
+  _check(t.blowup in BLOWUP_MODES, f"unknown train.blowup={t.blowup!r}; "
+         f"valid: {', '.join(BLOWUP_MODES)}")
   _check(c.diagnostics.every >= 0,
          f"diagnostics.every={c.diagnostics.every} must be >= 0")
   _check(c.diagnostics.top_k >= 1,

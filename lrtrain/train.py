@@ -9,23 +9,28 @@ parts of the `Run` (initial params, dataset, integrator, extra hooks).
 `train(run, workdir)` (or `train([run per seed], [workdir per seed])`: the
 same loop with a leading seed axis and the step vmapped over it):
 
-  1. refuse a workdir holding a run of another config (unless
-     config.overwrite), restore the latest checkpoint if any (a corrupt one
-     raises), write config.json; a fresh run logs step 0 (the initial ranks
-     and the hooks marked `at_start`, the diagnostics);
+  1. lock the workdir (lrtrain/workdir.py; a workdir in use is refused),
+     refuse one holding a run of another config (unless config.overwrite),
+     restore the latest checkpoint if any (a corrupt one raises, or under
+     train.restore_fallback gives way to the newest intact one, with a
+     warning), write config.json; a fresh run logs step 0 (the initial
+     ranks and the hooks marked `at_start`, the diagnostics);
   2. loop: host batch -> device (batch axis sharded over all devices) ->
      jitted integrator step (buffers donated) -> host-side `resize`
      (capacity buckets; skipped for fixed-shape integrators under vmap) ->
      metrics of the previous step fetched after the next step is
-     dispatched -> NaN/Inf guard -> the periodic `Hook`s (validation,
-     diagnostics, the run's own, checkpoint), one cadence rule for all;
+     dispatched -> NaN/Inf guard and `BlowupGuard` -> the periodic `Hook`s
+     (validation, diagnostics, the run's own, checkpoint), one cadence
+     rule for all;
   3. test evaluation, summary.json, plots/.
 
 Every file but the checkpoints is written by process 0 alone, through the
 run's writer (`writers.open_run`); orbax coordinates checkpoint saves over
 all processes.
 
-`train_and_evaluate(config, workdir)` is steps 0-3 for one config.
+`train_and_evaluate(config, workdir)` is steps 0-3 for one config, after
+`workdir.check` (a workdir that is a file, not writable or in use ends
+before the data and model are built).
 
 Axis legend: b = batch, T = sequence length, k = classes (or vocab).
 """
@@ -35,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -51,23 +55,68 @@ from lrtrain import checkpoint as ckpt_lib
 from lrtrain import config_utils
 from lrtrain import factorizations as fz
 from lrtrain import optim
+from lrtrain import workdir as workdir_lib
 from lrtrain import writers as writers_lib
 from lrtrain.factorizations import conv as conv_lib
 from lrtrain.integrators import base as ibase
 
-# Fields that change what a run computes; a workdir holding a run whose
-# fingerprint differs is refused (num_steps may grow: that is a resume).
-FINGERPRINT_SECTIONS = ("seed", "data", "model", "integrator", "optimizer")
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
-             "plots", "tensorboard")
-
-
-class WorkdirError(RuntimeError):
-  """The workdir holds a run of a different config."""
+WorkdirError = workdir_lib.WorkdirError
+fingerprint = workdir_lib.fingerprint
+prepare_workdir = workdir_lib.prepare_workdir
 
 
 class DivergedError(FloatingPointError):
-  """Loss or parameters became NaN/Inf."""
+  """Loss or parameters became NaN/Inf (or blew up, under train.blowup=error)."""
+
+
+class BlowupGuard:
+  """Finite divergence of the train loss, judged at each logged step.
+
+  A loss that explodes without reaching Inf (e.g. 1e19 after too large a
+  learning rate) passes the NaN/Inf guard and would end as a "finished"
+  run. The guard sees every step's loss; the first one (the loss at the
+  initial or resumed params) and each logged loss that is not itself
+  suspect form the baseline. A logged loss above `FACTOR` times the
+  baseline's median and above the first loss is suspect (the second
+  condition keeps a loss near zero from flagging its noise); `PATIENCE`
+  consecutive suspect log periods are a blow-up. `mode` (train.blowup): "warn" logs one warning line for
+  the run (step, loss, median, lower optimizer.learning_rate), "error"
+  raises DivergedError with that text, "off" checks nothing.
+  """
+  FACTOR = 10.0
+  PATIENCE = 3
+
+  def __init__(self, mode: str, learning_rate: float, *, every: int,
+               total: int):
+    self.mode, self.lr, self.every, self.total = mode, learning_rate, every, total
+    self.baseline: list[float] = []
+    self.streak = 0
+    self.done = mode == "off"
+
+  def __call__(self, step: int, loss: float) -> None:
+    if self.done:
+      return
+    if not self.baseline:
+      self.baseline.append(loss)
+      return
+    if not (step == self.total or (self.every > 0 and step % self.every == 0)):
+      return
+    median = float(np.median(self.baseline))
+    if not loss > max(self.FACTOR * abs(median), self.baseline[0]):
+      self.baseline.append(loss)
+      self.streak = 0
+      return
+    self.streak += 1
+    if self.streak < self.PATIENCE:
+      return
+    msg = (f"train loss {loss:.3g} at step {step} has been above "
+           f"{self.FACTOR:g}x its running median {median:.3g} for "
+           f"{self.PATIENCE} log periods: the run is blowing up; lower "
+           f"optimizer.learning_rate (now {self.lr:g})")
+    if self.mode == "error":
+      raise DivergedError(msg)
+    logging.warning("%s (train.blowup=error stops such runs)", msg)
+    self.done = True
 
 
 # --------------------------------------------------------------------------
@@ -81,14 +130,6 @@ def maybe_initialize_distributed() -> None:
   if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) \
       or ("SLURM_NTASKS" in env and int(env.get("SLURM_NTASKS", "1")) > 1):
     jax.distributed.initialize()
-
-
-def fingerprint(config: ml_collections.ConfigDict) -> str:
-  """JSON of the config sections that determine the trajectory."""
-  d = config.to_dict()
-  fp = {k: d[k] for k in FINGERPRINT_SECTIONS}
-  fp["batch_size"] = d["train"]["batch_size"]
-  return json.dumps(fp, sort_keys=True, default=str)
 
 
 def num_steps(config, ds) -> int:
@@ -300,35 +341,6 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
              total=total)
 
 
-def prepare_workdir(config, workdir: str) -> None:
-  """Refuse a workdir of another config; clear it under config.overwrite.
-
-  Raises:
-    WorkdirError: a config.json with another fingerprint and no overwrite.
-  """
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    try:
-      with open(path) as fh:
-        old = ml_collections.ConfigDict(json.load(fh))
-      same = fingerprint(old) == fingerprint(config)
-    except (json.JSONDecodeError, KeyError, TypeError):
-      same = False
-    if not same:
-      if not config.overwrite:
-        raise WorkdirError(f"workdir {workdir} holds a run of a different "
-                           "config; use another workdir or set "
-                           "--config.overwrite=True to replace it")
-      logging.warning("overwriting the run in %s", workdir)
-      for name in RUN_FILES:
-        p = os.path.join(workdir, name)
-        if os.path.isdir(p):
-          shutil.rmtree(p)
-        elif os.path.exists(p):
-          os.remove(p)
-  os.makedirs(workdir, exist_ok=True)
-
-
 def _cache_size(jitted) -> int | None:
   """Compiled variants of a jitted function (one per input shape set: each
   capacity-bucket change of a rank-adaptive run adds one); None if this jax
@@ -366,10 +378,15 @@ class _RunDir:
 
   def __init__(self, run: Run, workdir: str, eval_fn, sharder: Sharder):
     c = run.config
-    prepare_workdir(c, workdir)
+    self.lock = workdir_lib.Lock(workdir).acquire()   # before any read
+    try:
+      prepare_workdir(c, workdir)
+      self.ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                        c.train.max_to_keep)
+    except BaseException:
+      self.lock.release()
+      raise
     self.run, self.workdir, self.fp = run, workdir, fingerprint(c)
-    self.ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
-                                      c.train.max_to_keep)
     self.rng = jax.random.key_data(jax.random.key(c.seed))
     self.last_good = None
     self.writer = None
@@ -435,18 +452,57 @@ class _RunDir:
           self.writer.write(step, out)
 
   def close(self):
-    if self.writer is not None:
-      self.writer.close()
-    self.ckpts.close()
+    try:
+      if self.writer is not None:
+        self.writer.close()
+      self.ckpts.close()
+    finally:
+      self.lock.release()
 
 
-def _resume_step(dirs: Sequence[_RunDir]) -> int | None:
-  """The latest step every run directory has saved (None: start fresh)."""
+def _start(dirs: Sequence[_RunDir], fallback: bool):
+  """(step, [(params, opt_state) per run dir]) from the latest step every
+  run directory has saved (step None: none, start fresh).
+
+  A corrupt checkpoint raises, unless `fallback` (train.restore_fallback):
+  then the newest earlier intact step is used and the corrupt newer ones
+  are moved aside (`Checkpoints.set_aside`: kept for inspection, and a
+  later save of their step cannot clash), with a warning naming them and
+  the step used; never silently. When no intact step is left nothing is
+  moved and the error of the newest one is raised (a fresh start would
+  discard the run's progress unasked).
+  """
   common = None
   for d in dirs:
     steps = set(d.ckpts.all_steps())
     common = steps if common is None else common & steps
-  return max(common) if common else None
+  candidates = sorted(common or (), reverse=True)
+  if not candidates:
+    return None, [d.start(None) for d in dirs]
+  corrupt = []
+  for step in candidates:
+    try:
+      states = [d.start(step) for d in dirs]
+    except ckpt_lib.CorruptCheckpointError as e:
+      if not fallback:
+        raise
+      corrupt.append(e)
+      for d in dirs:        # the ones that restored it start again below
+        if d.writer is not None:
+          d.writer.close()
+          d.writer = None
+      continue
+    for e in corrupt:
+      aside = [d.ckpts.set_aside(e.step) for d in dirs][0]
+      logging.warning("checkpoint step %d is corrupt (%s); moved to %s, "
+                      "resuming from step %d (train.restore_fallback)",
+                      e.step, e.problem, aside, step)
+    return step, states
+  raise ckpt_lib.CheckpointError(
+      f"no intact checkpoint in {dirs[0].ckpts.directory}: steps "
+      f"{', '.join(str(e.step) for e in corrupt)} are corrupt (newest: "
+      f"{corrupt[0].problem}); delete checkpoints/ to start afresh or use "
+      "another workdir")
 
 
 def finish_run(d: _RunDir, eval_fn, params, sharder: Sharder, *, steps: int,
@@ -529,6 +585,8 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
   single = isinstance(runs, Run)
   runs = [runs] if single else list(runs)
   workdirs = [workdirs] if single else list(workdirs)
+  for w in workdirs:
+    workdir_lib.check(w)
   vmapped = len(runs) > 1
   if vmapped:
     _check_seeds(runs)
@@ -540,8 +598,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
   try:
     for r, w in zip(runs, workdirs):
       dirs.append(_RunDir(r, w, eval_fn, sharder))
-    resumed = _resume_step(dirs)
-    starts = [d.start(resumed) for d in dirs]
+    resumed, starts = _start(dirs, r0.config.train.restore_fallback)
     step = resumed or 0
     lane = (lambda tree, i: _slice(tree, i)) if vmapped else (lambda tree, i: tree)
     if vmapped:
@@ -580,6 +637,8 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
                           start_step=r.start_step + step) for r in runs]
     progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,
                                     every=max(t.log_every, 1))
+    blowup = BlowupGuard(t.blowup, r0.config.optimizer.learning_rate,
+                         every=t.log_every, total=total)
     t_loop, step0 = time.time(), step
     # Steady rate: from the end of the first (compiling) step to the end of
     # the last, host work in between (evals, checkpoints, resizes) included.
@@ -602,6 +661,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
             + (f"step {d.last_good} in {d.ckpts.directory}"
                if d.last_good is not None else "none saved yet"))
       progress.update(s, float(np.mean(aux["loss"])))
+      blowup(s, float(np.max(aux["loss"])))   # the worst seed
       if not (s == total or (t.log_every > 0 and s % t.log_every == 0)):
         return
       rate = (s - step0) / max(time.time() - t_loop, 1e-9)
@@ -668,6 +728,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       is touched). WorkdirError: workdir of another config.
     CheckpointError: corrupt checkpoint. DivergedError: NaN/Inf.
   """
+  workdir_lib.check(workdir)        # in a second, before the data and model
   return train(build_run(config), workdir)
 
 

@@ -91,15 +91,20 @@ def test_rank_larger_than_layer(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
-@pytest.mark.parametrize("method", ["kls", "geolora", "condlr", "tdlrt"])
-@pytest.mark.parametrize("kind", ["lora", "dense"])
+@pytest.mark.parametrize("method,kind", [
+    (m, k) for m in ("kls", "geolora", "condlr", "tdlrt", "factors")
+    for k in ("lora", "dense")] + [("lora", "lowrank"), ("lora", "dense")])
 def test_factor_method_without_factor_layers(method, kind, tmp_path):
-  """A low-rank method on a model with no LowRank layer is refused before
-  the workdir (it used to exit 0, truncating nothing)."""
+  """A method that trains factor nodes, on a model with none of its kind,
+  is refused before the workdir, naming the layers' kinds and the fix (it
+  used to exit 0, truncating or adapting nothing)."""
   c = config_utils.apply_overrides(cfg(), {"integrator.name": method,
                                            "model.factor.kind": kind})
-  with pytest.raises(ValueError, match=f"integrator.name='{method}' trains"):
+  with pytest.raises(ValueError, match=f"integrator.name='{method}' trains") as e:
     train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert f"fc1: {kind}" in str(e.value) and "head: dense" in str(e.value)
+  want = "lora" if method == "lora" else "lowrank"
+  assert f"--config.model.factor.kind={want}" in str(e.value)
   assert not os.path.exists(tmp_path / "w")
 
 
@@ -139,3 +144,112 @@ def test_workdir_of_other_config_refused(tmp_path):
 def test_batch_not_divisible_by_devices():
   with pytest.raises(config_utils.ConfigError, match="divisible"):
     config_utils.check_batch(10, 4)
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, f"{os.getpid()} otherhost 2026-01-02T03:04:05\\n".encode(), 0)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def snapshot(wd):
+  out = {}
+  for root, _, files in os.walk(wd):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as fh:
+        out[os.path.relpath(os.path.join(root, name), wd)] = fh.read()
+  return out
+
+
+def test_workdir_in_use_refused(tmp_path):
+  """A run on a workdir another live process has locked ends in one line
+  naming the holder, before building anything, and changes no file."""
+  from lrtrain import workdir
+  wd = tmp_path / "w"
+  train.train_and_evaluate(cfg(), str(wd))
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(wd / ".lock")],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    before = snapshot(wd)
+    r = main("--config", "configs/digits.py:runlocal,tau=0.3", "--workdir",
+             str(wd))
+    assert r.returncode == 1
+    assert error_lines(r.stderr) == [
+        f"error: workdir {wd} is in use by pid {holder.pid} on host otherhost "
+        "(since 2026-01-02 03:04:05); wait for it to finish or use another "
+        "workdir"]
+    assert "Traceback" not in r.stderr
+    with pytest.raises(train.WorkdirError, match="in use"):
+      workdir.Lock(str(wd)).acquire()     # the lock itself, not only the probe
+    assert snapshot(wd) == before
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_stale_lock_file_does_not_block(tmp_path):
+  """A .lock left by a killed run (no process holds it) is no obstacle."""
+  wd = tmp_path / "w"
+  wd.mkdir()
+  (wd / ".lock").write_text("999999 gone 2026-01-02T03:04:05\n")
+  s = train.train_and_evaluate(cfg(), str(wd))
+  assert s["steps"] == 3
+  pid = (wd / ".lock").read_text().split()[0]
+  assert pid == str(os.getpid())       # the last holder, released at close
+  train.train_and_evaluate(cfg(), str(wd))   # released: the rerun resumes
+
+
+def test_unusable_workdir_refused_before_building(tmp_path, monkeypatch):
+  """A workdir that is a file (or under one) ends in one line naming it,
+  before data or model are built."""
+  from lrtrain import data as data_lib
+  f = tmp_path / "file"
+  f.write_text("x")
+  monkeypatch.setattr(data_lib, "load", lambda *a: pytest.fail("data loaded"))
+  with pytest.raises(train.WorkdirError, match="is a file, not a directory"):
+    train.train_and_evaluate(cfg(), str(f))
+  with pytest.raises(train.WorkdirError, match=f"{f} is a file"):
+    train.train_and_evaluate(cfg(), str(f / "sub"))
+  r = main("--config", "configs/digits.py:runlocal", "--workdir", str(f))
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert error_lines(r.stderr) == [
+      f"error: workdir {f} is a file, not a directory; pass a directory path "
+      "to --workdir"]
+  assert f.read_text() == "x"
+
+
+def test_read_only_workdir_refused(tmp_path, monkeypatch):
+  from lrtrain import workdir
+  wd = tmp_path / "ro"
+  wd.mkdir()
+  # Simulated (root may write anywhere) ...
+  monkeypatch.setattr(workdir.os, "access", lambda *a: False)
+  with pytest.raises(train.WorkdirError, match="ro is not writable"):
+    workdir.check(str(wd))
+  with pytest.raises(train.WorkdirError, match="cannot be created"):
+    workdir.check(str(wd / "new"))
+  monkeypatch.undo()
+  if os.geteuid() == 0:
+    pytest.skip("root writes to read-only directories")
+  wd.chmod(0o500)
+  try:
+    with pytest.raises(train.WorkdirError, match="not writable"):
+      train.train_and_evaluate(cfg(), str(wd))
+  finally:
+    wd.chmod(0o700)
+
+
+def test_batch_larger_than_train_split_cli(tmp_path):
+  """(test_validate checks data.max_train=-1 and this in-process.)"""
+  r = main("--config", "configs/digits.py", "--workdir", str(tmp_path / "w"),
+           "--config.train.batch_size=5000")
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  lines = error_lines(r.stderr)
+  assert len(lines) == 1
+  assert lines[0].startswith("error: train.batch_size=5000 exceeds the 1238 ")
+  assert not os.path.exists(tmp_path / "w")

@@ -1,6 +1,7 @@
 """Checkpoints: round trip with changed capacities, kill-and-resume gives
 bitwise the same params as an uninterrupted run, corrupt ones refused."""
 
+import json
 import os
 import subprocess
 import sys
@@ -116,6 +117,73 @@ def test_corrupt_checkpoint_refused(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
     train.train_and_evaluate(config(5), wd)
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
+
+
+def flip_bytes(step_dir, n=64):
+  """Invert n bytes in the middle of the largest array data file (same
+  size: what a bad disk or a partial copy leaves)."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "arrays"))
+           for f in fs]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as fh:
+    data = bytearray(fh.read())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    fh.seek(0)
+    fh.write(data)
+
+
+def test_flipped_bytes_refused_or_fallback(tmp_path, caplog):
+  """A checkpoint whose array bytes changed on disk is refused naming the
+  step; with train.restore_fallback the run resumes from the step before,
+  with a warning."""
+  wd = str(tmp_path / "w")
+  train.train_and_evaluate(config(6), wd)              # steps 3 and 6 saved
+  flip_bytes(os.path.join(wd, "checkpoints", "6"))
+  with open(os.path.join(wd, "metrics.jsonl")) as fh:
+    rows = fh.read()
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="checkpoint step 6 .* corrupt.*restore_fallback"):
+    train.train_and_evaluate(config(8), wd)
+  with open(os.path.join(wd, "metrics.jsonl")) as fh:
+    assert fh.read() == rows                           # nothing rewritten
+  c = config(8)
+  c.train.restore_fallback = True
+  with caplog.at_level("WARNING"):
+    s = train.train_and_evaluate(c, wd)
+  warned = [r.getMessage() for r in caplog.records
+            if "restore_fallback" in r.getMessage()]
+  assert len(warned) == 1 and "step 6 is corrupt" in warned[0]
+  assert "resuming from step 3" in warned[0]
+  assert s["steps"] == 8
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == [
+      "6", "8", "corrupt_step_6"]
+  steps = [json.loads(r)["step"] for r in open(os.path.join(wd, "metrics.jsonl"))
+           if '"train/loss"' in r]
+  assert steps == list(range(1, 9))    # rows after step 3 rewritten once
+
+
+def test_digest_mismatch_and_checkpoints_without_digests(tmp_path):
+  """Values that decode fine but differ from what was saved are caught by
+  the digests in meta; a checkpoint saved before digests loads."""
+  ck = checkpoint.Checkpoints(str(tmp_path / "ck"))
+  params = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(3, jnp.bfloat16)}
+  ck.save(4, params=params, opt_state={"n": jnp.asarray(2)}, rng=jnp.zeros(2, jnp.uint32))
+  meta_file = os.path.join(str(tmp_path / "ck"), "4", "meta", "metadata")
+  with open(meta_file) as fh:
+    meta = json.load(fh)
+  assert set(meta["digests"]) == {"000000", "000001", "000002", "000003"}
+  meta["digests"]["000001"] = checkpoint.digest(np.zeros((3, 4), np.float32))
+  with open(meta_file, "w") as fh:
+    json.dump(meta, fh)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"step 4 .*params\['w'\] does not match the digest"):
+    ck.restore_leaves(4)
+  del meta["digests"]
+  with open(meta_file, "w") as fh:
+    json.dump(meta, fh)
+  _, g = ck.restore_leaves(4)
+  np.testing.assert_array_equal(g["params"][1], params["w"])
 
 
 @pytest.mark.tier2

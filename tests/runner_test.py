@@ -3,6 +3,7 @@ metrics keys, summary fields, the optimizer factory, the NaN guard."""
 
 import json
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -226,3 +227,46 @@ def test_vmapped_seeds_resume(tmp_path):
     assert a["test/loss"] == pytest.approx(b["test/loss"], rel=1e-6)
   rows = [json.loads(l) for l in open(tmp_path / "p0" / "metrics.jsonl")]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+
+
+def test_blowup_guard_judges_logged_losses():
+  """A finite explosion (no NaN) is reported once; a healthy run is not."""
+  g = train.BlowupGuard("warn", 1e6, every=2, total=20)
+  with mock.patch.object(train.logging, "warning") as warn:
+    for s, loss in enumerate([2.3, 2.0, 1e19, 5e18, 1e19, 3e18, 1e19, 1e19,
+                              1e19, 1e19, 1e19, 1e19], start=1):
+      g(s, loss)
+  assert warn.call_count == 1        # step 1: baseline, 2: healthy, 4, 6, 8: blown up
+  text = warn.call_args[0][0] % warn.call_args[0][1:]
+  assert "at step 8" in text and "optimizer.learning_rate" in text
+  healthy = train.BlowupGuard("error", 0.1, every=1, total=50)
+  for s in range(1, 51):               # decreasing with a noisy spike: fine
+    healthy(s, 2.3 / s + (5.0 if s == 30 else 0.0))
+  fitted = train.BlowupGuard("error", 0.1, every=1, total=50)
+  for s, loss in enumerate([2.3] + [0.0] * 20 + [1e-3] * 10, start=1):
+    fitted(s, loss)                    # noise above a zero median: fine
+  stop = train.BlowupGuard("error", 0.1, every=1, total=50)
+  with pytest.raises(train.DivergedError, match="at step 4 .*blowing up"):
+    for s, loss in enumerate([2.3, 50.0, 60.0, 70.0], start=1):
+      stop(s, loss)
+
+
+def test_blowup_error_ends_the_run(tmp_path):
+  """Adam at lr 1e6 on digits: losses ~1e19 stay finite; with
+  train.blowup=error the run ends naming the learning rate."""
+  c = digits_config()
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e6
+  c.train.num_steps = 6
+  c.train.eval_every = 0
+  c.diagnostics.enabled = False
+  c.train.blowup = "error"
+  with pytest.raises(train.DivergedError, match="blowing up.*learning_rate"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_blowup_mode_validated():
+  c = digits_config()
+  c.train.blowup = "loud"
+  with pytest.raises(config_utils.ConfigError, match="train.blowup='loud'"):
+    config_utils.validate(c)

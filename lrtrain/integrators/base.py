@@ -53,19 +53,43 @@ def no_resize(params, state):
   return params, state, False
 
 
+# The model.factor kind that gives each factor node type, for the fix.
+_KIND_OF = {"LowRank": "lowrank", "Tucker": "tucker", "Lora": "lora"}
+
+
 def require_nodes(params: Params, kinds: tuple[type, ...], method: str) -> None:
   """Refuse params without a factor node the method trains: it would run
-  as a plain optimizer on dense layers and truncate nothing.
+  as a plain optimizer on other layers and truncate (or adapt) nothing.
+  Every method that trains factor nodes calls it from its `init`, so the
+  runner and library users get the same check.
 
   Raises:
-    ValueError: naming the method and the config fields to change.
+    ValueError: naming the method, the model's layers with their kinds,
+      and the config fields to change.
   """
-  if not any(isinstance(x, kinds) for _, x in fz.factor_paths(params)):
-    names = "/".join(k.__name__ for k in kinds)
-    raise ValueError(
-        f"integrator.name={method!r} trains {names} layers and the model has "
-        f"none; set model.factor.kind=lowrank (model.factor.conv_kind for "
-        "convolutions) or use integrator.name=dense|lora")
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=fz.is_factor)[0]
+  if any(isinstance(x, kinds) for _, x in leaves):
+    return
+  layers = []
+  for path, x in leaves:
+    name = fz.path_str(path).removesuffix("/kernel")
+    if fz.is_factor(x):
+      layers.append(f"{name}: {_KIND_OF.get(type(x).__name__, type(x).__name__)}")
+    elif is_float(x) and x.ndim >= 2:
+      layers.append(f"{name}: dense")
+  want = [_KIND_OF.get(k.__name__, k.__name__) for k in kinds]
+  fix = f"--config.model.factor.kind={want[0]}"
+  if "tucker" in want:
+    fix += " or --config.model.factor.conv_kind=tucker"
+  elif want[0] == "lowrank":
+    fix += " (model.factor.conv_kind for convolutions)"
+  has = {l.rsplit(": ", 1)[1] for l in layers}
+  alternative = ("kls" if "lowrank" in has else "lora" if "lora" in has
+                 else "dense")
+  raise ValueError(
+      f"integrator.name={method!r} trains {'/'.join(want)} layers and the "
+      f"model has none ({', '.join(layers) or 'no layers'}); set {fix}, or "
+      f"use --config.integrator.name={alternative}")
 
 
 def is_float(x) -> bool:

@@ -24,9 +24,12 @@ from __future__ import annotations
 import optax
 import optax.contrib
 
+from lrtrain import factorizations as fz
 from lrtrain.integrators import base
 
 NAMES = ("dense", "factors", "lora", "galore")
+# The factor nodes a name trains (the others train whatever the model has).
+NEEDS = {"factors": (fz.LowRank, fz.Tucker), "lora": (fz.Lora,)}
 
 
 # Options only the 'galore' name takes (`integrators.options`).
@@ -74,6 +77,8 @@ def make(tx: optax.GradientTransformation, *, method: str = "dense",
   tx = base.with_weight_decay(tx, weight_decay)
 
   def init(params):
+    if method in NEEDS:
+      base.require_nodes(params, NEEDS[method], method)
     return tx.init(base.trainable(params))
 
   def step(loss_fn, params, state, batch):
