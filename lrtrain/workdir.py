@@ -27,9 +27,10 @@ import os
 import shutil
 import socket
 
-import jax
 import ml_collections
 from absl import logging
+
+from lrtrain import writers
 
 LOCK_FILE = ".lock"
 # What a run writes; config.overwrite clears these (never the lock).
@@ -89,7 +90,7 @@ class Lock:
       WorkdirError: another live process holds it (naming its pid, host
         and start time) or the workdir cannot be created.
     """
-    if jax.process_index() != 0:
+    if not writers.is_writer():
       return self
     try:
       os.makedirs(self.workdir, exist_ok=True)
@@ -119,7 +120,7 @@ class Lock:
     Raises:
       WorkdirError: as `acquire`.
     """
-    if jax.process_index() != 0:
+    if not writers.is_writer():
       return              # the other processes of a run: process 0's lock
     try:
       fd = os.open(self.path, os.O_RDONLY)
@@ -191,7 +192,7 @@ def prepare_workdir(config, workdir: str) -> None:
                            "config; use another workdir or set "
                            "--config.overwrite=True to replace it")
       logging.warning("overwriting the run in %s", workdir)
-      for name in RUN_FILES:
+      for name in RUN_FILES if writers.is_writer() else ():
         p = os.path.join(workdir, name)
         if os.path.isdir(p):
           shutil.rmtree(p)

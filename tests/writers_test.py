@@ -89,7 +89,7 @@ def test_only_process_0_writes_the_workdir(monkeypatch, tmp_path, pid):
   assert summary["steps"] == 3
   written = set(os.listdir(wd))
   if pid == 0:
-    assert written == WRITER_FILES | {"checkpoints"}
+    assert written == WRITER_FILES | {"checkpoints", ".lock"}   # and its lock
   else:
     assert written == {"checkpoints"}    # orbax's, saved on every process
   assert os.listdir(os.path.join(wd, "checkpoints")) == ["3"]
