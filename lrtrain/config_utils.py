@@ -109,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   Returns:
     A ConfigDict with sections data, model, integrator, optimizer, train,
-    diagnostics, logging and the top-level seed / runlocal / overwrite.
+    diagnostics, mesh, logging and the top-level seed / runlocal / overwrite.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0                        # PRNG seed of init and data order
@@ -182,6 +182,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.diagnostics.eps = 0.5           # intruder threshold on max |cos|
   c.diagnostics.full_spectrum = False  # also log all singular values
   c.diagnostics.heavy_tail = True   # power-law alpha fits
+
+  # --- Device mesh (lrtrain.sharding: axis sizes and placement rules) ---
+  from lrtrain import sharding  # pylint: disable=g-import-not-at-top
+  c.mesh = sharding.default_config()   # data=-1 (the rest), model=1
 
   # --- Logging ---
   c.logging = ml_collections.ConfigDict()
@@ -306,8 +310,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Check a resolved config before anything is built or written.
 
   Checks names (dataset, model, integrator, optimizer, schedule, factor
-  kinds), ranges (tau in [0, 1), positive sizes, learning rate) and that
-  the data-parallel batch fits the local devices. Rank limits per layer
+  kinds), ranges (tau in [0, 1), positive sizes, learning rate), that
+  config.mesh fits the devices and that the batch splits over its data
+  axis. Rank limits per layer
   need the layer shapes and are checked when the model is built
   (`lrtrain.models.build` raises naming the layer).
 
@@ -368,11 +373,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"diagnostics.every={c.diagnostics.every} must be >= 0")
   _check(c.diagnostics.top_k >= 1,
          f"diagnostics.top_k={c.diagnostics.top_k} must be >= 1")
-  check_batch(t.batch_size)
+  data = check_mesh(c)
+  check_batch(t.batch_size, data)
+
+
+def check_mesh(config: ml_collections.ConfigDict) -> int:
+  """config.mesh fits the devices; returns the data axis size (the ways the
+  batch is split). A config without a mesh section is data parallel.
+
+  Raises:
+    ConfigError: naming mesh.data / mesh.model.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from lrtrain import sharding  # pylint: disable=g-import-not-at-top
+  mesh = config.get("mesh") or sharding.default_config()
+  try:
+    return sharding.mesh_shape(mesh, jax.device_count())[0]
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_batch(batch_size: int, num_devices: int | None = None) -> None:
-  """The global batch must split evenly over the data-parallel devices.
+  """The global batch must split evenly over the data-parallel devices
+  (the mesh's data axis).
 
   Raises:
     ConfigError: batch_size not divisible by the number of devices.
@@ -382,4 +405,5 @@ def check_batch(batch_size: int, num_devices: int | None = None) -> None:
     num_devices = jax.device_count()
   if batch_size % num_devices:
     raise ConfigError(f"train.batch_size={batch_size} must be divisible by "
-                      f"the number of devices ({num_devices})")
+                      f"the number of devices ({num_devices}) on the data "
+                      "axis (mesh.data)")

@@ -15,7 +15,8 @@ same loop with a leading seed axis and the step vmapped over it):
      train.restore_fallback gives way to the newest intact one, with a
      warning), write config.json; a fresh run logs step 0 (the initial
      ranks and the hooks marked `at_start`, the diagnostics);
-  2. loop: host batch -> device (batch axis sharded over all devices) ->
+  2. loop: host batch -> device (batch axis over the mesh's "data" axis,
+     params and optimizer state placed by lrtrain/sharding.py's rules) ->
      jitted integrator step (buffers donated) -> host-side `resize`
      (capacity buckets; skipped for fixed-shape integrators under vmap) ->
      metrics of the previous step fetched after the next step is
@@ -55,6 +56,7 @@ from lrtrain import checkpoint as ckpt_lib
 from lrtrain import config_utils
 from lrtrain import factorizations as fz
 from lrtrain import optim
+from lrtrain import sharding as sharding_lib
 from lrtrain import workdir as workdir_lib
 from lrtrain import writers as writers_lib
 from lrtrain.factorizations import conv as conv_lib
@@ -210,29 +212,46 @@ def _finite_flags(params) -> jax.Array:
 
 
 class Sharder:
-  """Data parallel placement: batch axis over all devices, rest replicated."""
+  """Where a run's arrays live: the (data, model) mesh of `config.mesh`
+  (`lrtrain/sharding.py`: the mesh and the rules per parameter kind);
+  params and optimizer state placed by the rules, the batch axis split
+  over "data". The default mesh (data=-1, model=1) is data parallel:
+  everything replicated, the batch split over all devices."""
 
-  def __init__(self):
-    self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    self.data = NamedSharding(self.mesh, P("data"))
-    self.seeds = NamedSharding(self.mesh, P(None, "data"))
+  def __init__(self, mesh_config=None):
+    self.mesh = sharding_lib.make_mesh(mesh_config)
+    self.rules = sharding_lib.Placement(self.mesh)
+    self.data = self.rules.batch_sharding()
+    self.seeds = self.rules.batch_sharding(seed_axis=True)
     self.repl = NamedSharding(self.mesh, P())
-    self.n = jax.device_count()
+    self.n = self.rules.data_size            # ways the batch is split
 
-  def replicate(self, tree):
-    return jax.device_put(tree, self.repl)
+  def replicate(self, tree, lead: int = 0):
+    """A params tree placed by the rules (`place` for params with their
+    optimizer state); `lead` leading seed axes stay whole."""
+    return self.rules.place(tree, None, lead)[0]
+
+  def place(self, params, state, lead: int = 0):
+    """(params, optimizer state) placed by the rules."""
+    return self.rules.place(params, state, lead)
+
+  def constrain(self, params, state, lead: int = 0):
+    """`place` inside the jitted step: its outputs keep the layout."""
+    return self.rules.constrain(params, state, lead)
 
   def batch(self, batch: dict[str, np.ndarray], seed_axis: bool = False):
-    """A global host batch -> a sharded global array (this process's rows).
+    """A global host batch -> a sharded global array, of which this process
+    supplies the rows its devices hold (its slice of the data axis).
     With `seed_axis` the arrays are (seeds, b, ...) and b is the split axis."""
-    pid, nproc = jax.process_index(), jax.process_count()
     sharding = self.seeds if seed_axis else self.data
     ax = int(seed_axis)
 
     def put(a):
       a = np.asarray(a)
-      rows = a.shape[ax] // nproc
-      local = a[(slice(None),) * ax + (slice(pid * rows, (pid + 1) * rows),)]
+      idx = sharding.addressable_devices_indices_map(a.shape).values()
+      lo = min(i[ax].start or 0 for i in idx)
+      hi = max(a.shape[ax] if i[ax].stop is None else i[ax].stop for i in idx)
+      local = a[(slice(None),) * ax + (slice(lo, hi),)]
       return jax.make_array_from_process_local_data(sharding, local, a.shape)
     return {k: put(v) for k, v in batch.items()}
 
@@ -525,6 +544,7 @@ def finish_run(d: _RunDir, eval_fn, params, sharder: Sharder, *, steps: int,
       **rates,
       "integrator": run.config.integrator.name,
       "devices": jax.device_count(),
+      "mesh": sharder.rules.describe(),
   }
   test_row = {f"test/{k}": float(v) for k, v in test.items()}
   d.writer.write(steps, test_row)
@@ -592,7 +612,8 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
     _check_seeds(runs)
   r0 = runs[0]
   integ, loss_fn, total, t = r0.integrator, r0.loss_fn, r0.total, r0.config.train
-  sharder = Sharder()
+  sharder = Sharder(r0.config.get("mesh"))
+  lead = int(vmapped)                 # the seed axis stays whole
   eval_fn = make_eval_fn(r0.model, r0.ds.task)
   dirs, progress = [], None
   try:
@@ -605,7 +626,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
       params, opt_state = _stack([p for p, _ in starts]), _stack([s for _, s in starts])
     else:
       params, opt_state = starts[0]
-    params, opt_state = sharder.replicate(params), sharder.replicate(opt_state)
+    params, opt_state = sharder.place(params, opt_state, lead)
     del starts
     paths = _float_paths(lane(params, 0))
     if resumed is None:       # step 0: the ranks and the at_start hooks
@@ -632,7 +653,14 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
       with conv_lib.batched_kernels():
         return jax.vmap(train_step)(*args)
 
-    step_fn = jax.jit(seeds_step if vmapped else train_step, donate_argnums=(0, 1))
+    def placed_step(*args):
+      # Outputs constrained to the rules (from the traced shapes), so every
+      # step starts from the same layout.
+      new, state, aux = (seeds_step if vmapped else train_step)(*args)
+      new, state = sharder.constrain(new, state, lead)
+      return new, state, aux
+
+    step_fn = jax.jit(placed_step, donate_argnums=(0, 1))
     iters = [r.ds.batches("train", t.batch_size, seed=r.config.seed,
                           start_step=r.start_step + step) for r in runs]
     progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,
@@ -688,8 +716,8 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
       pending = (step, aux)
       if not vmapped:         # fixed shapes under vmap: nothing to move
         params, opt_state, changed = integ.resize(params, opt_state)
-        if changed:
-          params, opt_state = sharder.replicate(params), sharder.replicate(opt_state)
+        if changed:         # new shapes: placed by the same rules
+          params, opt_state = sharder.place(params, opt_state)
       if any(h.due(step, total) for h in dirs[0].hooks):
         flush(*pending)
         pending = None
