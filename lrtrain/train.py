@@ -585,6 +585,38 @@ def _check_seeds(runs: Sequence[Run]) -> None:
         "rank-adaptive) whose configs differ only in seed")
 
 
+def make_step_fn(integ: ibase.Integrator, loss_fn, sharder: Sharder, *,
+                 vmapped: bool = False):
+  """The jitted step of the loop: (params, opt_state, batch) -> (params,
+  opt_state, aux with "finite" flags, "param_norm", "learning_rate"); params
+  and state donated, and placed on the way out by `sharder`'s rules (from
+  the traced shapes), so every step starts from the same layout. vmapped:
+  a leading seed axis on all three."""
+
+  def train_step(params, state, batch):
+    new, state, aux = integ.step(loss_fn, params, state, batch)
+    aux = dict(aux)
+    aux["param_norm"] = optax.tree.norm(ibase.trainable(new))
+    lr = optim.learning_rate(state)
+    if lr is not None:
+      aux["learning_rate"] = lr
+    aux["finite"] = _finite_flags(new) & jnp.isfinite(aux["loss"])
+    return new, state, aux
+
+  def seeds_step(*args):
+    # The kernels carry the seed axis: batched matmuls, not grouped
+    # convolutions (factorizations/conv.py).
+    with conv_lib.batched_kernels():
+      return jax.vmap(train_step)(*args)
+
+  def placed_step(*args):
+    new, state, aux = (seeds_step if vmapped else train_step)(*args)
+    new, state = sharder.constrain(new, state, int(vmapped))
+    return new, state, aux
+
+  return jax.jit(placed_step, donate_argnums=(0, 1))
+
+
 def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
   """Train, evaluate and write the workdir contract of one run, or of
   several seeds of one configuration as one vmapped program.
@@ -637,30 +669,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
           d.writer.write(0, ranks)
         d.run_hooks(0, p_i, lane(opt_state, i))
 
-    def train_step(params, state, batch):
-      new, state, aux = integ.step(loss_fn, params, state, batch)
-      aux = dict(aux)
-      aux["param_norm"] = optax.tree.norm(ibase.trainable(new))
-      lr = optim.learning_rate(state)
-      if lr is not None:
-        aux["learning_rate"] = lr
-      aux["finite"] = _finite_flags(new) & jnp.isfinite(aux["loss"])
-      return new, state, aux
-
-    def seeds_step(*args):
-      # The kernels carry the seed axis: batched matmuls, not grouped
-      # convolutions (factorizations/conv.py).
-      with conv_lib.batched_kernels():
-        return jax.vmap(train_step)(*args)
-
-    def placed_step(*args):
-      # Outputs constrained to the rules (from the traced shapes), so every
-      # step starts from the same layout.
-      new, state, aux = (seeds_step if vmapped else train_step)(*args)
-      new, state = sharder.constrain(new, state, lead)
-      return new, state, aux
-
-    step_fn = jax.jit(placed_step, donate_argnums=(0, 1))
+    step_fn = make_step_fn(integ, loss_fn, sharder, vmapped=vmapped)
     iters = [r.ds.batches("train", t.batch_size, seed=r.config.seed,
                           start_step=r.start_step + step) for r in runs]
     progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,
