@@ -79,7 +79,11 @@ def _key(i: int) -> str:
 def digest(a: Any) -> str:
   """blake2b of an array's dtype, shape and bytes (C order), hex."""
   if isinstance(a, jax.Array) and not a.is_fully_addressable:
-    a = a.addressable_data(0)         # replicated: any shard is the array
+    if a.sharding.is_fully_replicated:
+      a = a.addressable_data(0)       # any shard is the array
+    else:                             # sharded over several processes
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      a = multihost_utils.process_allgather(a, tiled=True)
   a = np.ascontiguousarray(np.asarray(a))
   h = hashlib.blake2b(digest_size=16)
   h.update(f"{a.dtype.name}{a.shape}".encode())
@@ -127,6 +131,11 @@ class Checkpoints:
       leaves = jax.tree.leaves(groups[name])
       meta["groups"][name] = {"start": i, "paths": leaf_paths(groups[name])}
       for leaf in leaves:
+        if (jax.process_count() > 1 and isinstance(leaf, jax.Array)
+            and leaf.is_fully_addressable):
+          # A process-local array (the RNG key) is not a global array orbax
+          # can save over processes: saved as numpy, by process 0.
+          leaf = np.asarray(leaf)
         if np.size(leaf) == 0:
           empty[_key(i)] = [list(np.shape(leaf)), np.dtype(leaf.dtype).name]
         else:

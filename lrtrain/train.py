@@ -127,10 +127,28 @@ class BlowupGuard:
 
 
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when a multi-host environment is set."""
+  """jax.distributed.initialize() when a multi-process environment is set.
+
+  Either a cluster jax detects itself (SLURM with more than one task), or
+  JAX_COORDINATOR_ADDRESS (host:port of process 0's coordinator) with
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (this process's index, 0-based),
+  which jax does not read itself and are passed on here; e.g. two
+  processes on one machine:
+
+    JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=2 \
+    JAX_PROCESS_ID=0 python -m lrtrain.main ...     (and JAX_PROCESS_ID=1)
+  """
   env = os.environ
-  if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) \
-      or ("SLURM_NTASKS" in env and int(env.get("SLURM_NTASKS", "1")) > 1):
+  if "JAX_COORDINATOR_ADDRESS" in env or "COORDINATOR_ADDRESS" in env:
+    kw = {}
+    if "JAX_NUM_PROCESSES" in env:
+      kw["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if "JAX_PROCESS_ID" in env:
+      kw["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(
+        coordinator_address=env.get("JAX_COORDINATOR_ADDRESS",
+                                    env.get("COORDINATOR_ADDRESS")), **kw)
+  elif "SLURM_NTASKS" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize()
 
 

@@ -152,6 +152,21 @@ for method, meshes in spec["runs"].items():
     np.savez(os.path.join(out_dir, name + ".npz"), *final_params(wd))
     report["runs"][name] = {"mesh": s["mesh"], "acc": s["test/accuracy"]}
 
+for (d0, m0), (d1, m1) in spec.get("resume", []):
+  # Saved at step 3 under one mesh, resumed to step 6 under another.
+  wd = os.path.join(out_dir, f"resume_{d0}x{m0}_{d1}x{m1}")
+  c = config("kls", d0, m0)
+  c.train.num_steps, c.train.checkpoint_every = 3, 3
+  train.train_and_evaluate(c, wd)
+  c = config("kls", d1, m1)
+  c.train.num_steps, c.train.checkpoint_every = 6, 3
+  s = train.train_and_evaluate(c, wd)
+  np.savez(wd + ".npz", *final_params(wd))
+  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  report["runs"][os.path.basename(wd)] = {
+      "mesh": s["mesh"], "steps": s["steps"],
+      "loss_steps": [r["step"] for r in rows if "train/loss" in r]}
+
 for method in spec.get("hlo", []):
   c = config(method, 2, 4)
   c.model.widths = (256, 256)          # U (256, C), V (64, C) and (256, C)
@@ -230,6 +245,26 @@ def test_mesh_matches_one_device_and_no_tall_gather(tmp_path):
     tall = tall_gathers(hlo)
     on_path = [g for g in tall if not householder_fallback(g[1])]
     assert not on_path, f"{method}: tall factors gathered: {on_path}"
+
+
+def test_checkpoint_restores_on_another_mesh(tmp_path):
+  """Saved under (4, 2), resumed under (8, 1) (and (8, 1) -> (2, 4)): the
+  run continues from the checkpoint and ends where a run that stayed on
+  one device ends."""
+  rep = run_worker(tmp_path, {"runs": {"kls": [(1, 1)]},
+                              "resume": [[(4, 2), (8, 1)], [(8, 1), (2, 4)]]})
+  ref = np.load(tmp_path / "kls_1x1.npz")       # 4 steps: a different run
+  for name, mesh in (("resume_4x2_8x1", {"data": 8, "model": 1}),
+                     ("resume_8x1_2x4", {"data": 2, "model": 4})):
+    r = rep["runs"][name]
+    assert r["mesh"] == mesh and r["steps"] == 6
+    assert r["loss_steps"] == [1, 2, 3, 4, 5, 6]   # resumed, not restarted
+    got = np.load(tmp_path / f"{name}.npz")
+    assert len(got.files) == len(ref.files)
+  a = np.load(tmp_path / "resume_4x2_8x1.npz")
+  b = np.load(tmp_path / "resume_8x1_2x4.npz")
+  for k in a.files:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=2e-5, err_msg=k)
 
 
 @pytest.mark.tier2
