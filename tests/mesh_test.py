@@ -152,6 +152,19 @@ for method, meshes in spec["runs"].items():
     np.savez(os.path.join(out_dir, name + ".npz"), *final_params(wd))
     report["runs"][name] = {"mesh": s["mesh"], "acc": s["test/accuracy"]}
 
+for data, model in spec.get("seeds", []):
+  # Two seeds of fixed-rank KLS vmapped in one program (leading seed axis).
+  cs = []
+  for seed in (0, 1):
+    c = config("kls", data, model)
+    c.integrator.adaptive = False
+    c.seed = seed
+    cs.append(c)
+  wds = [os.path.join(out_dir, f"seeds_{data}x{model}_{i}") for i in (0, 1)]
+  train.train_seeds_vmapped(cs, wds)
+  for wd in wds:
+    np.savez(wd + ".npz", *final_params(wd))
+
 for (d0, m0), (d1, m1) in spec.get("resume", []):
   # Saved at step 3 under one mesh, resumed to step 6 under another.
   wd = os.path.join(out_dir, f"resume_{d0}x{m0}_{d1}x{m1}")
@@ -269,10 +282,19 @@ def test_checkpoint_restores_on_another_mesh(tmp_path):
 
 @pytest.mark.tier2
 def test_all_methods_all_meshes(tmp_path):
+  """dense, kls (adaptive), geolora, condlr, lora on (8, 1), (4, 2), (2, 4)
+  end where the (1, 1) run ends; two fixed-rank KLS seeds vmapped in one
+  program on (4, 2) as on (1, 1)."""
   meshes = [(1, 1), (8, 1), (4, 2), (2, 4)]
   methods = ("dense", "kls", "geolora", "condlr", "lora")
-  rep = run_worker(tmp_path, {"runs": {m: meshes for m in methods}})
+  rep = run_worker(tmp_path, {"runs": {m: meshes for m in methods},
+                              "seeds": [(1, 1), (4, 2)]})
   for m in methods:
     assert_same_params(tmp_path, m, meshes[1:])
     accs = {rep["runs"][f"{m}_{d}x{k}"]["acc"] for d, k in meshes}
     assert max(accs) - min(accs) <= 1e-6, (m, accs)
+  for i in (0, 1):                    # vmapped seeds on a split model axis
+    a = np.load(tmp_path / f"seeds_1x1_{i}.npz")
+    b = np.load(tmp_path / f"seeds_4x2_{i}.npz")
+    for k in a.files:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=2e-5, err_msg=k)
