@@ -217,13 +217,3 @@ class Placement:
     """{"data": ..., "model": ...} (summary.json)."""
     return {"data": int(self.data_size), "model": int(self.model_size)}
 
-
-def device_bytes(tree) -> dict[str, int]:
-  """Bytes each device holds of `tree`'s arrays: {"max": ..., "total": ...}
-  (max over devices, sum over devices)."""
-  per: dict[Any, int] = {}
-  for x in jax.tree.leaves(tree):
-    if isinstance(x, jax.Array):
-      for sh in x.addressable_shards:
-        per[sh.device] = per.get(sh.device, 0) + sh.data.nbytes
-  return {"max": max(per.values(), default=0), "total": sum(per.values())}
