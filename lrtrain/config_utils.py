@@ -322,6 +322,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for what, field, value, valid in names:
     _check(value in valid, f"unknown {what} {field}={value!r}; valid: "
            f"{', '.join(valid)}")
+  _check(c.data.name not in data.LM_NAMES or c.model.name in models.LM_MODELS,
+         f"data.name={c.data.name!r} is a language-modelling task (token "
+         f"sequences) and needs model.name={models.LM_MODELS[0]!r}, not "
+         f"model.name={c.model.name!r}")
   tau = c.integrator.tau
   _check(0.0 <= tau < 1.0, f"integrator.tau={tau} must be in [0, 1)")
   _check(c.model.factor.rank >= 1,

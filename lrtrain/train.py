@@ -65,6 +65,15 @@ class DivergedError(FloatingPointError):
   """Loss or parameters became NaN/Inf."""
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during `train`: `step` reached, `checkpoint` the latest step
+  saved (None: none yet), where a rerun resumes."""
+
+  def __init__(self, step: int, checkpoint: int | None):
+    super().__init__(step, checkpoint)
+    self.step, self.checkpoint = step, checkpoint
+
+
 # --------------------------------------------------------------------------
 # Setup helpers.
 # --------------------------------------------------------------------------
@@ -503,7 +512,8 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
 
   Raises:
     ConfigError (seeds that differ in more than the seed), WorkdirError,
-    CheckpointError (corrupt checkpoint), DivergedError (NaN/Inf).
+    CheckpointError (corrupt checkpoint), DivergedError (NaN/Inf),
+    Interrupted (Ctrl-C; the step reached and the checkpoint to resume from).
   """
   t_start = time.time()
   single = isinstance(runs, Run)
@@ -516,7 +526,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
   integ, loss_fn, total, t = r0.integrator, r0.loss_fn, r0.total, r0.config.train
   sharder = Sharder()
   eval_fn = make_eval_fn(r0.model, r0.ds.task)
-  dirs, progress = [], None
+  dirs, progress, step = [], None, 0
   try:
     for r, w in zip(runs, workdirs):
       dirs.append(_RunDir(r, w, eval_fn, sharder))
@@ -551,8 +561,10 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
     step_fn = jax.jit(seeds_step if vmapped else train_step, donate_argnums=(0, 1))
     iters = [r.ds.batches("train", t.batch_size, seed=r.config.seed,
                           start_step=r.start_step + step) for r in runs]
+    # The one producer of steps/s (progress bar, ETA, time/steps_per_sec).
+    meter = writers_lib.StepRate()
     progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,
-                                    every=max(t.log_every, 1))
+                                    meter=meter)
     t_loop, step0 = time.time(), step
     # Steady rate: from the end of the first (compiling) step to the end of
     # the last, host work in between (evals, checkpoints, resizes) included.
@@ -563,6 +575,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
       aux = jax.device_get(aux)
       marks["last"] = (s, time.time())
       marks.setdefault("first", marks["last"])
+      meter.mark(*marks["last"])
       ok = np.atleast_2d(np.asarray(aux.pop("finite")))
       if not ok.all():
         bad_seeds = [runs[i].config.seed for i in np.flatnonzero(~ok.all(1))]
@@ -577,13 +590,12 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
       progress.update(s, float(np.mean(aux["loss"])))
       if not (s == total or (t.log_every > 0 and s % t.log_every == 0)):
         return
-      rate = (s - step0) / max(time.time() - t_loop, 1e-9)
       for i, d in enumerate(dirs):
         a = dict(lane(aux, i))
         row = {"train/loss": a.pop("loss"), "train/accuracy": a.pop("accuracy", 0.0)}
         for k, v in a.items():
           row[k if k.startswith("rank/") else f"train/{k}"] = v
-        row["time/steps_per_sec"] = rate
+        row["time/steps_per_sec"] = meter.value
         d.writer.write(s, row)
 
     pending = None         # (step, aux on device) of the previous step
@@ -603,6 +615,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
         params, opt_state, changed = integ.resize(params, opt_state)
         if changed:
           params, opt_state = sharder.replicate(params), sharder.replicate(opt_state)
+          meter.restart()     # the next step recompiles
       if any(h.due(step, total) for h in dirs[0].hooks):
         flush(*pending)
         pending = None
@@ -613,6 +626,9 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
               out = h.fn(step, p_i, s_i)
               if out:
                 d.writer.write(step, out)
+                if i == 0:
+                  progress.observe(out)
+        meter.restart()       # hook time is no step time
     if pending is not None:
       flush(*pending)
     for d in dirs:            # metrics.jsonl complete before finish_run appends
@@ -629,6 +645,11 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
     summaries = [finish_run(d, eval_fn, lane(params, i), sharder, steps=step,
                             t_start=t_start, rates=rates)
                  for i, d in enumerate(dirs)]
+  except KeyboardInterrupt:
+    if not dirs:
+      raise
+    last = [d.last_good for d in dirs]
+    raise Interrupted(step, None if None in last else min(last)) from None
   finally:
     if progress is not None:
       progress.close()
