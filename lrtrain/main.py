@@ -46,7 +46,8 @@ QUIET_VERBOSITY = -1
 def run(config, workdir: str, *, debug: bool = False) -> int:
   """train_and_evaluate with expected failures as one line; exit code.
 
-  The config is validated before anything is printed or written; Ctrl-C
+  The run is built (config validated, data loaded) before anything is
+  printed or written; Ctrl-C
   ends with the step reached and the checkpoint a rerun resumes from
   (exit code 130). `debug` re-raises instead of the one-line messages.
   """
@@ -56,11 +57,11 @@ def run(config, workdir: str, *, debug: bool = False) -> int:
               checkpoint.CheckpointError, ValueError, FileNotFoundError]
   try:
     train.maybe_initialize_distributed()
-    config_utils.validate(config)
+    built = train.build_run(config)       # validates first; no workdir yet
     logging.info("devices: %s (process %d of %d)", jax.devices(),
                  jax.process_index(), jax.process_count())
-    _say(_run_line(config, workdir, jax.devices()))
-    summary = train.train_and_evaluate(config, workdir)
+    _say(_run_line(built, workdir, jax.devices()))
+    summary = train.train(built, workdir)
   except tuple(expected) as e:
     if debug:
       raise
@@ -90,15 +91,13 @@ def _one_line(text: str) -> str:
   return " ".join(text.split())
 
 
-def _run_line(config, workdir: str, devices) -> str:
+def _run_line(built, workdir: str, devices) -> str:
   """What is about to train, on what, where."""
-  t = config.train
-  length = (f"{t.num_steps} steps" if t.num_steps > 0
-            else f"{t.num_epochs} epochs")
+  c = built.config
   kinds = sorted({d.platform for d in devices})
-  return (f"training {config.model.name} on {config.data.name} with "
-          f"{config.integrator.name} / {config.optimizer.name} for {length} on "
-          f"{len(devices)} {'+'.join(kinds)} device(s); workdir {workdir}")
+  return (f"training {c.model.name} on {c.data.name} with "
+          f"{c.integrator.name} / {c.optimizer.name} for {built.total} steps "
+          f"on {len(devices)} {'+'.join(kinds)} device(s); workdir {workdir}")
 
 
 def result_lines(summary: dict, workdir: str) -> str:

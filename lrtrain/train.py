@@ -27,10 +27,13 @@ Axis legend: b = batch, T = sequence length, k = classes (or vocab).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -355,6 +358,23 @@ class Hook:
     return step == total or (self.every > 0 and step % self.every == 0)
 
 
+@contextlib.contextmanager
+def _ctrl_c_after():
+  """Run the block to its end; a Ctrl-C (SIGINT) during it is raised as
+  KeyboardInterrupt after it (outside the main thread: no deferral)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  caught = []
+  previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if caught:
+    raise KeyboardInterrupt
+
+
 class _RunDir:
   """One run's workdir, checkpoints, writer and hooks (a vmapped-seed run
   has one per seed)."""
@@ -376,9 +396,10 @@ class _RunDir:
       return {f"eval/{k}": v for k, v in ev.items()}
 
     def save(step, params, opt_state):
-      self.ckpts.save(step, params=params, opt_state=opt_state, rng=self.rng,
-                      fingerprint=self.fp)
-      self.last_good = step
+      with _ctrl_c_after():     # a save interrupted half-way is no checkpoint
+        self.ckpts.save(step, params=params, opt_state=opt_state, rng=self.rng,
+                        fingerprint=self.fp)
+        self.last_good = step
 
     self.hooks = [Hook(t.eval_every, validation)]
     d = c.diagnostics

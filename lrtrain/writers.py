@@ -107,10 +107,10 @@ class StepRate:
   is kept until the new window holds two marks.
 
   The pauses are not lost: `eta` adds their share per step to the windowed
-  step time (pauses so far per step, each counted at the (lower) median of
-  the last few, so the one-time compilation of an evaluation does not stand
-  for every later one), so evaluations and checkpoints still to come are
-  in the estimate.
+  step time (pauses so far per step, each counted at the lower median of
+  the last few, and only from the second pause on: a hook's first call
+  compiles, and that one-time cost should not stand for every later call),
+  so evaluations and checkpoints still to come are in the estimate.
   """
 
   def __init__(self, window_s: float = 5.0):
@@ -157,7 +157,8 @@ class StepRate:
       return float("nan")
     done, n = step - self._first, len(self._pauses)
     recent = sorted(self._pauses[-5:])
-    pause = recent[(len(recent) - 1) // 2] * n / done if n and done > 0 else 0.0
+    pause = (recent[(len(recent) - 1) // 2] * n / done if n > 1 and done > 0
+             else 0.0)
     return max(total - step, 0) * (1.0 / self._value + pause)
 
 
