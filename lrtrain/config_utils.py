@@ -32,6 +32,17 @@ class ConfigError(ValueError):
   """A config that cannot run: the message names the field and the problem."""
 
 
+def load_failure(path: str, e: BaseException) -> str:
+  """One line for a config file that failed to import or whose get_config /
+  get_sweep raised something other than a ConfigError (main and sweep)."""
+  if isinstance(e, SyntaxError):
+    return (f"config file {e.filename or path} line {e.lineno}: {e.msg}; fix "
+            "the file (--debug shows the traceback)")
+  text = " ".join(str(e).split())
+  return (f"config file {path} failed to load: {type(e).__name__}: {text} "
+          "(--debug shows the traceback)")
+
+
 # --------------------------------------------------------------------------
 # Argument strings.
 # --------------------------------------------------------------------------

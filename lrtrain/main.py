@@ -216,9 +216,7 @@ def flag_error(e: BaseException, spec: str | None) -> str:
     return text if path and path in text else f"{spec}: {text}"
   for x in chain:
     if isinstance(x, SyntaxError):
-      return (f"config file {x.filename} line {x.lineno}: {x.msg}; fix the "
-              "file (--debug shows the traceback)")
-  where = f"config file {path}" if path else "the config"
+      return config_utils.load_failure(path, x)
   first, root = chain[0], chain[-1]
   lines = [l for l in str(first).splitlines() if l.strip()]
   if "Traceback (most recent call last):" in str(first):
@@ -228,12 +226,11 @@ def flag_error(e: BaseException, spec: str | None) -> str:
     kind = kind.rsplit(".", 1)[-1]
     if kind == "ConfigError":
       return f"{spec}: {message}"
-    return (f"{where}: get_config failed with {kind}: {message} "
+    return (f"config file {path}: get_config failed with {kind}: {message} "
             "(--debug shows the traceback)")
   if isinstance(first, flags.Error):
     return lines[0] if lines else str(first)
-  return (f"{where} failed to load: {type(root).__name__}: {root} "
-          "(--debug shows the traceback)")
+  return config_utils.load_failure(path, root)
 
 
 def _unknown_field(e: KeyError) -> str:

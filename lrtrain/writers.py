@@ -130,8 +130,12 @@ class StepRate:
       # The first mark after a restart: what the steps since the previous
       # mark took beyond their usual time was a pause.
       s, t = self._prev
-      usual = (step - s) / self._value if self._value else 0.0
-      self._pauses.append(max(now - t - usual, 0.0))
+      if self._value:
+        self._pauses.append(max(now - t - (step - s) / self._value, 0.0))
+      elif step > s and now > t:
+        # No window has held two marks yet (a restart after every step):
+        # the interval itself, pause included, is the best estimate.
+        self._value = (step - s) / (now - t)
     self._prev = (step, now)
     m = self._marks
     m.append((step, now))

@@ -193,3 +193,25 @@ def test_ctrl_c_one_line_and_resume(tmp_path):
   assert r.returncode == 0, r.stderr
   assert f"resumed at step {ckpt}/{ckpt + 2}" in r.stderr
   assert json.load(open(os.path.join(wd, "summary.json")))["steps"] == ckpt + 2
+
+
+def test_step_rate_with_a_pause_after_every_step():
+  rate = writers.StepRate()
+  for s in range(1, 5):
+    rate.mark(s, now=float(s))
+    rate.restart()
+  assert rate.value == pytest.approx(1.0)
+
+
+def test_sweep_cli_errors(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config(arg=None)\n  return None\n")
+  sweep = lambda *a: subprocess.run(
+      [sys.executable, "-m", "lrtrain.sweep", *a], capture_output=True,
+      text=True, cwd=ROOT, env=env())
+  assert_one_error(sweep("--config", str(bad), "--workdir", str(tmp_path),
+                         "--list"), str(bad), "line 1")
+  r = sweep("--config", "configs/digits.py", "--list")
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+      "error: --workdir is required (--help lists the flags)"]
