@@ -70,9 +70,7 @@ def run(config, workdir: str, *, debug: bool = False) -> int:
   except train.Interrupted as e:
     if debug:
       raise
-    _say(f"interrupted at step {e.step}; rerun the same command to "
-         + (f"resume from step {e.checkpoint}" if e.checkpoint is not None
-            else "start again (no checkpoint saved yet)"))
+    _say(str(e))
     return 130
   except KeyboardInterrupt:
     if debug:

@@ -324,6 +324,12 @@ def main(argv):
   except app.UsageError as e:
     print(f"error: {e} (--help lists the flags)", file=sys.stderr)
     return 2
+  except KeyboardInterrupt as e:     # train.Interrupted names the step
+    if _debug():
+      raise
+    print(e if isinstance(e, train.Interrupted) else "interrupted",
+          file=sys.stderr)
+    return 130
   except (config_utils.ConfigError, train.WorkdirError, train.DivergedError,
           checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
     if _debug():

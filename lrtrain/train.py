@@ -76,6 +76,12 @@ class Interrupted(KeyboardInterrupt):
     super().__init__(step, checkpoint)
     self.step, self.checkpoint = step, checkpoint
 
+  def __str__(self) -> str:
+    return (f"interrupted at step {self.step}; rerun the same command to "
+            + (f"resume from step {self.checkpoint}"
+               if self.checkpoint is not None
+               else "start again (no checkpoint saved yet)"))
+
 
 # --------------------------------------------------------------------------
 # Setup helpers.
@@ -616,7 +622,8 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
         row = {"train/loss": a.pop("loss"), "train/accuracy": a.pop("accuracy", 0.0)}
         for k, v in a.items():
           row[k if k.startswith("rank/") else f"train/{k}"] = v
-        row["time/steps_per_sec"] = meter.value
+        if meter.value is not None:     # none before two marks
+          row["time/steps_per_sec"] = meter.value
         d.writer.write(s, row)
 
     pending = None         # (step, aux on device) of the previous step

@@ -215,3 +215,11 @@ def test_sweep_cli_errors(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
       "error: --workdir is required (--help lists the flags)"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+  r = main(*RUNLOCAL, "--workdir", str(tmp_path / "w"), "--config.seed=-1",
+           "--debug")
+  assert r.returncode != 0 and "Traceback" in r.stderr
+  assert "ConfigError: seed=-1" in r.stderr
+  assert not os.path.exists(tmp_path / "w")
