@@ -47,9 +47,9 @@ def run(config, workdir: str, *, debug: bool = False) -> int:
   """train_and_evaluate with expected failures as one line; exit code.
 
   The run is built (config validated, data loaded) before anything is
-  printed or written; Ctrl-C
-  ends with the step reached and the checkpoint a rerun resumes from
-  (exit code 130). `debug` re-raises instead of the one-line messages.
+  printed or written; Ctrl-C ends with the step reached and the checkpoint
+  a rerun resumes from (exit code 130). `debug` re-raises instead of the
+  one-line messages. Only process 0 prints the run line and the result.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from lrtrain import checkpoint, train  # pylint: disable=g-import-not-at-top
@@ -60,7 +60,9 @@ def run(config, workdir: str, *, debug: bool = False) -> int:
     built = train.build_run(config)       # validates first; no workdir yet
     logging.info("devices: %s (process %d of %d)", jax.devices(),
                  jax.process_index(), jax.process_count())
-    _say(_run_line(built, workdir, jax.devices()))
+    lead = jax.process_index() == 0
+    if lead:
+      _say(_run_line(built, workdir, jax.devices()))
     summary = train.train(built, workdir)
   except tuple(expected) as e:
     if debug:
@@ -77,7 +79,8 @@ def run(config, workdir: str, *, debug: bool = False) -> int:
       raise
     _say("interrupted before training started; nothing was saved")
     return 130
-  print(result_lines(summary, workdir))
+  if lead:
+    print(result_lines(summary, workdir))
   return 0
 
 

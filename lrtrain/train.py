@@ -590,8 +590,9 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
                           start_step=r.start_step + step) for r in runs]
     # The one producer of steps/s (progress bar, ETA, time/steps_per_sec).
     meter = writers_lib.StepRate()
-    progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,
-                                    meter=meter)
+    progress = writers_lib.Progress(
+        total, step, meter=meter,
+        enabled=r0.config.logging.progress and jax.process_index() == 0)
     t_loop, step0 = time.time(), step
     # Steady rate: from the end of the first (compiling) step to the end of
     # the last, host work in between (evals, checkpoints, resizes) included.
