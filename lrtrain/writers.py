@@ -155,8 +155,8 @@ class StepRate:
     return self._value
 
   def eta(self, step: int, total: int) -> float:
-    """Seconds until `total`: the windowed step time plus the average pause
-    per step so far; NaN before there is a rate."""
+    """Seconds until `total`: the windowed step time plus the pauses' share
+    per step (see the class docstring); NaN before there is a rate."""
     if not self._value:
       return float("nan")
     done, n = step - self._first, len(self._pauses)
