@@ -149,7 +149,10 @@ def main(argv):
     return _usage_error("--config is required, e.g. --config "
                         "configs/digits.py (a config file)")
   if _SHOW_CONFIG.value:
-    print("\n".join(config_lines(_CONFIG.value)))
+    try:
+      print("\n".join(config_lines(_CONFIG.value)), flush=True)
+    except BrokenPipeError:     # `| head`: the reader has what it wanted
+      sys.stdout = open(os.devnull, "w")
     return 0
   if not _WORKDIR.value:
     return _usage_error("--workdir is required (the run directory; a rerun "
