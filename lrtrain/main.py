@@ -16,6 +16,7 @@ goes to <workdir>/config.json; -v 0 (--verbosity=0) brings back the INFO log.
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
 import sys
 
@@ -144,7 +145,18 @@ def config_lines(config) -> list[str]:
   return [f"{p:<{w0}}  {t:<{w1}}  {v}" for p, t, v in rows]
 
 
+class _PlainFormatter(py_logging.Formatter):
+  """`warning: message` (the level in lower case, nothing else)."""
+
+  def format(self, record):
+    return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 def main(argv):
+  if flags.FLAGS.verbosity == QUIET_VERBOSITY:
+    # Warnings as plain "warning: ..." lines (absl's prefix carries the
+    # date, thread id and source line, which say nothing to a user).
+    logging.get_absl_handler().setFormatter(_PlainFormatter())
   if len(argv) > 1:
     return _usage_error(f"unexpected arguments {' '.join(argv[1:])}; "
                         "config fields are set as --config.<path>=value")
