@@ -36,6 +36,17 @@ class ConfigError(ValueError):
   """A config that cannot run: the message names the field and the problem."""
 
 
+def load_failure(path: str, e: BaseException) -> str:
+  """One line for a config file that failed to import or whose get_config /
+  get_sweep raised something other than a ConfigError (main and sweep)."""
+  if isinstance(e, SyntaxError):
+    return (f"config file {e.filename or path} line {e.lineno}: {e.msg}; fix "
+            "the file (--debug shows the traceback)")
+  text = " ".join(str(e).split())
+  return (f"config file {path} failed to load: {type(e).__name__}: {text} "
+          "(--debug shows the traceback)")
+
+
 # --------------------------------------------------------------------------
 # Argument strings.
 # --------------------------------------------------------------------------
@@ -335,6 +346,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for what, field, value, valid in names:
     _check(value in valid, f"unknown {what} {field}={value!r}; valid: "
            f"{', '.join(valid)}")
+  _check(c.data.name not in data.LM_NAMES or c.model.name in models.LM_MODELS,
+         f"data.name={c.data.name!r} is a language-modelling task (token "
+         f"sequences) and needs model.name={models.LM_MODELS[0]!r}, not "
+         f"model.name={c.model.name!r}")
   tau = c.integrator.tau
   _check(0.0 <= tau < 1.0, f"integrator.tau={tau} must be in [0, 1)")
   _check(c.model.factor.rank >= 1,

@@ -33,6 +33,7 @@ import numpy as np
 
 NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "mnist1d",
          "lowrank_regression", "teacher_student", "chars")
+LM_NAMES = ("chars",)         # token sequences (task 'lm'): a transformer's input
 SPLITS = ("train", "validation", "test")
 FASHION_MNIST_DEB_DIR = "/usr/share/datasets/fashion-mnist"
 COMMON_LICENSES_DIR = "/usr/share/common-licenses"
@@ -409,9 +410,20 @@ def _cifar_batches_dir(cfg) -> str:
 
 
 def _select_classes(x, y, classes):
+  """The examples of `classes` (data.classes), labels renumbered 0..k-1.
+
+  Raises:
+    ValueError: a class with no example (naming the dataset's labels).
+  """
   if not classes:
     return x, y
   classes = list(classes)
+  missing = sorted(set(classes) - set(np.unique(y).tolist()))
+  if missing:
+    raise ValueError(
+        f"data.classes={tuple(classes)}: no example has label "
+        f"{', '.join(map(str, missing))}; this dataset's labels are "
+        f"{int(y.min())}..{int(y.max())} (() keeps all classes)")
   keep = np.isin(y, classes)
   remap = np.full(int(max(y.max(), max(classes))) + 1, -1, np.int64)
   remap[classes] = np.arange(len(classes))

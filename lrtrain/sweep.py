@@ -43,6 +43,14 @@ _KEEP_GOING = flags.DEFINE_bool(
     "(<run>/failed.json) and the sweep goes on; exit status 1 at the end.")
 _VMAP = flags.DEFINE_bool("vmap_seeds", False,
                           "Train the seeds of one configuration together.")
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, "Show the full traceback of user errors (config file, "
+    "workdir, checkpoint) instead of one error line.")
+
+
+def _debug() -> bool:
+  """--debug given (False when the flags are not parsed: a library call)."""
+  return flags.FLAGS.is_parsed() and _DEBUG.value
 
 
 def load_config_module(path: str):
@@ -56,7 +64,12 @@ def load_config_module(path: str):
   name = "lrtrain_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  try:
+    spec.loader.exec_module(mod)
+  except Exception as e:  # pylint: disable=broad-except
+    if _debug():
+      raise
+    raise config_utils.ConfigError(config_utils.load_failure(path, e)) from e
   for fn in ("get_config", "get_sweep"):
     if not hasattr(mod, fn):
       raise config_utils.ConfigError(f"config file {path} has no {fn}()")
@@ -75,8 +88,15 @@ def expand(config_spec: str) -> list[tuple[str, Any, dict]]:
   """
   path, _, arg = config_spec.partition(":")
   mod = load_config_module(path)
-  base = mod.get_config(arg or None)
-  points = mod.get_sweep(arg or None)
+  try:
+    base = mod.get_config(arg or None)
+    points = mod.get_sweep(arg or None)
+  except config_utils.ConfigError as e:
+    raise config_utils.ConfigError(f"{config_spec}: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    if _debug():
+      raise
+    raise config_utils.ConfigError(config_utils.load_failure(path, e)) from e
   out, seen = [], set()
   for point in points:
     name = config_utils.run_name(point)
@@ -270,9 +290,9 @@ def format_table(rows) -> str:
 
 def main(argv):
   from lrtrain import checkpoint, train  # pylint: disable=g-import-not-at-top
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
   try:
+    if not _WORKDIR.value:
+      raise app.UsageError("--workdir is required")
     if argv[1:] == ["summarize"]:
       csv_path, png_path, rows = summarize(_WORKDIR.value)
       print(format_table(rows))
@@ -302,9 +322,20 @@ def main(argv):
         return 1
     else:
       raise app.UsageError("one of --list, --index, --all or summarize")
+  except app.UsageError as e:
+    print(f"error: {e} (--help lists the flags)", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt as e:     # train.Interrupted names the step
+    if _debug():
+      raise
+    print(e if isinstance(e, train.Interrupted) else "interrupted",
+          file=sys.stderr)
+    return 130
   except (config_utils.ConfigError, train.WorkdirError, train.DivergedError,
           checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    if _debug():
+      raise
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
   return 0
 

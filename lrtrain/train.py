@@ -38,9 +38,12 @@ Axis legend: b = batch, T = sequence length, k = classes (or vocab).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -119,6 +122,21 @@ class BlowupGuard:
       raise DivergedError(msg)
     logging.warning("%s (train.blowup=error stops such runs)", msg)
     self.done = True
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during `train`: `step` reached, `checkpoint` the latest step
+  saved (None: none yet), where a rerun resumes."""
+
+  def __init__(self, step: int, checkpoint: int | None):
+    super().__init__(step, checkpoint)
+    self.step, self.checkpoint = step, checkpoint
+
+  def __str__(self) -> str:
+    return (f"interrupted at step {self.step}; rerun the same command to "
+            + (f"resume from step {self.checkpoint}"
+               if self.checkpoint is not None
+               else "start again (no checkpoint saved yet)"))
 
 
 # --------------------------------------------------------------------------
@@ -409,6 +427,23 @@ class Hook:
     return step == total or (self.every > 0 and step % self.every == 0)
 
 
+@contextlib.contextmanager
+def _ctrl_c_after():
+  """Run the block to its end; a Ctrl-C (SIGINT) during it is raised as
+  KeyboardInterrupt after it (outside the main thread: no deferral)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  caught = []
+  previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if caught:
+    raise KeyboardInterrupt
+
+
 class _RunDir:
   """One run's workdir, checkpoints, writer and hooks (a vmapped-seed run
   has one per seed)."""
@@ -435,9 +470,10 @@ class _RunDir:
       return {f"eval/{k}": v for k, v in ev.items()}
 
     def save(step, params, opt_state):
-      self.ckpts.save(step, params=params, opt_state=opt_state, rng=self.rng,
-                      fingerprint=self.fp)
-      self.last_good = step
+      with _ctrl_c_after():     # a save interrupted half-way is no checkpoint
+        self.ckpts.save(step, params=params, opt_state=opt_state, rng=self.rng,
+                        fingerprint=self.fp)
+        self.last_good = step
 
     self.hooks = [Hook(t.eval_every, validation)]
     d = c.diagnostics
@@ -479,14 +515,17 @@ class _RunDir:
     self.writer.write_file("config.json", run.config.to_json(indent=2))
     return params, opt_state
 
-  def run_hooks(self, step: int, params, opt_state):
+  def run_hooks(self, step: int, params, opt_state) -> dict:
     """The hooks due at `step`, in order; each one's metrics are written
-    when it returns (before the checkpoint hook saves)."""
+    when it returns (before the checkpoint hook saves). Returns them all."""
+    written = {}
     for h in self.hooks:
       if h.due(step, self.run.total):
         out = h.fn(step, params, opt_state)
         if out:
           self.writer.write(step, out)
+          written.update(out)
+    return written
 
   def close(self):
     try:
@@ -649,7 +688,8 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
 
   Raises:
     ConfigError (seeds that differ in more than the seed), WorkdirError,
-    CheckpointError (corrupt checkpoint), DivergedError (NaN/Inf).
+    CheckpointError (corrupt checkpoint), DivergedError (NaN/Inf),
+    Interrupted (Ctrl-C; the step reached and the checkpoint to resume from).
   """
   t_start = time.time()
   single = isinstance(runs, Run)
@@ -665,7 +705,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
   sharder = Sharder(r0.config.get("mesh"))
   lead = int(vmapped)                 # the seed axis stays whole
   eval_fn = make_eval_fn(r0.model, r0.ds.task)
-  dirs, progress = [], None
+  dirs, progress, step = [], None, 0
   try:
     for r, w in zip(runs, workdirs):
       dirs.append(_RunDir(r, w, eval_fn, sharder))
@@ -690,8 +730,11 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
     step_fn = make_step_fn(integ, loss_fn, sharder, vmapped=vmapped)
     iters = [r.ds.batches("train", t.batch_size, seed=r.config.seed,
                           start_step=r.start_step + step) for r in runs]
-    progress = writers_lib.Progress(total, step, enabled=r0.config.logging.progress,
-                                    every=max(t.log_every, 1))
+    # The one producer of steps/s (progress bar, ETA, time/steps_per_sec).
+    meter = writers_lib.StepRate()
+    progress = writers_lib.Progress(
+        total, step, meter=meter,
+        enabled=r0.config.logging.progress and writers_lib.is_writer())
     blowup = BlowupGuard(t.blowup, r0.config.optimizer.learning_rate,
                          every=t.log_every, total=total)
     t_loop, step0 = time.time(), step
@@ -704,6 +747,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
       aux = jax.device_get(aux)
       marks["last"] = (s, time.time())
       marks.setdefault("first", marks["last"])
+      meter.mark(*marks["last"])
       ok = np.atleast_2d(np.asarray(aux.pop("finite")))
       if not ok.all():
         bad_seeds = [runs[i].config.seed for i in np.flatnonzero(~ok.all(1))]
@@ -719,13 +763,13 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
       blowup(s, float(np.max(aux["loss"])))   # the worst seed
       if not (s == total or (t.log_every > 0 and s % t.log_every == 0)):
         return
-      rate = (s - step0) / max(time.time() - t_loop, 1e-9)
       for i, d in enumerate(dirs):
         a = dict(lane(aux, i))
         row = {"train/loss": a.pop("loss"), "train/accuracy": a.pop("accuracy", 0.0)}
         for k, v in a.items():
           row[k if k.startswith("rank/") else f"train/{k}"] = v
-        row["time/steps_per_sec"] = rate
+        if meter.value is not None:     # none before two marks
+          row["time/steps_per_sec"] = meter.value
         d.writer.write(s, row)
 
     pending = None         # (step, aux on device) of the previous step
@@ -745,11 +789,15 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
         params, opt_state, changed = integ.resize(params, opt_state)
         if changed:         # new shapes: placed by the same rules
           params, opt_state = sharder.place(params, opt_state)
+          meter.restart()     # the next step recompiles
       if any(h.due(step, total) for h in dirs[0].hooks):
         flush(*pending)
         pending = None
         for i, d in enumerate(dirs):
-          d.run_hooks(step, lane(params, i), lane(opt_state, i))
+          out = d.run_hooks(step, lane(params, i), lane(opt_state, i))
+          if i == 0:
+            progress.observe(out)
+        meter.restart()       # hook time is no step time
     if pending is not None:
       flush(*pending)
 
@@ -763,6 +811,11 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
     summaries = [finish_run(d, eval_fn, lane(params, i), sharder, steps=step,
                             t_start=t_start, rates=rates)
                  for i, d in enumerate(dirs)]
+  except KeyboardInterrupt:
+    if not dirs:
+      raise
+    last = [d.last_good for d in dirs]
+    raise Interrupted(step, None if None in last else min(last)) from None
   finally:
     if progress is not None:
       progress.close()

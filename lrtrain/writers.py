@@ -1,6 +1,6 @@
 """Metric writers: metrics.jsonl always, TensorBoard optionally, and a
-progress display (a bar with steps/s and ETA on a terminal, plain periodic
-log lines otherwise).
+progress display on stderr (a bar with a windowed steps/s, ETA and the
+latest validation accuracy on a terminal, compact periodic lines otherwise).
 
 Values may be Python scalars, numpy / jax arrays (0-d become numbers,
 vectors become lists) - whatever `Diagnostics` and the train step produce.
@@ -14,6 +14,7 @@ coordinates the processes itself.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -23,7 +24,6 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 
 
 def is_writer() -> bool:
@@ -143,40 +143,139 @@ class TensorBoardWriter:
     self._w.close()
 
 
+class StepRate:
+  """Steps per second over a recent window of step timestamps, and an ETA.
+
+  The first `mark` only opens the window, so the first step (compilation)
+  never counts; `restart()` makes the next mark open a new window, so a
+  host pause (an evaluation, a checkpoint, a recompile after a capacity
+  change) does not count either. Marks older than `window_s` seconds drop
+  out (the newest two always stay), so the rate follows the current speed
+  instead of the average since the start. After a restart the last value
+  is kept until the new window holds two marks.
+
+  The pauses are not lost: `eta` adds their share per step to the windowed
+  step time (pauses so far per step, each counted at the lower median of
+  the last few, and only from the second pause on: a hook's first call
+  compiles, and that one-time cost should not stand for every later call),
+  so evaluations and checkpoints still to come are in the estimate.
+  """
+
+  def __init__(self, window_s: float = 5.0):
+    self.window_s = float(window_s)
+    self._marks: collections.deque = collections.deque()
+    self._value: float | None = None
+    self._first: int | None = None      # step of the first mark
+    self._prev: tuple[int, float] | None = None
+    self._pauses: list[float] = []      # host pauses since the first mark
+
+  def mark(self, step: int, now: float | None = None) -> None:
+    """Record that `step` finished at `now` (default: time.time())."""
+    step, now = int(step), time.time() if now is None else float(now)
+    if self._first is None:
+      self._first = step
+    elif not self._marks and self._prev is not None:
+      # The first mark after a restart: what the steps since the previous
+      # mark took beyond their usual time was a pause.
+      s, t = self._prev
+      if self._value:
+        self._pauses.append(max(now - t - (step - s) / self._value, 0.0))
+      elif step > s and now > t:
+        # No window has held two marks yet (a restart after every step):
+        # the interval itself, pause included, is the best estimate.
+        self._value = (step - s) / (now - t)
+    self._prev = (step, now)
+    m = self._marks
+    m.append((step, now))
+    while len(m) > 2 and now - m[1][1] >= self.window_s:
+      m.popleft()
+    (s0, t0), (s1, t1) = m[0], m[-1]
+    if s1 > s0 and t1 > t0:
+      self._value = (s1 - s0) / (t1 - t0)
+
+  def restart(self) -> None:
+    """The time until the next mark is not a step: open a new window there."""
+    self._marks.clear()
+
+  @property
+  def value(self) -> float | None:
+    """Steps per second, None before the window held two marks."""
+    return self._value
+
+  def eta(self, step: int, total: int) -> float:
+    """Seconds until `total`: the windowed step time plus the pauses' share
+    per step (see the class docstring); NaN before there is a rate."""
+    if not self._value:
+      return float("nan")
+    done, n = step - self._first, len(self._pauses)
+    recent = sorted(self._pauses[-5:])
+    pause = (recent[(len(recent) - 1) // 2] * n / done if n > 1 and done > 0
+             else 0.0)
+    return max(total - step, 0) * (1.0 / self._value + pause)
+
+
 class Progress:
-  """A progress bar on a terminal, plain log lines every `every` steps
-  otherwise (CI logs stay readable)."""
+  """Training progress on stderr: a bar redrawn in place on a terminal, a
+  compact line about every tenth of the run otherwise (CI logs, pipes).
+
+  Both show the step, the windowed rate (`StepRate`, compilation and host
+  pauses excluded), the ETA from it, the training loss and the latest
+  validation metrics passed to `observe`.
+  """
 
   def __init__(self, total: int, start: int = 0, *, enabled: bool = True,
-               every: int = 50, stream=None):
+               meter: StepRate | None = None, every: int | None = None,
+               stream=None):
+    """meter: the rate shown (marked by the caller); every: steps between
+    plain lines (default a tenth of the run)."""
     self.total, self.start = int(total), int(start)
+    self.meter = meter or StepRate()
     self.stream = stream or sys.stderr
+    self.enabled = enabled
     self.interactive = enabled and self.stream.isatty()
-    self.every = max(int(every), 1)
-    self.t0 = time.time()
+    self.every = max(int(every or -(-(self.total - self.start) // 10)), 1)
     self._last = 0.0
+    self._eval: dict[str, float] = {}
+    if enabled and self.start > 0:
+      self.stream.write(f"resumed at step {self.start}/{self.total}\n")
+      self.stream.flush()
 
-  def rate(self, step: int) -> float:
-    dt = time.time() - self.t0
-    return (step - self.start) / dt if dt > 0 else 0.0
+  def observe(self, metrics: Mapping[str, Any]) -> None:
+    """Keep the validation metrics (eval/accuracy, eval/loss) for display."""
+    for k in ("eval/accuracy", "eval/loss"):
+      if k in metrics:
+        self._eval[k] = float(np.mean(metrics[k]))
+
+  def line(self, step: int, loss: float | None = None) -> str:
+    """'step 120/600  147.2 steps/s  ETA 0:00:03  loss 0.2153  val acc 0.950'."""
+    rate, eta = self.meter.value, self.meter.eta(step, self.total)
+    parts = [f"step {step}/{self.total}",
+             f"{rate:.1f} steps/s" if rate else "- steps/s",
+             f"ETA {_fmt_time(eta)}"]
+    if loss is not None:
+      parts.append(f"loss {loss:.4f}")
+    if "eval/accuracy" in self._eval:
+      parts.append(f"val acc {self._eval['eval/accuracy']:.3f}")
+    elif "eval/loss" in self._eval:
+      parts.append(f"val loss {self._eval['eval/loss']:.4f}")
+    return "  ".join(parts)
 
   def update(self, step: int, loss: float | None = None) -> None:
-    rate = self.rate(step)
-    eta = (self.total - step) / rate if rate > 0 else float("nan")
-    loss_s = "" if loss is None else f" loss {loss:.4f}"
+    """Show `step` (marked in the meter by the caller)."""
+    if not self.enabled:
+      return
     if self.interactive:
       now = time.time()
       if now - self._last < 0.1 and step < self.total:
         return
       self._last = now
       frac = step / max(self.total, 1)
-      bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-      self.stream.write(f"\r[{bar}] {step}/{self.total} {rate:.1f} steps/s "
-                        f"ETA {_fmt_time(eta)}{loss_s}   ")
+      bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
+      self.stream.write(f"\r[{bar}] {self.line(step, loss)}\033[K")
       self.stream.flush()
-    elif step % self.every == 0 or step == self.total:
-      logging.info("step %d/%d  %.1f steps/s  ETA %s%s", step, self.total,
-                   rate, _fmt_time(eta), loss_s)
+    elif (step - self.start) % self.every == 0 or step == self.total:
+      self.stream.write(self.line(step, loss) + "\n")
+      self.stream.flush()
 
   def close(self) -> None:
     if self.interactive:
@@ -187,7 +286,7 @@ class Progress:
 def _fmt_time(s: float) -> str:
   if not math.isfinite(s):
     return "?"
-  s = int(s)
+  s = int(round(s))
   return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 

@@ -298,3 +298,27 @@ def test_all_methods_all_meshes(tmp_path):
     b = np.load(tmp_path / f"seeds_4x2_{i}.npz")
     for k in a.files:
       np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=2e-5, err_msg=k)
+
+
+@pytest.mark.tier2
+def test_command_line_mesh_matches_one_device(tmp_path):
+  """`python -m lrtrain.main ... --config.mesh.data=4 --config.mesh.model=2`
+  on 8 devices: summary.json records the mesh, test accuracy as on one."""
+  out = {}
+  for name, devices, flags in (("one", 1, []), ("mesh", 8, [
+      "--config.mesh.data=4", "--config.mesh.model=2"])):
+    wd = str(tmp_path / name)
+    r = subprocess.run(
+        [sys.executable, "-m", "lrtrain.main", "--config",
+         "configs/digits.py:runlocal,steps=20", "--config.train.num_steps=20",
+         "--workdir", wd, *flags], capture_output=True, text=True, cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+            f"--xla_force_host_platform_device_count={devices}")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(wd, "summary.json")) as fh:
+      out[name] = json.load(fh)
+  assert out["mesh"]["mesh"] == {"data": 4, "model": 2}
+  assert out["one"]["mesh"] == {"data": 1, "model": 1}
+  assert out["mesh"]["devices"] == 8
+  assert out["mesh"]["test/accuracy"] == pytest.approx(
+      out["one"]["test/accuracy"], abs=1e-3)

@@ -40,7 +40,8 @@ def train_rows(rs):
 
 def two_processes(workdir, extra=()):
   port = free_port()
-  cmd = [sys.executable, "-m", "lrtrain.main", *ARGS, "--workdir", workdir,
+  cmd = [sys.executable, "-m", "lrtrain.main", *ARGS, "--verbosity=0",
+         "--workdir", workdir,
          *extra]
   procs = [subprocess.Popen(
       cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -138,8 +138,10 @@ def test_progress_plain_lines_when_not_a_tty(capsys):
   s = io.StringIO()
   p = writers.Progress(10, enabled=True, every=5, stream=s)
   assert not p.interactive
+  p.update(4, 0.5)
   p.update(5, 0.5)
-  assert s.getvalue() == ""         # plain mode logs through absl, no bar
+  # one plain line every 5 steps, no bar (no rate measured yet)
+  assert s.getvalue() == "step 5/10  - steps/s  ETA ?  loss 0.5000\n"
 
 
 def test_vmapped_seeds_are_the_same_loop_as_sequential(tmp_path):

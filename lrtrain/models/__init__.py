@@ -27,6 +27,7 @@ from lrtrain.factorizations import conv as conv_lib
 from lrtrain.layers import FactorSpec
 
 MODEL_NAMES = ("mlp", "lenet5", "vgg", "transformer")
+LM_MODELS = ("transformer",)   # the models that take token sequences
 DENSE_KINDS = ("dense", "lowrank", "lora")
 CONV_KINDS = ("dense", "lowrank", "tucker", "lora", "same")
 
