@@ -162,6 +162,7 @@ def test_progress_plain_lines(tmp_path):
       "step 20/100  10.0 steps/s  ETA 0:00:08  loss 0.2500  val acc 0.500"]
 
 
+@pytest.mark.tier2
 def test_ctrl_c_one_line_and_resume(tmp_path):
   wd = str(tmp_path / "w")
   args = [sys.executable, "-m", "lrtrain.main", "--config", "configs/digits.py",

@@ -245,6 +245,7 @@ def householder_fallback(op):
   return "/cond/branch_" in op and op.endswith("jit(qr)/geqrf")
 
 
+@pytest.mark.tier2
 def test_mesh_matches_one_device_and_no_tall_gather(tmp_path):
   meshes = [(1, 1), (4, 2)]
   rep = run_worker(tmp_path, {"runs": {"kls": meshes, "geolora": meshes},
@@ -260,6 +261,7 @@ def test_mesh_matches_one_device_and_no_tall_gather(tmp_path):
     assert not on_path, f"{method}: tall factors gathered: {on_path}"
 
 
+@pytest.mark.tier2
 def test_checkpoint_restores_on_another_mesh(tmp_path):
   """Saved under (4, 2), resumed under (8, 1) (and (8, 1) -> (2, 4)): the
   run continues from the checkpoint and ends where a run that stayed on
