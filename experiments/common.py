@@ -110,11 +110,14 @@ def show(result: Any) -> None:
 
 
 def cli(study: str, report: Callable[[str, str], Any], *,
-        doc: str | None = None) -> Callable[..., Any]:
-  """`main(argv=None)` of a study trained by its config's sweep:
-  `study_main`, then the report printed (`show`) and returned."""
+        doc: str | None = None,
+        train: Callable[[str, str], Any] | None = None,
+        note: str = "sweep") -> Callable[..., Any]:
+  """`main(argv=None)` of a study trained by its config's sweep (or by
+  `train(config spec, workdir)`): `study_main`, then the report printed
+  (`show`) and returned."""
   def main(argv: Sequence[str] | None = None) -> Any:
-    out = study_main(study, argv, report, doc=doc)
+    out = study_main(study, argv, report, doc=doc, train=train, note=note)
     show(out)
     return out
   return main

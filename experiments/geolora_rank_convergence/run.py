@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from experiments import common as gc
 from lrtrain import sweep as sweep_lib
 
@@ -126,11 +124,8 @@ def report(workdir: str, results: str) -> dict[str, str]:
   return out
 
 
-def main(argv=None):
-  out = gc.study_main(STUDY, argv, report, doc=__doc__, train=train,
-                      note="pretrain + adapter sweep + scratch sweep")
-  gc.show(out)
-  return out
+main = gc.cli(STUDY, report, doc=__doc__, train=train,
+              note="pretrain + adapter sweep + scratch sweep")
 
 
 if __name__ == "__main__":

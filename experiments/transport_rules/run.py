@@ -85,11 +85,8 @@ def report(workdir: str, results: str) -> dict[str, str]:
   return out
 
 
-def main(argv=None):
-  out = gc.study_main(STUDY, argv, report, doc=__doc__, train=train,
-                      note="digits and lenet5 sweeps")
-  gc.show(out)
-  return out
+main = gc.cli(STUDY, report, doc=__doc__, train=train,
+              note="digits and lenet5 sweeps")
 
 
 if __name__ == "__main__":

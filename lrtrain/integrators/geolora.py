@@ -85,7 +85,7 @@ class GeoLoRAState(NamedTuple):
 
 def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
                transport, basis_period, truncation_delay=0,
-               transport_rule="squares"):
+               transport_rule=tr.DEFAULT_RULE):
   """New params and state from factor gradients (the shared update)."""
   like = opt_tree(params)
   g = grad_tree(params, grads)
@@ -207,7 +207,7 @@ def in_window(count, basis_period: int, truncation_delay: int) -> bool:
 
 def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
          tau: float = 0.1, r_min: int = 2, r_max: int = 0,
-         transport: bool = True, transport_rule: str = "squares", basis_period: int = 0,
+         transport: bool = True, transport_rule: str = tr.DEFAULT_RULE, basis_period: int = 0,
          truncation_delay: int = 0, weight_decay: float = 0.0
          ) -> base.Integrator:
   """The GeoLoRA / parallel BUG integrator (one backward pass per step).
@@ -339,7 +339,7 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
   kw = {k: kwargs.get(k, d) for k, d in
         dict(adaptive=True, tau=0.1, r_min=2, r_max=0, transport=True,
              basis_period=0, truncation_delay=0,
-             transport_rule="squares").items()}
+             transport_rule=tr.DEFAULT_RULE).items()}
 
   def init_fn(params):
     base.require_nodes(params, (fz.LowRank,), "geolora")

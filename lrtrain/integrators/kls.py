@@ -164,7 +164,7 @@ class KLSState(NamedTuple):
 
 def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
          tau: float = 0.1, r_min: int = 2, r_max: int = 0,
-         transport: bool = True, transport_rule: str = "squares", weight_decay: float = 0.0,
+         transport: bool = True, transport_rule: str = tr.DEFAULT_RULE, weight_decay: float = 0.0,
          kl_tx: optax.GradientTransformation | None = None) -> base.Integrator:
   """The KLS (fixed rank) or rank-adaptive BUG integrator (DLRT).
 
