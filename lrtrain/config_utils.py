@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.integrator.r_min = 2            # smallest rank per layer
   c.integrator.r_max = 0            # largest rank per layer (0 = min(n, m) / 2)
   c.integrator.transport = True     # map optimizer moments across basis changes
-  c.integrator.transport_rule = "squares_fresh"  # kls/geolora second moments: squares_fresh|squares|squares_mean|root
+  c.integrator.transport_rule = ""  # second moments: squares_fresh|squares|squares_mean|root; '' = the method's (kls: squares_fresh, geolora: squares)
   c.integrator.basis_period = 0     # geolora: c > 0 runs the basis step every c + 1 steps; 0 every step
   c.integrator.truncation_delay = 0  # geolora: d in 1..c truncates d steps after augmenting; 0 same step
   c.integrator.variant = "mean"     # condlr: mean|approx_orth

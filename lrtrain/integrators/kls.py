@@ -164,7 +164,7 @@ class KLSState(NamedTuple):
 
 def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
          tau: float = 0.1, r_min: int = 2, r_max: int = 0,
-         transport: bool = True, transport_rule: str = tr.DEFAULT_RULE, weight_decay: float = 0.0,
+         transport: bool = True, transport_rule: str = "", weight_decay: float = 0.0,
          kl_tx: optax.GradientTransformation | None = None) -> base.Integrator:
   """The KLS (fixed rank) or rank-adaptive BUG integrator (DLRT).
 
@@ -178,7 +178,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     tau: relative truncation tolerance (||sigma_tail|| <= tau ||sigma||).
     r_min, r_max: rank clamps per layer (r_max = 0: floor(min(n, m) / 2)).
     transport: map optimizer moments across basis changes.
-    transport_rule: second-moment rule, one of transport.SECOND_RULES
+    transport_rule: second-moment rule, one of transport.SECOND_RULES;
+      '' = transport.DEFAULT_RULE
       (`transport.Congruence.second`).
     weight_decay: L2 decay on S and non-factor parameters (never U, V).
     kl_tx: a separate optimizer for the K/L sub-step.
@@ -191,6 +192,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   """
   if not 0.0 <= tau < 1.0:
     raise ValueError(f"kls: tau must be in [0, 1), got {tau}")
+  transport_rule = transport_rule or tr.DEFAULT_RULE
   tr.check_rule(transport_rule, "kls")
   tx_s = base.with_weight_decay(tx, weight_decay)
   tx_kl = tx if kl_tx is None else kl_tx
