@@ -81,6 +81,13 @@ def config_spec(study: str, runlocal: bool, extra: str = "") -> str:
   return f"{path}:{args}" if args else path
 
 
+def with_args(spec: str, args: str) -> str:
+  """A config spec with more config arguments: 'path[:a]' + 'b=1' ->
+  'path:a,b=1'."""
+  sep = "," if ":" in os.path.basename(spec) else ":"
+  return spec + sep + args
+
+
 def study_main(study: str, argv: Sequence[str] | None,
                report: Callable[[str, str], Any], *, doc: str | None = None,
                train: Callable[[str, str], Any] | None = None,

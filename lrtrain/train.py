@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lrtrain import checkpoint as ckpt_lib
 from lrtrain import config_utils
@@ -68,6 +68,12 @@ from lrtrain.integrators import base as ibase
 WorkdirError = workdir_lib.WorkdirError
 fingerprint = workdir_lib.fingerprint
 prepare_workdir = workdir_lib.prepare_workdir
+
+
+def periodic(step: int, every: int, total: int) -> bool:
+  """The one cadence rule: every `every`-th step (never when every <= 0)
+  and the last one."""
+  return step == total or (every > 0 and step % every == 0)
 
 
 class DivergedError(FloatingPointError):
@@ -104,7 +110,7 @@ class BlowupGuard:
     if not self.baseline:
       self.baseline.append(loss)
       return
-    if not (step == self.total or (self.every > 0 and step % self.every == 0)):
+    if not periodic(step, self.every, self.total):
       return
     median = float(np.median(self.baseline))
     if not loss > max(self.FACTOR * abs(median), self.baseline[0]):
@@ -424,7 +430,7 @@ class Hook:
   def due(self, step: int, total: int) -> bool:
     if step == 0:
       return self.at_start
-    return step == total or (self.every > 0 and step % self.every == 0)
+    return periodic(step, self.every, total)
 
 
 @contextlib.contextmanager
@@ -761,7 +767,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
                if d.last_good is not None else "none saved yet"))
       progress.update(s, float(np.mean(aux["loss"])))
       blowup(s, float(np.max(aux["loss"])))   # the worst seed
-      if not (s == total or (t.log_every > 0 and s % t.log_every == 0)):
+      if not periodic(s, t.log_every, total):
         return
       for i, d in enumerate(dirs):
         a = dict(lane(aux, i))

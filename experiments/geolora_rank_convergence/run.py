@@ -27,13 +27,14 @@ SETTINGS = ("adapter", "scratch")
 
 def train(spec: str, workdir: str) -> None:
   """Pretrain, then the adapter and the from-scratch sweeps."""
-  sep = "," if ":" in os.path.basename(spec) else ":"
   pre_dir = os.path.abspath(os.path.join(workdir, "pretrain"))
-  for _, cfg, _ in sweep_lib.expand(spec + sep + "setting=adapter,stage=pretrain"):
+  pre = gc.with_args(spec, "setting=adapter,stage=pretrain")
+  for _, cfg, _ in sweep_lib.expand(pre):
     gc.train_with(cfg, pre_dir)
-  sweep_lib.run_all(spec + sep + f"setting=adapter,init_from={pre_dir}",
+  sweep_lib.run_all(gc.with_args(spec, f"setting=adapter,init_from={pre_dir}"),
                     os.path.join(workdir, "adapter"))
-  sweep_lib.run_all(spec + sep + "setting=scratch", os.path.join(workdir, "scratch"))
+  sweep_lib.run_all(gc.with_args(spec, "setting=scratch"),
+                    os.path.join(workdir, "scratch"))
 
 
 def _runs(workdir: str):

@@ -26,10 +26,9 @@ TASKS = ("digits", "lenet5")
 
 
 def train(spec: str, workdir: str) -> None:
-  sep = "," if ":" in os.path.basename(spec) else ":"
   tasks = TASKS[:1] if "runlocal" in spec else TASKS
   for task in tasks:
-    sweep_lib.run_all(spec + sep + f"task={task}", os.path.join(workdir, task))
+    sweep_lib.run_all(gc.with_args(spec, f"task={task}"), os.path.join(workdir, task))
 
 
 def _variant(cfg) -> str:

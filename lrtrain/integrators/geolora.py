@@ -272,8 +272,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   def resize(params, state):
     # Inside a truncation window the ranks are the augmented 2r: the
     # buffers need no room beyond them until the truncation.
-    augmented = state is not None and in_window(
-        jax.device_get(state.count), basis_period, truncation_delay)
+    augmented = (bool(truncation_delay) and state is not None and in_window(
+        jax.device_get(state.count), basis_period, truncation_delay))
     plan = buckets.lowrank_plan(params, need=1 if augmented else 2)
     if not buckets.count_moves(plan):
       return params, state, False
