@@ -64,6 +64,7 @@ from lrtrain import workdir as workdir_lib
 from lrtrain import writers as writers_lib
 from lrtrain.factorizations import conv as conv_lib
 from lrtrain.integrators import base as ibase
+from lrtrain.integrators import linalg
 
 WorkdirError = workdir_lib.WorkdirError
 fingerprint = workdir_lib.fingerprint
@@ -673,7 +674,9 @@ def make_step_fn(integ: ibase.Integrator, loss_fn, sharder: Sharder, *,
       return jax.vmap(train_step)(*args)
 
   def placed_step(*args):
-    new, state, aux = (seeds_step if vmapped else train_step)(*args)
+    # Householder QR of a row-split factor as TSQR (no gather of the factor).
+    with linalg.row_sharded(sharder.mesh):
+      new, state, aux = (seeds_step if vmapped else train_step)(*args)
     new, state = sharder.constrain(new, state, int(vmapped))
     return new, state, aux
 

@@ -238,13 +238,6 @@ def tall_gathers(hlo):
   return [(tuple(s), op) for s, op in hlo["gathers"] if tuple(s) in tall]
 
 
-def householder_fallback(op):
-  """The Householder QR branches of lrtrain/integrators/linalg.py
-  (rank-deficient new blocks only): LAPACK's geqrf needs the whole tall
-  matrix, so XLA gathers it there; no other tall gather is allowed."""
-  return "/cond/branch_" in op and op.endswith("jit(qr)/geqrf")
-
-
 @pytest.mark.tier2
 def test_mesh_matches_one_device_and_no_tall_gather(tmp_path):
   meshes = [(1, 1), (4, 2)]
@@ -257,8 +250,8 @@ def test_mesh_matches_one_device_and_no_tall_gather(tmp_path):
     hlo = rep["hlo"][method]
     assert (256, 16) in map(tuple, hlo["factor_shapes"])
     tall = tall_gathers(hlo)
-    on_path = [g for g in tall if not householder_fallback(g[1])]
-    assert not on_path, f"{method}: tall factors gathered: {on_path}"
+    # The Householder branches (rank-deficient blocks) included: TSQR.
+    assert not tall, f"{method}: tall factors gathered: {tall}"
 
 
 @pytest.mark.tier2
@@ -324,3 +317,58 @@ def test_command_line_mesh_matches_one_device(tmp_path):
   assert out["mesh"]["devices"] == 8
   assert out["mesh"]["test/accuracy"] == pytest.approx(
       out["one"]["test/accuracy"], abs=1e-3)
+
+
+TSQR = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from lrtrain.integrators import linalg
+mesh = jax.make_mesh((2, 4), ("data", "model"))
+out = {}
+for name, cols in (("full", None), ("deficient", (1, 4))):
+  X = np.array(jax.random.normal(jax.random.PRNGKey(0), (64, 6)))
+  if cols:
+    X[:, cols[0]] = 0.0                   # a zero column
+    X[:, cols[1]] = X[:, 0] + X[:, 2]     # a dependent one
+  Xs = jax.device_put(jnp.asarray(X), NamedSharding(mesh, P("model", None)))
+  with linalg.row_sharded(mesh):
+    f = jax.jit(linalg.qr_rows)
+    hlo = f.lower(Xs).compile().as_text()
+    Q, R = f(Xs)
+  Q, R = np.asarray(Q), np.asarray(R)
+  Qn, Rn = np.linalg.qr(X)
+  d = np.sign(np.diag(R)) * np.sign(np.diag(Rn))
+  gathers = [l.split("=", 1)[1].split("]", 1)[0] for l in hlo.splitlines()
+             if " all-gather(" in l]
+  out[name] = dict(orth=float(np.abs(Q.T @ Q - np.eye(6)).max()),
+                   recon=float(np.abs(Q @ R - X).max()),
+                   vs_numpy=float(np.abs((Q - Qn * d)[:, [0, 2, 3, 5]]).max()),
+                   triangular=float(np.abs(np.tril(R, -1)).max()),
+                   gathers=gathers, out_sharding=str(f(Xs)[0].sharding.spec))
+print("REPORT " + json.dumps(out))
+"""
+
+
+def test_tsqr_on_row_sharded_factors():
+  """Householder QR of a factor split by rows over "model" runs as TSQR:
+  X = Q R with Q orthonormal (also for zero and dependent columns), the
+  same Q as one QR where X has full column rank, Q split like X, and only
+  the 6 x 6 triangles gathered."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=8"))
+  r = subprocess.run([sys.executable, "-c", TSQR], capture_output=True,
+                     text=True, cwd=ROOT, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rep = json.loads([l for l in r.stdout.splitlines()
+                    if l.startswith("REPORT ")][-1][len("REPORT "):])
+  for name, got in rep.items():
+    assert got["orth"] < 1e-5, (name, got)
+    assert got["recon"] < 1e-5, (name, got)
+    assert got["triangular"] == 0.0, (name, got)
+    assert got["gathers"] and all("64" not in g and "16" not in g
+                                  for g in got["gathers"]), (name, got)
+    assert "model" in got["out_sharding"], (name, got)
+  assert rep["full"]["vs_numpy"] < 1e-5
+

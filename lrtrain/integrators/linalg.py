@@ -73,6 +73,7 @@ MAX_PASSES = 5
 NEAR = 0.25
 GRAM_TAU2 = 64.0
 _impl = ["matmul"]
+_rows = [None]        # (mesh, axis) whose axis splits the tall factors' rows
 
 
 @contextlib.contextmanager
@@ -91,6 +92,51 @@ def implementation(name: str) -> Iterator[None]:
 def current() -> str:
   """The implementation in force ('matmul' unless `implementation` says)."""
   return _impl[-1]
+
+
+@contextlib.contextmanager
+def row_sharded(mesh, axis: str = "model") -> Iterator[None]:
+  """Trace the factorizations inside this block for tall factors whose rows
+  are split over `mesh`'s `axis` (lrtrain/sharding.py): Householder QR then
+  runs as TSQR (`qr_rows`), which gathers k x k triangles, not the factor.
+  A mesh whose axis has size 1 changes nothing."""
+  _rows.append((mesh, axis) if mesh is not None and mesh.shape[axis] > 1 else None)
+  try:
+    yield
+  finally:
+    _rows.pop()
+
+
+def qr_rows(X: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Reduced QR of a tall X (n, k) (LAPACK's Householder QR).
+
+  Inside `row_sharded(mesh, axis)`, with p devices on the axis and n / p >=
+  k rows per device, as TSQR (Demmel et al., "Communication-optimal
+  parallel and sequential QR and LU factorizations", 2012): each device
+  factors its row block X_i = Q_i R_i, the p triangles are gathered and
+  stacked, [R_1; ...; R_p] = Z R, and device i's rows of Q are Q_i Z_i (Z_i
+  its k x k block of Z). Q is orthonormal and X = Q R as with one QR; only
+  p k x k triangles move between devices.
+  """
+  ctx = _rows[-1]
+  n, k = X.shape
+  if ctx is None:
+    return lapack.qr(X)
+  mesh, axis = ctx
+  p = mesh.shape[axis]
+  if n % p or n // p < k:
+    return lapack.qr(X)
+
+  def local(Xi):
+    Qi, Ri = lapack.qr(Xi)
+    Z, R = lapack.qr(lax.all_gather(Ri, axis).reshape(p * k, k))
+    Zi = lax.dynamic_slice_in_dim(Z, lax.axis_index(axis) * k, k)
+    return Qi @ Zi, R
+
+  spec = jax.sharding.PartitionSpec(axis, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=spec,
+                       out_specs=(spec, jax.sharding.PartitionSpec()),
+                       check_vma=False)(X)
 
 
 def work_dtype(*xs) -> jnp.dtype:
@@ -255,7 +301,7 @@ def _orthonormalize(U, X, mask, dtype):
 
 def _householder(X, r):
   """Sign-fixed Householder QR basis of the first r columns of X."""
-  Q, R = lapack.qr(X)
+  Q, R = qr_rows(X)
   d = jnp.sign(jnp.diagonal(R))
   d = jnp.where(d == 0, 1.0, d)
   return Q * d[None, :] * column_mask(r, X.shape[-1], X.dtype)
