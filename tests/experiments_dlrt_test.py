@@ -126,8 +126,10 @@ def test_mlp_rank_dynamics_runlocal(tmp_path):
   rows = mlp_ranks.main(["--runlocal", "--workdir", str(tmp_path / "w"),
                          "--out", str(tmp_path / "r")])
   assert [r["tau"] for r in rows] == ["dense", "0.05"]
+  assert [r["seeds"] for r in rows] == [1, 1]
   curves = _rows(tmp_path / "r" / "rank_curves.csv")
   assert {c["layer"] for c in curves} == set(mlp_ranks.LAYERS)
+  assert {c["seed"] for c in curves} == {"0"}
   assert os.path.getsize(tmp_path / "r" / "rank_vs_step.png") > 0
 
 
