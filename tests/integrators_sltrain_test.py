@@ -206,7 +206,8 @@ def test_diagnostics_see_the_formed_weight():
   assert out["params/w/train"] == R * (N + M) + f.nnz
 
 
-@pytest.mark.parametrize("name,shape", [("mlp", (M,)), ("transformer", (8,))])
+@pytest.mark.parametrize("name,shape", [("mlp", (M,)), ("transformer", (8,)),
+                                        ("lenet5", (28, 28, 1))])
 def test_policy_gives_every_model_sltrain_layers(name, shape):
   c = cu.base_config()
   c.model.name = name

@@ -12,8 +12,9 @@ Initialisation follows the authors' implementation: B = 0 and A, like
 LoRA's A, uniform on +-1/sqrt(m) (PyTorch's kaiming_uniform with
 a = sqrt(5) on an (r, m) weight); the sparse values uniform on
 +-1/sqrt(m) as well. A fresh layer is therefore W = S, and B A grows from
-zero. scale = alpha / r (`lora.lora_scale`; the paper's runs use alpha = 32
-with r = 128 or 256, i.e. scale 1/4 or 1/8).
+zero. scale = alpha / r (`lora.lora_scale`; the authors' LLaMA runs use
+alpha = 32 at r = 128 (60M) and alpha = 16 at r = 256 (130M), scales 1/4
+and 1/16; `model.factor.alpha` sets it, 0 meaning scale 1).
 
 How the sparse part is applied: S is scattered into a dense (n, m) buffer,
 added to scale * B A, and the layer is one matmul x W^T. Autodiff of that
