@@ -146,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Integrator (lrtrain.integrators.build) ---
   c.integrator = ml_collections.ConfigDict()
-  c.integrator.name = "kls"         # dense|factors|lora|galore|kls|geolora|tdlrt|condlr
+  c.integrator.name = "kls"         # dense|factors|lora|galore|kls|geolora|tdlrt|condlr|sltrain
   c.integrator.tau = 0.1            # relative truncation tolerance, [0, 1)
   c.integrator.adaptive = True      # rank-adaptive (augment + truncate)
   c.integrator.r_min = 2            # smallest rank per layer

@@ -2,10 +2,11 @@
 
 A layer's 'kernel' param is either a dense array (Flax layout: (in, out) for
 Dense, (kh, kw, c_in, c_out) for Conv) or a factorization node from
-`lrtrain.factorizations` (LowRank / Lora in (out, in) orientation, Tucker
-for conv kernels). Linen params may be arbitrary pytrees, so the node is
-the param value itself: integrators, checkpoints and vmap see plain pytrees
-and find the nodes with `factorizations.is_factor`, without Flax.
+`lrtrain.factorizations` (LowRank / Lora / SLTrain in (out, in)
+orientation, Tucker for conv kernels). Linen params may be arbitrary
+pytrees, so the node is the param value itself: integrators, checkpoints
+and vmap see plain pytrees and find the nodes with
+`factorizations.is_factor`, without Flax.
 
 Axis legend: b = batch, m = in features, n = out features, r = rank,
 kh/kw = kernel height/width.
@@ -17,7 +18,9 @@ Initialisation of factor nodes matches the default dense init
     unit-variance outputs on average;
   'svd': truncated SVD (HOSVD for Tucker) of a dense lecun_normal draw.
 Lora nodes freeze a dense lecun_normal draw as W0 (the base a fine-tuning
-run replaces by pretrained weights) with B = 0.
+run replaces by pretrained weights) with B = 0. SLTrain nodes start as the
+paper's (`factorizations.sltrain`: B = 0, A and the sparse values uniform
+on +-1/sqrt(m)).
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ import jax.numpy as jnp
 from lrtrain import draws
 from lrtrain import factorizations as fz
 from lrtrain.factorizations import conv as conv_lib
-from lrtrain.factorizations import lora, lowrank, tucker
+from lrtrain.factorizations import lora, lowrank, sltrain, tucker
 
-KINDS = ("dense", "lowrank", "lora", "tucker")
+KINDS = ("dense", "lowrank", "lora", "sltrain", "tucker")
 INITS = ("random", "flat", "svd")
 
 
@@ -44,8 +47,8 @@ class FactorSpec:
   """How one layer's kernel is factorized (hashable: a module attribute).
 
   Attributes:
-    kind: 'dense' | 'lowrank' | 'lora' | 'tucker' (conv only).
-    rank: LowRank / Lora rank r.
+    kind: 'dense' | 'lowrank' | 'lora' | 'sltrain' | 'tucker' (conv only).
+    rank: LowRank / Lora / SLTrain rank r.
     clip_rank: cap `rank` at floor(min(n, m) / 2) per layer (the default
       r_max of the rank-adaptive integrators), and each Tucker channel rank
       at half its channel count (at least 1), instead of rejecting a rank
@@ -53,9 +56,11 @@ class FactorSpec:
     capacity: LowRank buffer columns (0 = rank; capped at min(n, m)).
     tucker_ranks: (r_out, r_in) channel ranks of a Tucker kernel; the spatial
       modes stay full.
-    alpha: Lora scale numerator (0 = rank, i.e. scale 1).
-    rank_stabilised: Lora scale alpha / sqrt(r) (rsLoRA) instead of alpha / r.
+    alpha: Lora / SLTrain scale numerator (0 = rank, i.e. scale 1).
+    rank_stabilised: Lora / SLTrain scale alpha / sqrt(r) (rsLoRA) instead
+      of alpha / r.
     init: 'random', 'flat' or 'svd' (see `matrix_node`).
+    sparse_density: SLTrain support size as a fraction of the n m entries.
   """
   kind: str = "lowrank"
   rank: int = 16
@@ -65,6 +70,7 @@ class FactorSpec:
   alpha: float = 0.0
   rank_stabilised: bool = False
   init: str = "random"
+  sparse_density: float = sltrain.DEFAULT_DENSITY
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -96,11 +102,11 @@ def _check_matrix_rank(name: str, spec: FactorSpec, n: int, m: int) -> int:
 
 def matrix_node(key: jax.Array, spec: FactorSpec, n: int, m: int, *, name: str,
                 fan_in: int | None = None, dtype=jnp.float32):
-  """A LowRank or Lora node for an (n, m) = (out, in) weight.
+  """A LowRank, Lora or SLTrain node for an (n, m) = (out, in) weight.
 
   Args:
     key: PRNG key.
-    spec: the layer's FactorSpec (kind 'lowrank' or 'lora').
+    spec: the layer's FactorSpec (kind 'lowrank', 'lora' or 'sltrain').
     n: out features.
     m: in features (kh * kw * c_in for a conv).
     name: layer path, for error messages.
@@ -118,15 +124,20 @@ def matrix_node(key: jax.Array, spec: FactorSpec, n: int, m: int, *, name: str,
   capacity = _check_matrix_rank(name, spec, n, m)
   fan_in = m if fan_in is None else fan_in
   kd, kf = jax.random.split(key)
+  alpha = spec.alpha if spec.alpha > 0 else None
+  if spec.kind == "sltrain":
+    return sltrain.init(kf, n, m, spec.rank, density=spec.sparse_density,
+                        alpha=alpha, rank_stabilised=spec.rank_stabilised,
+                        dtype=dtype)
   # Dense lecun_normal draw in (out, in) orientation, std 1 / sqrt(fan_in).
   W = draws.lecun_normal(kd, (n, m), dtype, fan_in=fan_in)
   if spec.kind == "lora":
-    alpha = spec.alpha if spec.alpha > 0 else None
     return lora.init(kf, W, spec.rank, alpha=alpha,
                      rank_stabilised=spec.rank_stabilised)
   if spec.kind != "lowrank":
     raise ValueError(f"layer '{name}': factor kind {spec.kind!r} is not a "
-                     "matrix factorization (use 'lowrank' or 'lora')")
+                     "matrix factorization (use 'lowrank', 'lora' or "
+                     "'sltrain')")
   if spec.init == "svd":
     return lowrank.from_dense(W, spec.rank, capacity=capacity)
   # E s_i^2 = 1 for the |N(0,1)| singular values, so scale^2 r = n * m / fan_in
@@ -186,11 +197,12 @@ def _factor_param(module: nn.Module, init):
 class Conv(nn.Module):
   """NHWC 2-D convolution with a dense or factorized kernel.
 
-  Dense kernels are (kh, kw, c_in, c_out); LowRank and Lora kernels factor
-  the (c_out, kh * kw * c_in) matrix: with the 'xla' routine the kernel is
-  formed and run through lax.conv_general_dilated, with 'im2col' the factors
-  are applied to the patches in sequence; Tucker kernels go through
-  `tucker.conv` (channel projections around a small core convolution).
+  Dense kernels are (kh, kw, c_in, c_out); LowRank, Lora and SLTrain
+  kernels factor the (c_out, kh * kw * c_in) matrix: with the 'xla'
+  routine the kernel is formed and run through lax.conv_general_dilated,
+  with 'im2col' the factors are applied to the patches in sequence; Tucker
+  kernels go through `tucker.conv` (channel projections around a small
+  core convolution).
 
   Attributes:
     features: c_out.

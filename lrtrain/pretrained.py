@@ -15,6 +15,7 @@ whatever its kind):
                                            (GeoLoRA's fine-tuning start)
   LowRank, model.factor.adapter = False    truncated SVD of W at rank r
   Tucker                                   truncated HOSVD of the kernel
+  SLTrain                                  refused (a pretraining method)
   any other leaf (bias, embedding, norm)   copied
 
 Ranks and buffer capacities are this run's (model.factor.*). A layer whose
@@ -114,6 +115,10 @@ def _start(path: str, init: Any, w: Any, adapter: bool) -> Any:
     return tucker.from_dense(kernel.astype(init.core.dtype),
                              [int(r) for r in np.asarray(init.ranks)],
                              capacities=[u.shape[1] for u in init.factors])
+  if isinstance(init, fz.SLTrain):
+    _fail(f"layer {path}: SLTrain layers (model.factor.kind='sltrain') train "
+          "from their own initialisation; start from no run (model.init_from="
+          "'') or choose another model.factor.kind")
   W = fz.as_matrix(w)
   if fz.is_factor(init):
     want = tuple(init.shape)

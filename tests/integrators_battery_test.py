@@ -13,7 +13,7 @@ import pytest
 
 from lrtrain import factorizations as fz
 from lrtrain import integrators
-from lrtrain.factorizations import lora, lowrank, tucker
+from lrtrain.factorizations import lora, lowrank, sltrain, tucker
 
 N, M = 12, 10
 
@@ -27,6 +27,8 @@ def _params(name, key, dtype):
     w = (jax.random.normal(kw, (M, N)) / 3).astype(dtype)
   elif name == "lora":
     w = lora.init(kw, jax.random.normal(kb, (N, M)).astype(dtype), 3)
+  elif name == "sltrain":
+    w = sltrain.init(kw, N, M, 3, density=0.2, dtype=dtype)
   else:
     w = lowrank.init(kw, N, M, 3, dtype=dtype)
   return {"w": w, "b": jnp.zeros((N if name != "tdlrt" else 6,), dtype)}

@@ -170,7 +170,9 @@ class Diagnostics:
     self.num_traces += 1
     groups = defaultdict(list)
     for name, x in find_layers(params):
-      if not fz.is_factor(x):
+      if isinstance(x, fz.SLTrain):
+        x = fz.materialize(x)     # B A + S has no cheap factored spectrum
+      elif not fz.is_factor(x):
         x = layer_matrix(name, x)
       ref = refs.get(name)
       if ref is not None and self._ref_shapes[name] != _shape(x):

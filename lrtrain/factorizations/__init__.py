@@ -2,7 +2,8 @@
 
 Each factorization is a typed pytree node with array leaves only (no Flax,
 no optax): `LowRank` (U S V^T in fixed-capacity buffers with an array rank),
-`Lora` (frozen W0 + scale B A) and `Tucker` (conv kernels). The generic
+`Lora` (frozen W0 + scale B A), `SLTrain` (scale B A + a sparse S on a
+fixed support) and `Tucker` (conv kernels). The generic
 functions below dispatch on the node type so layers, integrators and
 diagnostics handle every kind alike.
 """
@@ -14,13 +15,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lrtrain.factorizations import conv, lora, lowrank, tucker
+from lrtrain.factorizations import conv, lora, lowrank, sltrain, tucker
 from lrtrain.factorizations.lora import Lora
 from lrtrain.factorizations.lowrank import LowRank
+from lrtrain.factorizations.sltrain import SLTrain
 from lrtrain.factorizations.tucker import Tucker
 
-FACTOR_TYPES = (LowRank, Lora, Tucker)
-_MODULES = {LowRank: lowrank, Lora: lora, Tucker: tucker}
+FACTOR_TYPES = (LowRank, Lora, SLTrain, Tucker)
+_MODULES = {LowRank: lowrank, Lora: lora, SLTrain: sltrain, Tucker: tucker}
 
 
 def is_factor(x: Any) -> bool:
@@ -46,7 +48,8 @@ def register(node_type: type, module: Any) -> None:
 
 
 def materialize(f) -> jax.Array:
-  """Dense weight: (n, m) for LowRank/Lora, (c_out, c_in, kh, kw) for Tucker."""
+  """Dense weight: (n, m) for LowRank/Lora/SLTrain, (c_out, c_in, kh, kw)
+  for Tucker."""
   return _module(f).materialize(f)
 
 
@@ -66,7 +69,8 @@ def as_matrix(w) -> jax.Array:
 
 
 def apply(f, x: jax.Array) -> jax.Array:
-  """x (..., m) -> (..., n) for LowRank / Lora without forming W."""
+  """x (..., m) -> (..., n) for LowRank / Lora (without forming W) and
+  SLTrain."""
   if isinstance(f, Tucker):
     raise TypeError("Tucker kernels are applied with tucker.conv")
   return _module(f).apply(f, x)
@@ -103,6 +107,7 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
-__all__ = ["LowRank", "Lora", "Tucker", "FACTOR_TYPES", "is_factor", "materialize",
-           "as_matrix", "apply", "num_params", "dense_num_params", "factor_paths",
-           "path_str", "register", "conv", "lora", "lowrank", "tucker"]
+__all__ = ["LowRank", "Lora", "SLTrain", "Tucker", "FACTOR_TYPES", "is_factor",
+           "materialize", "as_matrix", "apply", "num_params",
+           "dense_num_params", "factor_paths", "path_str", "register", "conv",
+           "lora", "lowrank", "sltrain", "tucker"]

@@ -54,7 +54,8 @@ def no_resize(params, state):
 
 
 # The model.factor kind that gives each factor node type, for the fix.
-_KIND_OF = {"LowRank": "lowrank", "Tucker": "tucker", "Lora": "lora"}
+_KIND_OF = {"LowRank": "lowrank", "Tucker": "tucker", "Lora": "lora",
+            "SLTrain": "sltrain"}
 
 
 def require_nodes(params: Params, kinds: tuple[type, ...], method: str) -> None:
@@ -85,7 +86,7 @@ def require_nodes(params: Params, kinds: tuple[type, ...], method: str) -> None:
     fix += " (model.factor.conv_kind for convolutions)"
   has = {l.rsplit(": ", 1)[1] for l in layers}
   alternative = ("kls" if "lowrank" in has else "lora" if "lora" in has
-                 else "dense")
+                 else "sltrain" if "sltrain" in has else "dense")
   raise ValueError(
       f"integrator.name={method!r} trains {'/'.join(want)} layers and the "
       f"model has none ({', '.join(layers) or 'no layers'}); set {fix}, or "
@@ -110,13 +111,13 @@ def value_and_grad(loss_fn: LossFn, params: Params, batch: Batch):
 
 
 def rank_aux(params: Params) -> dict[str, jax.Array]:
-  """{"rank/<path>": active rank} for every LowRank/Lora/Tucker node."""
+  """{"rank/<path>": active rank} for every factor node (Tucker: its ranks)."""
   out = {}
   for path, f in fz.factor_paths(params):
     name = path[:-len("/kernel")] if path.endswith("/kernel") else path
     if isinstance(f, fz.LowRank):
       out[f"rank/{name}"] = f.rank
-    elif isinstance(f, fz.Lora):
+    elif isinstance(f, (fz.Lora, fz.SLTrain)):
       out[f"rank/{name}"] = jnp.asarray(f.rank, jnp.int32)
     elif isinstance(f, fz.Tucker):
       out[f"rank/{name}"] = f.ranks
@@ -185,11 +186,14 @@ def merge_tree(params: Params, others: Params) -> Params:
 
 
 def frozen_mask(params: Params) -> Params:
-  """True for leaves no optimizer may change: int leaves (ranks), a Lora's
-  W0 and scale, a LowRank's frozen base W0."""
+  """True for leaves no optimizer may change: int leaves (ranks, an
+  SLTrain's support), a Lora's W0 and scale, an SLTrain's scale, a
+  LowRank's frozen base W0."""
   def node_mask(x):
     if isinstance(x, fz.Lora):
       return fz.Lora(True, False, False, True)
+    if isinstance(x, fz.SLTrain):
+      return fz.SLTrain(False, False, False, True, True)
     if isinstance(x, fz.LowRank):
       return fz.LowRank(False, False, False, True,
                         None if x.W0 is None else True)
@@ -205,6 +209,8 @@ def decay_mask(params: Params) -> Params:
   def node_mask(x):
     if isinstance(x, fz.Lora):
       return fz.Lora(False, True, True, False)
+    if isinstance(x, fz.SLTrain):
+      return fz.SLTrain(True, True, True, False, False)
     if isinstance(x, fz.LowRank):
       return fz.LowRank(False, True, False, False, None if x.W0 is None else False)
     if isinstance(x, fz.Tucker):

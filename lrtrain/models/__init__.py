@@ -28,8 +28,8 @@ from lrtrain.layers import FactorSpec
 
 MODEL_NAMES = ("mlp", "lenet5", "vgg", "transformer")
 LM_MODELS = ("transformer",)   # the models that take token sequences
-DENSE_KINDS = ("dense", "lowrank", "lora")
-CONV_KINDS = ("dense", "lowrank", "tucker", "lora", "same")
+DENSE_KINDS = ("dense", "lowrank", "lora", "sltrain")
+CONV_KINDS = ("dense", "lowrank", "tucker", "lora", "sltrain", "same")
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -38,14 +38,15 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.name = "mlp"                    # mlp|lenet5|vgg|transformer
   m.widths = (64,)                  # MLP hidden widths (units per layer)
   m.factor = ml_collections.ConfigDict()
-  m.factor.kind = "lowrank"         # dense layers: dense|lowrank|lora
-  m.factor.conv_kind = "same"       # conv layers: dense|lowrank|tucker|lora|same
-  m.factor.rank = 16                # initial rank r of LowRank / Lora layers
+  m.factor.kind = "lowrank"         # dense layers: dense|lowrank|lora|sltrain
+  m.factor.conv_kind = "same"       # conv layers: dense|lowrank|tucker|lora|sltrain|same
+  m.factor.rank = 16                # initial rank r of LowRank / Lora / SLTrain layers
   m.factor.clip_rank = False        # cap ranks at half the layer's dims (layers.FactorSpec)
   m.factor.capacity = 0             # LowRank buffer columns (0 = rank)
   m.factor.tucker_ranks = (8, 8)    # Tucker (r_out, r_in) channel ranks
-  m.factor.alpha = 0.0              # Lora scale numerator (0 = rank: scale 1)
-  m.factor.rank_stabilised = False  # Lora scale alpha / sqrt(r) (rsLoRA)
+  m.factor.alpha = 0.0              # Lora / SLTrain scale numerator (0 = rank: scale 1)
+  m.factor.rank_stabilised = False  # Lora / SLTrain scale alpha / sqrt(r) (rsLoRA)
+  m.factor.sparse_density = 0.03    # SLTrain: fraction of entries in the fixed sparse support
   m.factor.init = "random"          # random|flat|svd (see layers.matrix_node)
   m.factor.adapter = False          # with init_from: LowRank layers start as W0 = pretrained, S = 0
   m.dense_layers = ("head",)        # layer paths/patterns kept dense
@@ -74,7 +75,8 @@ class FactorPolicy:
     """The policy of model_cfg.factor / model_cfg.dense_layers.
 
     Raises:
-      ValueError: an unknown kind, conv_kind or init.
+      ValueError: an unknown kind, conv_kind or init, or a sparse_density
+        outside (0, 1).
     """
     f = model_cfg.factor
     if f.kind not in DENSE_KINDS:
@@ -83,6 +85,11 @@ class FactorPolicy:
     if f.conv_kind not in CONV_KINDS:
       raise ValueError(f"unknown model.factor.conv_kind={f.conv_kind!r}; valid: "
                        f"{', '.join(CONV_KINDS)}")
+    # .get: a config.json written before the field existed (model.init_from).
+    density = float(f.get("sparse_density", FactorSpec.sparse_density))
+    if not 0.0 < density < 1.0:
+      raise ValueError(f"model.factor.sparse_density={density} must be in "
+                       "(0, 1) (the paper uses 0.03)")
     tr = tuple(int(t) for t in f.tucker_ranks)
     if len(tr) != 2:
       raise ValueError(f"model.factor.tucker_ranks={tr} must be (r_out, r_in)")
@@ -90,7 +97,8 @@ class FactorPolicy:
                       clip_rank=bool(f.clip_rank),
                       capacity=int(f.capacity),
                       tucker_ranks=tr, alpha=float(f.alpha),
-                      rank_stabilised=bool(f.rank_stabilised), init=str(f.init))
+                      rank_stabilised=bool(f.rank_stabilised), init=str(f.init),
+                      sparse_density=density)
     return cls(kind=f.kind, conv_kind=f.conv_kind, base=base,
                dense_layers=tuple(model_cfg.dense_layers))
 
