@@ -3,6 +3,7 @@ layers against their dense weights, parameter counts."""
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 
 from lrtrain import factorizations as fz
-from lrtrain import models
+from lrtrain import models, sweep
 from lrtrain.models import llama
 
 KEY = jax.random.PRNGKey(0)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(kind="dense", rank=4, **sizes):
@@ -133,18 +135,21 @@ def _count(c, vocab, T):
   return sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
 
 
-@pytest.mark.parametrize("d,heads,layers,mlp,total", [
-    (512, 8, 8, 1376, 58_073_600),     # GaLore's "60M" LLaMA (58M)
-    (768, 12, 12, 2048, 134_105_856),  # GaLore's "130M" LLaMA (134M)
+@pytest.mark.parametrize("size,vocab,total", [
+    ("tiny", 256, 1_869_504),
+    ("60m", 32000, 58_073_600),       # GaLore's "60M" LLaMA (58M)
+    ("130m", 32000, 134_105_856),     # GaLore's "130M" LLaMA (134M)
 ])
-def test_parameter_count_of_the_paper_sizes(d, heads, layers, mlp, total):
-  c = _cfg(d_model=d, num_heads=heads, num_layers=layers, mlp_dim=mlp, max_len=256)
-  kw = dict(vocab_size=32000, d_model=d, num_layers=layers, mlp_dim=mlp)
+def test_parameter_count_of_the_named_sizes(size, vocab, total):
+  c = sweep.load_config_module(os.path.join(ROOT, "configs", "llama_lm.py")
+                               ).get_config(f"size={size}").model
+  kw = dict(vocab_size=vocab, d_model=c.d_model, num_layers=c.num_layers,
+            mlp_dim=c.mlp_dim)
   assert llama.num_params(**kw) == total
-  assert _count(c, 32000, 256) == total
+  assert _count(c, vocab, c.max_len) == total
   c.tie_embeddings = True
-  assert _count(c, 32000, 256) == llama.num_params(**kw, tie_embeddings=True) \
-      == total - 32000 * d
+  assert _count(c, vocab, c.max_len) == llama.num_params(**kw, tie_embeddings=True) \
+      == total - vocab * c.d_model
 
 
 def test_bad_shapes_are_refused():
