@@ -352,7 +352,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{', '.join(valid)}")
   _check(c.data.name not in data.LM_NAMES or c.model.name in models.LM_MODELS,
          f"data.name={c.data.name!r} is a language-modelling task (token "
-         f"sequences) and needs model.name in {models.LM_MODELS}, not "
+         f"sequences) and needs model.name="
+         f"{' or '.join(repr(m) for m in models.LM_MODELS)}, not "
          f"model.name={c.model.name!r}")
   tau = c.integrator.tau
   _check(0.0 <= tau < 1.0, f"integrator.tau={tau} must be in [0, 1)")
