@@ -137,8 +137,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_train = 0              # 0 = all training examples
   c.data.classes = ()               # () = all classes
   c.data.seed = 0                   # seed of the validation split
-  c.data.text_file = ""             # text corpus for 'chars'
-  c.data.seq_len = 64               # chars: tokens per window
+  c.data.text_file = ""             # text corpus for 'chars' / 'text' ('' = default)
+  c.data.seq_len = 64               # chars, text, tokens: tokens per window
+  c.data.token_file = ""            # tokens: flat binary file of token ids
+  c.data.token_dtype = "uint16"     # tokens: uint16|uint32 (little-endian)
+  c.data.vocab_size = 0             # tokens: vocabulary size (> every id)
+  c.data.holdout_fraction = 0.02    # text, tokens: tail held out (validation, test)
 
   # --- Model (lrtrain.models.build) ---
   from lrtrain import models  # pylint: disable=g-import-not-at-top
@@ -348,7 +352,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{', '.join(valid)}")
   _check(c.data.name not in data.LM_NAMES or c.model.name in models.LM_MODELS,
          f"data.name={c.data.name!r} is a language-modelling task (token "
-         f"sequences) and needs model.name={models.LM_MODELS[0]!r}, not "
+         f"sequences) and needs model.name="
+         f"{' or '.join(repr(m) for m in models.LM_MODELS)}, not "
          f"model.name={c.model.name!r}")
   tau = c.integrator.tau
   _check(0.0 <= tau < 1.0, f"integrator.tau={tau} must be in [0, 1)")

@@ -12,7 +12,12 @@ and std (per channel); labels are int32. Sources (facts in
 third_party/datasets.md): scikit-learn digits (bundled), Fashion-MNIST (the
 Debian package dataset-fashion-mnist, a directory, or a download), MNIST and
 CIFAR-10 (a directory or a sha256-verified download into a cache), MNIST-1D
-(the mnist1d package), synthetic regression tasks and a char-level corpus.
+(the mnist1d package), synthetic regression tasks, a char-level corpus and
+two token streams for language models: `text` (UTF-8 bytes of a text file or
+of the World English Bible from the Debian package sword-text-web) and
+`tokens` (a flat binary file of token ids, read through np.memmap). Their
+train batches are random windows drawn from (seed, step); the tail of the
+stream (data.holdout_fraction) is held out: validation, then test.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import html
 import os
 import pickle
+import re
 import shutil
 import struct
 import tarfile
@@ -32,12 +39,17 @@ from typing import Callable, Iterator
 import numpy as np
 
 NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "mnist1d",
-         "lowrank_regression", "teacher_student", "chars")
-LM_NAMES = ("chars",)         # token sequences (task 'lm'): a transformer's input
+         "lowrank_regression", "teacher_student", "chars", "text", "tokens")
+LM_NAMES = ("chars", "text", "tokens")  # token sequences (task 'lm')
 SPLITS = ("train", "validation", "test")
 FASHION_MNIST_DEB_DIR = "/usr/share/datasets/fashion-mnist"
 COMMON_LICENSES_DIR = "/usr/share/common-licenses"
 DEFAULT_SEQ_LEN = 64          # chars: tokens per example window
+# text: the default corpus, a SWORD zText module (third_party/text_corpus.md).
+WEB_PACKAGE = "sword-text-web"
+WEB_DIR = "/usr/share/sword/modules/texts/ztext/engWEB2015eb"
+BYTE_VOCAB = 256              # text: one token per UTF-8 byte
+TOKEN_DTYPES = ("uint16", "uint32")   # tokens: data.token_dtype
 IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
              "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 
@@ -121,11 +133,15 @@ class Dataset:
     """The examples `idx` of `split` as {'x', 'y'}."""
     x, y = self._split(split)
     if self.task == "lm":
-      starts = x[idx]
-      win = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
-      w = self.tokens[win]
-      return {"x": w[:, :-1], "y": w[:, 1:]}
+      return self.windows(x[idx])
     return {"x": x[idx], "y": y[idx]}
+
+  def windows(self, starts: np.ndarray) -> dict[str, np.ndarray]:
+    """lm: the token windows at `starts`, x = w[:, :-1], y = w[:, 1:] (int32;
+    from a memmap only these rows are read)."""
+    win = np.asarray(starts)[:, None] + np.arange(self.seq_len + 1)[None, :]
+    w = np.asarray(self.tokens[win], np.int32)
+    return {"x": w[:, :-1], "y": w[:, 1:]}
 
   def batches(self, split: str, batch_size: int, *, seed: int, start_step: int = 0,
               shuffle: bool | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -182,6 +198,42 @@ class Dataset:
     for lo in range(start_step * bs, n, bs):
       idx = np.arange(lo, min(lo + bs, n))
       yield self.take(split, idx if order is None else order[idx])
+
+
+@dataclasses.dataclass
+class TokenStream(Dataset):
+  """An lm dataset over one token stream (`text`, `tokens`).
+
+  Train windows are drawn at random, batch `step` from
+  `default_rng([seed, step])`: start offsets uniform over the
+  `num_examples('train')` windows that end before the held-out tail, so a
+  resumed run needs only its step and the stream costs nothing per epoch
+  (a window may repeat). Validation and test hold fixed windows
+  (`splits`), one ordered pass as for the other datasets.
+
+  Attributes:
+    train_windows: window start offsets 0 .. train_windows - 1 are train.
+  """
+  train_windows: int = 0
+
+  def num_examples(self, split: str) -> int:
+    if split == "train":
+      return self.train_windows
+    return super().num_examples(split)
+
+  def _train_stream(self, n, bs, seed, start_step, shuffle):
+    del shuffle               # random windows either way
+    step = start_step
+    while True:
+      starts = np.random.default_rng([seed, step]).integers(0, n, bs)
+      yield self.take("train", starts)
+      step += 1
+
+  def take(self, split: str, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Train: the windows starting at offsets `idx`; else as `Dataset.take`."""
+    if split != "train":
+      return super().take(split, idx)
+    return self.windows(idx)
 
 
 # --------------------------------------------------------------------------
@@ -650,6 +702,223 @@ def chars(cfg, seq_len: int = DEFAULT_SEQ_LEN) -> Dataset:
                  meta={"vocab": "".join(vocab), "source": cfg.text_file or COMMON_LICENSES_DIR})
 
 
+# --------------------------------------------------------------------------
+# Token streams: byte-level text and token files.
+# --------------------------------------------------------------------------
+
+
+def encode_bytes(text: str) -> np.ndarray:
+  """Byte-level tokens of `text`: its UTF-8 bytes as uint8 (vocabulary 256)."""
+  return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+
+def decode_bytes(tokens) -> str:
+  """The text of byte-level tokens; bytes that are no valid UTF-8 (a window
+  cut inside a character) decode to U+FFFD.
+
+  Raises:
+    ValueError: a token outside 0..255.
+  """
+  a = np.asarray(tokens)
+  if a.size and (a.min() < 0 or a.max() >= BYTE_VOCAB):
+    raise ValueError(f"byte tokens must be in [0, {BYTE_VOCAB}), got "
+                     f"{a.min()}..{a.max()}")
+  return a.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+_OSIS_WORD = re.compile(r"</?w\b[^>]*>")
+_OSIS_NOTE = re.compile(r"<note\b[^>]*>.*?</note>", re.S)
+_OSIS_BREAK = re.compile(
+    r"</?(?:title|div|lb|l|lg|chapter|item|list|speaker)\b[^>]*>")
+_OSIS_TAG = re.compile(r"<[^>]*>")
+
+
+def _drop_note(m: re.Match) -> str:
+  """A footnote between two letters leaves a space (it separated words)."""
+  s = m.string
+  before, after = s[m.start() - 1:m.start()], s[m.end():m.end() + 1]
+  return " " if before.isalnum() and after.isalnum() else ""
+
+
+def osis_to_text(osis: str) -> str:
+  """Plain text of OSIS markup: footnotes dropped, paragraph, line, title,
+  chapter and list markers as line breaks, other tags removed, entities
+  unescaped, blanks collapsed, empty lines dropped."""
+  s = _OSIS_NOTE.sub(_drop_note, _OSIS_WORD.sub("", osis))
+  s = html.unescape(_OSIS_TAG.sub("", _OSIS_BREAK.sub("\n", s)))
+  lines = (" ".join(line.split()) for line in s.split("\n"))
+  return "\n".join(line for line in lines if line) + "\n"
+
+
+def _read_bytes(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def read_sword_ztext(directory: str) -> str:
+  """The plain text of a SWORD zText Bible module, Old then New Testament.
+
+  Per testament t, t.bzs holds one (offset, compressed size, size) uint32
+  triple per zlib block of t.bzz, and t.bzv one (block, offset, size)
+  (uint32, uint32, uint16) entry per verse inside the decompressed blocks;
+  the verses, joined by spaces, are OSIS markup (`osis_to_text`).
+
+  Raises:
+    DatasetError: a missing or corrupt module file.
+  """
+  import zlib  # pylint: disable=g-import-not-at-top
+  verses = []
+  for t in ("ot", "nt"):
+    try:
+      bzs, bzv, bzz = (_read_bytes(os.path.join(directory, f"{t}.{ext}"))
+                       for ext in ("bzs", "bzv", "bzz"))
+    except OSError as e:
+      raise DatasetError(f"cannot read the SWORD module in {directory}: {e}; "
+                         f"reinstall it (apt-get install --reinstall -y "
+                         f"{WEB_PACKAGE})") from None
+    try:
+      blocks = []
+      for off, size, usize in struct.iter_unpack("<III", bzs):
+        blocks.append(zlib.decompress(bzz[off:off + size]))
+        if len(blocks[-1]) != usize:
+          raise ValueError(f"block {len(blocks) - 1} holds {len(blocks[-1])} "
+                           f"bytes, its index says {usize}")
+      verses += [blocks[b][off:off + size]
+                 for b, off, size in struct.iter_unpack("<IIH", bzv) if size]
+    except (struct.error, zlib.error, IndexError, ValueError) as e:
+      raise DatasetError(f"{directory}: corrupt SWORD zText module ({t}: {e}); "
+                         f"reinstall it (apt-get install --reinstall -y "
+                         f"{WEB_PACKAGE})") from None
+  return osis_to_text(b" ".join(verses).decode("utf-8", errors="replace"))
+
+
+def token_stream(name: str, tokens: np.ndarray, vocab: int, cfg,
+                 meta: dict) -> TokenStream:
+  """The `TokenStream` of `tokens` with windows of data.seq_len.
+
+  The last data.holdout_fraction of the stream is held out: its first half
+  is validation, the second test, each read as windows starting every T
+  tokens (at most data.validation_size of them, evenly spread; 0 = all).
+  Train windows lie before it (the first data.max_train offsets if > 0).
+
+  Raises:
+    ValueError: data.holdout_fraction outside (0, 1).
+    DatasetError: a stream too short for a window in each split.
+  """
+  L, T = len(tokens), int(cfg.seq_len)
+  frac = float(cfg.holdout_fraction)
+  if not 0.0 < frac < 1.0:
+    raise ValueError(f"data.holdout_fraction={frac} must be in (0, 1)")
+  held = int(L * frac)
+  val_lo, test_lo = L - held, L - held + held // 2
+  n_val, n_test = (test_lo - val_lo - 1) // T, (L - test_lo - 1) // T
+  if min(n_val, n_test, val_lo - T) < 1:
+    raise DatasetError(
+        f"{name}: a stream of {L} tokens with data.holdout_fraction={frac} "
+        f"has no room for a train, a validation and a test window of "
+        f"{T + 1} tokens; use a longer corpus, lower data.seq_len or change "
+        "data.holdout_fraction")
+  cap = int(cfg.validation_size)
+
+  def starts(lo, n):
+    i = np.arange(n) if cap <= 0 or cap >= n else (np.arange(cap) * n) // cap
+    return lo + T * i
+
+  train = val_lo - T
+  if cfg.max_train:
+    train = min(train, int(cfg.max_train))
+  splits = {s: (x, np.zeros(len(x), np.int32)) for s, x in
+            (("validation", starts(val_lo, n_val)), ("test", starts(test_lo, n_test)))}
+  return TokenStream(name, "lm", vocab, (T,), splits, tokens=tokens, seq_len=T,
+                     meta=meta, train_windows=train)
+
+
+def _text(cfg) -> TokenStream:
+  """Byte-level LM on data.text_file, or on the World English Bible
+  (WEB_DIR, Debian package sword-text-web; third_party/text_corpus.md).
+
+  Raises:
+    DatasetError: the file or the default corpus is missing.
+  """
+  path = cfg.text_file
+  if path:
+    if not os.path.isfile(path):
+      raise DatasetError(f"text: data.text_file={path!r} does not exist; point "
+                         "it at a UTF-8 text file ('' = the default corpus)")
+    tokens = np.fromfile(path, np.uint8)
+  else:
+    if not os.path.isdir(WEB_DIR):
+      raise DatasetError(
+          f"text: the default corpus {WEB_DIR} is missing; install it with "
+          f"`apt-get install -y {WEB_PACKAGE}` (the World English Bible, "
+          "public domain) or set data.text_file to a UTF-8 text file")
+    tokens = encode_bytes(read_sword_ztext(WEB_DIR))
+    path = WEB_DIR
+  return token_stream("text", tokens, BYTE_VOCAB, cfg,
+                      {"source": path, "byte_level": True})
+
+
+def read_token_file(path: str, dtype: str) -> np.memmap:
+  """A flat little-endian binary file of token ids, memory-mapped.
+
+  Raises:
+    ValueError: dtype not in TOKEN_DTYPES.
+    DatasetError: no path, a missing file, or a size that is not a whole
+      number of ids.
+  """
+  if dtype not in TOKEN_DTYPES:
+    raise ValueError(f"unknown data.token_dtype={dtype!r}; valid: "
+                     f"{', '.join(TOKEN_DTYPES)}")
+  if not path:
+    raise DatasetError("tokens: set data.token_file to a flat binary file of "
+                       "token ids (data.token_dtype each, little-endian, no header)")
+  if not os.path.isfile(path):
+    raise DatasetError(f"tokens: data.token_file={path!r} does not exist")
+  dt = np.dtype(dtype).newbyteorder("<")
+  size = os.path.getsize(path)
+  if size == 0 or size % dt.itemsize:
+    raise DatasetError(f"tokens: data.token_file={path!r} holds {size} bytes, "
+                       f"not a whole number of {dtype} token ids; check "
+                       "data.token_dtype")
+  return np.memmap(path, dtype=dt, mode="r")
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str,
+                    chunk: int = 1 << 24) -> None:
+  """Every id < vocab_size, scanned `chunk` ids at a time (never the whole
+  file in memory).
+
+  Raises:
+    DatasetError: the first id >= vocab_size, with its offset.
+  """
+  for lo in range(0, len(tokens), chunk):
+    bad = np.flatnonzero(tokens[lo:lo + chunk] >= vocab_size)
+    if bad.size:
+      i = lo + int(bad[0])
+      raise DatasetError(
+          f"tokens: {path} holds token id {int(tokens[i])} at offset {i}, not "
+          f"below data.vocab_size={vocab_size}; set data.vocab_size to the "
+          "tokenizer's vocabulary size (or check data.token_dtype)")
+
+
+def _tokens(cfg) -> TokenStream:
+  """LM on the pre-tokenized data.token_file (`read_token_file`), ids below
+  data.vocab_size.
+
+  Raises:
+    ValueError: bad data.token_dtype or data.vocab_size.
+    DatasetError: see `read_token_file`, `check_token_ids`.
+  """
+  vocab = int(cfg.vocab_size)
+  if not 1 <= vocab < 2 ** 31:
+    raise ValueError(f"data.vocab_size={vocab} must be in [1, 2^31): the "
+                     "tokenizer's vocabulary size (more than every token id)")
+  ids = read_token_file(cfg.token_file, cfg.token_dtype)
+  check_token_ids(ids, vocab, cfg.token_file)
+  return token_stream("tokens", ids, vocab, cfg,
+                      {"source": cfg.token_file, "dtype": cfg.token_dtype})
+
+
 _LOADERS: dict[str, Callable] = {
     "digits": _digits, "fashion_mnist": _fashion_mnist, "mnist": _mnist,
     "cifar10": _cifar10, "mnist1d": _mnist1d,
@@ -658,6 +927,7 @@ _LOADERS: dict[str, Callable] = {
     "teacher_student": lambda c: teacher_student(
         c.seed, validation_size=int(c.validation_size), max_train=int(c.max_train)),
     "chars": lambda c: chars(c, int(c.seq_len) if "seq_len" in c else DEFAULT_SEQ_LEN),
+    "text": _text, "tokens": _tokens,
 }
 
 
@@ -666,7 +936,8 @@ def load(data_cfg) -> Dataset:
 
   Args:
     data_cfg: ConfigDict with name, dir, cache_dir, download, validation_size,
-      max_train, classes, seed, text_file.
+      max_train, classes, seed, text_file (and for the token streams
+      seq_len, token_file, token_dtype, vocab_size, holdout_fraction).
 
   Returns:
     A Dataset.
@@ -695,4 +966,9 @@ def default_data_config():
   c.classes = ()
   c.seed = 0
   c.text_file = ""
+  c.seq_len = DEFAULT_SEQ_LEN
+  c.token_file = ""
+  c.token_dtype = "uint16"
+  c.vocab_size = 0
+  c.holdout_fraction = 0.02
   return c

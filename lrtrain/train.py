@@ -334,6 +334,19 @@ def evaluate(eval_fn, params, ds, split: str, batch_size: int,
   out = {"loss": tot[0] / tot[2]}
   if ds.task != "regression":
     out["accuracy"] = tot[1] / tot[2]
+  if ds.task == "lm":
+    out.update(lm_metrics(out["loss"], byte_level=ds.meta.get("byte_level", False)))
+  return out
+
+
+def lm_metrics(loss: float, *, byte_level: bool) -> dict[str, float]:
+  """Language-model metrics of a token-mean cross-entropy `loss` (nats):
+  perplexity exp(loss) and, where a token is one byte, bits_per_byte
+  loss / ln 2."""
+  with np.errstate(over="ignore"):
+    out = {"perplexity": float(np.exp(np.float64(loss)))}
+  if byte_level:
+    out["bits_per_byte"] = float(loss) / float(np.log(2.0))
   return out
 
 
@@ -599,6 +612,7 @@ def finish_run(d: _RunDir, eval_fn, params, sharder: Sharder, *, steps: int,
       "steps": int(steps),
       "test/accuracy": test.get("accuracy"),
       "test/loss": test.get("loss"),
+      **{f"test/{k}": v for k, v in test.items() if k not in ("loss", "accuracy")},
       "params/train": counts["train"],
       "params/eval": counts["eval"],
       "params/dense": counts["dense"],

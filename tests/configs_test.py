@@ -7,13 +7,13 @@ import os
 
 import pytest
 
-from lrtrain import config_utils, sweep, train
+from lrtrain import config_utils, data, sweep, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
     os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py"))
 REQUIRED = ("digits", "dlrt_lenet5", "dlrt_mlp", "geolora_mlp", "condlr_lenet5",
-            "tdlrt_vgg", "lora_transformer")
+            "tdlrt_vgg", "lora_transformer", "llama_lm")
 
 
 def path(name):
@@ -42,13 +42,18 @@ def test_every_sweep_point_builds_locked(name, arg):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_runlocal_end_to_end(name, tmp_path, fashion_mnist_dir):
+def test_runlocal_end_to_end(name, tmp_path, tmp_path_factory, fashion_mnist_dir):
   c = sweep.load_config_module(path(name)).get_config("runlocal")
   assert c.runlocal and c.train.num_steps <= 3
   if c.data.name == "fashion_mnist" and fashion_mnist_dir:
     # Without the Debian package: generated 28x28 IDX files, read by the
     # same loader into the same model shapes.
     c.data.dir = fashion_mnist_dir
+  if c.data.name == "text" and not (c.data.text_file or os.path.isdir(data.WEB_DIR)):
+    # Without the Debian package (sword-text-web): a generated text.
+    corpus = tmp_path_factory.mktemp("text") / "corpus.txt"
+    corpus.write_text("In the beginning was a small corpus. " * 2000)
+    c.data.text_file = str(corpus)
   s = train.train_and_evaluate(c, str(tmp_path))
   assert s["steps"] == c.train.num_steps
   with open(tmp_path / "metrics.jsonl") as fh:

@@ -2,7 +2,8 @@
 
 `build(model_cfg, num_classes=..., input_shape=...)` returns a linen Module
 called as `module.apply({'params': params}, x, train=False)`; it returns
-logits (b, classes), or (b, T, vocab) for the char-level transformer LM.
+logits (b, classes), or (b, T, vocab) for the language models (the
+transformer on token inputs, llama).
 
 Per-layer factor resolution (`FactorPolicy.spec`): every factorizable layer
 gets model.factor.kind (dense layers) or model.factor.conv_kind (conv
@@ -26,8 +27,8 @@ import ml_collections
 from lrtrain.factorizations import conv as conv_lib
 from lrtrain.layers import FactorSpec
 
-MODEL_NAMES = ("mlp", "lenet5", "vgg", "transformer")
-LM_MODELS = ("transformer",)   # the models that take token sequences
+MODEL_NAMES = ("mlp", "lenet5", "vgg", "transformer", "llama")
+LM_MODELS = ("transformer", "llama")   # the models that take token sequences
 DENSE_KINDS = ("dense", "lowrank", "lora", "sltrain")
 CONV_KINDS = ("dense", "lowrank", "tucker", "lora", "sltrain", "same")
 
@@ -35,7 +36,7 @@ CONV_KINDS = ("dense", "lowrank", "tucker", "lora", "sltrain", "same")
 def default_model_config() -> ml_collections.ConfigDict:
   """Every model field with its default (unlocked ConfigDict)."""
   m = ml_collections.ConfigDict()
-  m.name = "mlp"                    # mlp|lenet5|vgg|transformer
+  m.name = "mlp"                    # mlp|lenet5|vgg|transformer|llama
   m.widths = (64,)                  # MLP hidden widths (units per layer)
   m.factor = ml_collections.ConfigDict()
   m.factor.kind = "lowrank"         # dense layers: dense|lowrank|lora|sltrain
@@ -52,13 +53,15 @@ def default_model_config() -> ml_collections.ConfigDict:
   m.dense_layers = ("head",)        # layer paths/patterns kept dense
   m.init_from = ""                  # workdir of a trained run to start from (lrtrain/pretrained.py)
   m.conv_impl = "auto"              # auto|im2col|xla (factorizations/conv.py)
-  # Transformer (char LM for (T,) int inputs, ViT for images).
+  # Transformer (char LM for (T,) int inputs, ViT for images) and llama.
   m.d_model = 64                    # residual width
   m.num_heads = 4                   # attention heads
   m.num_layers = 2                  # transformer blocks
   m.mlp_dim = 128                   # hidden width of the block MLP
   m.patch_size = 4                  # ViT patch side (pixels)
   m.max_len = 128                   # longest sequence (LM) / patch count (ViT)
+  m.tie_embeddings = False          # llama: logits from the transposed embedding
+  m.rope_theta = 10000.0            # llama: base of the rotary frequencies
   return m
 
 
@@ -134,7 +137,7 @@ def build(model_cfg, *, num_classes: int, input_shape: tuple) -> nn.Module:
       the layer), or an input shape the model cannot take.
   """
   # Imported here so that the submodules can import this package's helpers.
-  from lrtrain.models import lenet, mlp, transformer, vgg  # pylint: disable=g-import-not-at-top
+  from lrtrain.models import lenet, llama, mlp, transformer, vgg  # pylint: disable=g-import-not-at-top
   name = model_cfg.name
   if name not in MODEL_NAMES:
     raise ValueError(f"unknown model model.name={name!r}; valid: "
@@ -154,12 +157,15 @@ def build(model_cfg, *, num_classes: int, input_shape: tuple) -> nn.Module:
   elif name == "vgg":
     vgg.check_input(input_shape)
     module = vgg.VGG(num_classes=num_classes, policy=policy, impl=impl)
+  elif name == "llama":
+    module = llama.make(model_cfg, num_classes=num_classes,
+                        input_shape=input_shape, policy=policy)
   else:
     module = transformer.make(model_cfg, num_classes=num_classes,
                               input_shape=input_shape, policy=policy)
   # Trace an init once (shapes only) so bad ranks or shapes fail here, with
   # the layer's name, instead of inside the first jitted step.
-  dtype = jnp.int32 if name == "transformer" and len(input_shape) == 1 else jnp.float32
+  dtype = jnp.int32 if getattr(module, "is_lm", False) else jnp.float32
   x = jax.ShapeDtypeStruct((1,) + input_shape, dtype)
   jax.eval_shape(lambda k, x: module.init(k, x, train=False), jax.random.PRNGKey(0), x)
   return module
