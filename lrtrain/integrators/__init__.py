@@ -9,6 +9,7 @@ for. Names and modules:
   geolora                       -> geolora.py (parallel BUG / GeoLoRA)
   tdlrt                         -> tdlrt.py  (Tucker BUG for conv kernels)
   condlr                        -> condlr.py (approximate orthonormal constraints)
+  relora                        -> relora.py (LoRA merged and restarted every k steps)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ METHODS = {
     "geolora": "geolora",
     "tdlrt": "tdlrt",
     "condlr": "condlr",
+    "relora": "relora",
 }
 
 # plain.py serves several names; it gets the name as `method`.
