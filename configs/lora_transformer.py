@@ -2,16 +2,21 @@
 
 Every attention and MLP kernel is W0 + (alpha / r) B A with W0 frozen, the
 embedding and head trained densely. With integrator 'lora' the adapters get
-plain optax; 'geolora' swaps in the geometric rank-adaptive update.
+plain optax; 'geolora' swaps in the geometric rank-adaptive update; 'relora'
+merges the adapters into W0 and restarts them every
+integrator.relora_period steps, with the jagged cosine schedule.
 
   python -m lrtrain.main --config configs/lora_transformer.py --workdir runs/lora
   python -m lrtrain.main --config configs/lora_transformer.py:method=galore --workdir runs/galore
+  python -m lrtrain.main --config configs/lora_transformer.py:method=relora --workdir runs/relora
 
 Expected: about 5 min on 2 CPU cores; the character-level loss falls well
 below log(vocab).
 
 References:
   Hu et al., "LoRA: Low-rank adaptation of large language models", ICLR 2022.
+  Lialin et al., "ReLoRA: High-rank training through low-rank updates",
+  ICLR 2024.
 """
 
 from lrtrain import config_utils as cu
@@ -47,6 +52,10 @@ def get_config(arg=None):
   c.optimizer.schedule = "warmup_cosine"
   c.optimizer.warmup_steps = 100    # steps
   c.optimizer.clip_norm = 1.0
+  if a.method == "relora":
+    c.integrator.relora_period = 500  # steps between merges (= restart_period)
+    c.optimizer.schedule = "jagged_cosine"
+    c.optimizer.restart_warmup = 50   # steps of each restart's ramp
 
   c.train.batch_size = 32           # sequences
   c.train.num_steps = a.steps       # steps
@@ -63,6 +72,8 @@ def get_config(arg=None):
     c.model.max_len = 16
     c.model.factor.rank = 4
     c.optimizer.warmup_steps = 1
+    c.integrator.relora_period = 2    # one merge in the 3 steps
+    c.optimizer.restart_warmup = 1
   return c
 
 

@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Integrator (lrtrain.integrators.build) ---
   c.integrator = ml_collections.ConfigDict()
-  c.integrator.name = "kls"         # dense|factors|lora|galore|kls|geolora|tdlrt|condlr|sltrain
+  c.integrator.name = "kls"         # dense|factors|lora|galore|kls|geolora|tdlrt|condlr|sltrain|relora
   c.integrator.tau = 0.1            # relative truncation tolerance, [0, 1)
   c.integrator.adaptive = True      # rank-adaptive (augment + truncate)
   c.integrator.r_min = 2            # smallest rank per layer
@@ -163,6 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.integrator.kappa_tau = 0.0      # condlr: condition-number tolerance
   c.integrator.galore_rank = 32     # galore: projection rank
   c.integrator.update_proj_gap = 200  # galore: steps between projector refreshes
+  c.integrator.relora_period = 200  # relora: steps between merges (adapters restart)
+  c.integrator.relora_prune = 0.99  # relora: fraction of adapter moments zeroed at a merge (1 = reset)
 
   # --- Optimizer (lrtrain.optim.build) ---
   c.optimizer = ml_collections.ConfigDict()
@@ -172,8 +174,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9              # adam beta1
   c.optimizer.b2 = 0.999            # adam beta2
   c.optimizer.weight_decay = 0.0    # L2 (sgd/momentum/adam) or decoupled (adamw)
-  c.optimizer.schedule = "constant"  # constant|cosine|warmup_cosine
-  c.optimizer.warmup_steps = 0      # linear warmup (warmup_cosine), steps
+  c.optimizer.schedule = "constant"  # constant|cosine|warmup_cosine|jagged_cosine
+  c.optimizer.warmup_steps = 0      # linear warmup (warmup_cosine, jagged_cosine), steps
+  # jagged_cosine: steps between warm restarts; a reference to
+  # integrator.relora_period (setting either sets both)
+  c.optimizer.restart_period = c.integrator.get_ref("relora_period")
+  c.optimizer.restart_warmup = 50   # jagged_cosine: ramp from 0 after a restart, steps
   c.optimizer.clip_norm = 0.0       # clip_by_global_norm (0 = off)
 
   # --- Training loop ---
@@ -373,6 +379,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     integrators.check_config(c)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  o = c.optimizer
+  _check(o.schedule != "jagged_cosine"
+         or 0 <= o.restart_warmup < o.restart_period,
+         f"optimizer.schedule='jagged_cosine' needs 0 <= "
+         f"optimizer.restart_warmup < optimizer.restart_period (got "
+         f"{o.restart_warmup} and {o.restart_period}): each restart's ramp "
+         "must end before the next restart")
   _check(isinstance(c.seed, int) and c.seed >= 0,
          f"seed={c.seed} must be a non-negative integer")
   _check(c.data.max_train >= 0,

@@ -6,7 +6,10 @@
   adamw     Adam with decoupled weight decay
 
 Schedules: constant, cosine (decay to 0 over the run), warmup_cosine (linear
-warmup from 0, then cosine). `clip_norm > 0` clips by global norm first.
+warmup from 0, then cosine), jagged_cosine (warmup_cosine with warm
+restarts every `restart_period` steps, each a linear ramp from 0 over
+`restart_warmup` steps back to the cosine: ReLoRA's schedule, Lialin et
+al., ICLR 2024). `clip_norm > 0` clips by global norm first.
 Weight decay never touches orthonormal factors: adamw masks its decay with
 `integrators.base.decay_mask`; for sgd/momentum/adam the (coupled, L2) decay
 is handed to the integrator (`integrator_weight_decay`), which applies it
@@ -21,13 +24,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 from lrtrain.integrators import base
 
 NAMES = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "jagged_cosine")
 
 
 def schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -42,11 +46,42 @@ def schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
     return optax.constant_schedule(lr)
   if cfg.schedule == "cosine":
     return optax.cosine_decay_schedule(lr, decay_steps=steps)
-  if cfg.schedule == "warmup_cosine":
+  if cfg.schedule in ("warmup_cosine", "jagged_cosine"):
     warm = min(int(cfg.warmup_steps), steps - 1)
-    return optax.warmup_cosine_decay_schedule(
+    envelope = optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps=max(warm, 0), decay_steps=steps)
+    if cfg.schedule == "warmup_cosine":
+      return envelope
+    return jagged(envelope, int(cfg.restart_period), int(cfg.restart_warmup))
   raise ValueError(f"unknown schedule optimizer.schedule={cfg.schedule!r}")
+
+
+def jagged(envelope: optax.Schedule, period: int,
+           warmup: int) -> optax.Schedule:
+  """`envelope` with warm restarts: at every step t = j * period (j >= 1)
+  the rate drops to 0 and ramps linearly over `warmup` steps to the
+  envelope's value at t + warmup, then follows the envelope again.
+
+  Step t of the schedule is the rate of the (t + 1)-th update: with a
+  restart after every `period`-th update (ReLoRA's merges), the first
+  update after a restart gets rate 0.
+
+  Args:
+    envelope: the schedule between restarts (with the run's first warmup).
+    period: steps between restarts (>= 1).
+    warmup: steps of each restart's ramp (0: no ramp, the envelope only).
+
+  Returns:
+    An optax schedule (traceable in the step count).
+  """
+  def fn(count):
+    t = jnp.asarray(count)
+    since = t % period                  # steps since the last restart
+    ramping = (t >= period) & (since < warmup)
+    top = envelope(t - since + warmup)
+    ramp = since.astype(jnp.float32) / max(warmup, 1) * top
+    return jnp.where(ramping, ramp, envelope(t))
+  return fn
 
 
 def _chain(cfg, learning_rate, momentum, b1, b2, weight_decay):
@@ -74,7 +109,8 @@ def build(cfg: ml_collections.ConfigDict,
 
   Args:
     cfg: optimizer config (name, learning_rate, momentum, b1, b2,
-      weight_decay, schedule, warmup_steps, clip_norm).
+      weight_decay, schedule, warmup_steps, restart_period, restart_warmup,
+      clip_norm).
     num_steps: length of the run (for the decaying schedules).
 
   Returns:

@@ -25,7 +25,7 @@ def _params(name, key, dtype):
     w = tucker.init(kw, 6, 4, 3, 3, (3, 2, 3, 3), dtype=dtype)
   elif name in ("dense", "galore"):
     w = (jax.random.normal(kw, (M, N)) / 3).astype(dtype)
-  elif name == "lora":
+  elif name in ("lora", "relora"):
     w = lora.init(kw, jax.random.normal(kb, (N, M)).astype(dtype), 3)
   elif name == "sltrain":
     w = sltrain.init(kw, N, M, 3, density=0.2, dtype=dtype)
@@ -59,7 +59,8 @@ def _build(name):
     integrators.module_for(name)
   except ModuleNotFoundError as e:
     pytest.skip(f"{name}: module not available ({e})")
-  opts = dict(tau=0.1, r_min=1, galore_rank=2)
+  # relora merges after every step: each test goes through a merge.
+  opts = dict(tau=0.1, r_min=1, galore_rank=2, relora_period=1)
   accepted = integrators.options(name)
   return integrators.build(name, optax.adam(1e-2),
                            **{k: v for k, v in opts.items() if k in accepted})

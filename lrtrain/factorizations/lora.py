@@ -68,11 +68,16 @@ def init(key: jax.Array, W0: jax.Array, rank: int, *, alpha: float | None = None
     raise ValueError(f"Lora: rank {rank} must be in [1, min(n, m)] = "
                      f"[1, {min(n, m)}] for a ({n}, {m}) weight")
   alpha = float(rank) if alpha is None else float(alpha)
-  # Kaiming-uniform-like bound 1/sqrt(m) on A, as in the reference LoRA.
-  A = draws.uniform(key, (rank, m), jnp.float32, -1.0, 1.0) / math.sqrt(m)
   B = jnp.zeros((n, rank), W0.dtype)
   scale = jnp.asarray(lora_scale(alpha, rank, rank_stabilised), W0.dtype)
-  return Lora(W0, A.astype(W0.dtype), B, scale)
+  return Lora(W0, init_A(key, rank, m, W0.dtype), B, scale)
+
+
+def init_A(key: jax.Array, rank: int, m: int, dtype=jnp.float32) -> jax.Array:
+  """A fresh (r, m) down projection: uniform with the Kaiming-like bound
+  1/sqrt(m), as in the reference LoRA (drawn in float32, then cast)."""
+  A = draws.uniform(key, (rank, m), jnp.float32, -1.0, 1.0) / math.sqrt(m)
+  return A.astype(dtype)
 
 
 def from_dense(W: jax.Array, rank: int, **kw) -> Lora:

@@ -10,6 +10,7 @@ for. Names and modules:
   tdlrt                         -> tdlrt.py  (Tucker BUG for conv kernels)
   condlr                        -> condlr.py (approximate orthonormal constraints)
   sltrain                       -> sltrain.py (sparse plus low-rank, SLTrain)
+  relora                        -> relora.py (LoRA merged and restarted every k steps)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ METHODS = {
     "tdlrt": "tdlrt",
     "condlr": "condlr",
     "sltrain": "sltrain",
+    "relora": "relora",
 }
 
 # plain.py serves several names; it gets the name as `method`.

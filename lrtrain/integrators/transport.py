@@ -31,7 +31,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -183,12 +183,39 @@ def transport(opt_state: Any, like: Any, maps: Sequence[Congruence | None],
   check_rule(second_rule, "transport")
   if not enabled:
     return opt_state
-  like_def = jax.tree.structure(like)
-  like_shapes = _shapes(like)
-  if len(maps) != len(like_shapes):
-    raise ValueError(f"transport: {len(maps)} maps for {len(like_shapes)} leaves")
+  n = len(jax.tree.leaves(like))
+  if len(maps) != n:
+    raise ValueError(f"transport: {len(maps)} maps for {n} leaves")
   if all(m is None for m in maps):
     return opt_state
+
+  def move(leaves, second):
+    return [l if m is None else (m.second(l, second_rule) if second
+                                 else m.first(l))
+            for l, m in zip(leaves, maps)]
+
+  return map_moment_trees(opt_state, like, move, second_moments)
+
+
+def map_moment_trees(opt_state: Any, like: Any, fn: Callable[[list, bool], list],
+                     second_moments: Sequence[str] = SECOND_MOMENT_FIELDS) -> Any:
+  """The walk over an optax state's moment trees (module docstring): every
+  subtree whose structure and leaf shapes equal those of `like` gets
+  `fn(leaves, second)`, its leaves in `jax.tree.leaves(like)` order and
+  `second` True under a field named in `second_moments`; fn returns the
+  new leaves. Everything else (counts, hyperparameters) is kept.
+
+  Args:
+    opt_state: any optax state (nested NamedTuples / tuples / dicts).
+    like: the tree the optimizer was initialised on (structure and shapes).
+    fn: (leaves, second) -> leaves of the same shapes.
+    second_moments: field names whose leaves are second moments.
+
+  Returns:
+    The state with the same structure, moment trees replaced.
+  """
+  like_def = jax.tree.structure(like)
+  like_shapes = _shapes(like)
 
   def is_moment(x) -> bool:
     try:
@@ -202,10 +229,6 @@ def transport(opt_state: Any, like: Any, maps: Sequence[Congruence | None],
       return x
     names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
     second = any(n in names for n in second_moments)
-    leaves = jax.tree.leaves(x)
-    new = [l if m is None else (m.second(l, second_rule) if second
-                                 else m.first(l))
-           for l, m in zip(leaves, maps)]
-    return jax.tree.unflatten(like_def, new)
+    return jax.tree.unflatten(like_def, fn(jax.tree.leaves(x), second))
 
   return jax.tree_util.tree_map_with_path(visit, opt_state, is_leaf=is_moment)
