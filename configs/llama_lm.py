@@ -24,6 +24,8 @@ embedding, norms and head stay dense):
   lora            frozen random W0 + B A (plain Adam on A, B)
   kls, geolora, tdlrt   rank-adaptive U S V^T (tau 0.1), starting at `rank`
   condlr          orthonormal factors, approx_orth core
+  sltrain         scale B A + S, S on a fixed random support (density 0.03)
+  relora          LoRA merged into W0 and restarted 4 times per run
 
   python -m lrtrain.main --config configs/llama_lm.py --workdir runs/llama_tiny
   python -m lrtrain.main --config configs/llama_lm.py:method=kls,rank=32 --workdir runs/llama_kls
@@ -60,7 +62,29 @@ METHODS = {
     "geolora": ("geolora", True, "lowrank"),
     "tdlrt": ("tdlrt", True, "lowrank"),
     "condlr": ("condlr", False, "lowrank"),
+    "sltrain": ("sltrain", False, "sltrain"),
+    "relora": ("relora", False, "lora"),
 }
+
+
+def method_fields(method: str, rank: int, steps: int) -> dict:
+  """The config fields (dotted paths) that select `method`: get_config sets
+  them, and sweeps over methods use them as their points."""
+  name, adaptive, kind = METHODS[method]
+  fields = {"integrator.name": name, "integrator.adaptive": adaptive,
+            "model.factor.kind": kind}
+  if method == "sltrain":
+    # Scale alpha / r = 1/4 of the low-rank part (the SLTrain scripts' alpha
+    # 32 at r 128 for the 60M model).
+    fields["model.factor.alpha"] = rank / 4
+  if method == "relora":
+    # Four merges per run, the learning rate restarted at each with a ramp
+    # of a tenth of the period (ReLoRA's jagged cosine).
+    period = max(steps // 4, 2)
+    fields.update({"integrator.relora_period": period,
+                   "optimizer.schedule": "jagged_cosine",
+                   "optimizer.restart_warmup": max(period // 10, 1)})
+  return fields
 
 
 def get_config(arg=None):
@@ -77,7 +101,6 @@ def get_config(arg=None):
   d, heads, layers, mlp, context, batch, steps, rank = SIZES[a.size]
   rank = a.rank or rank
   steps = a.steps or steps
-  name, adaptive, kind = METHODS[a.method]
   c = cu.base_config()
   c.seed = a.seed
   if a.token_file or (a.size != "tiny" and not a.runlocal):
@@ -97,14 +120,11 @@ def get_config(arg=None):
   c.model.mlp_dim = mlp               # SwiGLU hidden width
   c.model.max_len = context           # tokens
   c.model.tie_embeddings = False
-  c.model.factor.kind = kind
   c.model.factor.rank = rank          # initial rank of every factorized kernel ...
   c.model.factor.clip_rank = True     # ... capped at min(n, m) // 2
   c.model.dense_layers = ("head",)
   c.data.seq_len = c.model.get_ref("max_len")  # window = context
 
-  c.integrator.name = name
-  c.integrator.adaptive = adaptive
   c.integrator.tau = 0.1              # relative truncation tolerance
   c.integrator.variant = "approx_orth"
   c.integrator.galore_rank = rank
@@ -135,11 +155,14 @@ def get_config(arg=None):
     c.model.factor.rank = 4
     c.integrator.galore_rank = 4
     c.optimizer.warmup_steps = 1
+  c = cu.apply_overrides(c, method_fields(a.method, rank, steps))
+  c.unlock()
   return c
 
 
 def get_sweep(arg=None):
   """Every method at the size in arg (one run each)."""
-  del arg
-  return [{"integrator.name": n, "integrator.adaptive": ad, "model.factor.kind": k}
-          for n, ad, k in METHODS.values()]
+  a = cu.parse_arg(arg, runlocal=False, size="tiny", method="dense", rank=0,
+                   seed=0, steps=0, lr=1e-3, token_file="", vocab=PAPER_VOCAB)
+  _, _, _, _, _, _, steps, rank = SIZES.get(a.size, SIZES["tiny"])
+  return [method_fields(m, a.rank or rank, a.steps or steps) for m in METHODS]
