@@ -278,6 +278,21 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def attention(q_bthk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array,
+              causal: bool) -> jax.Array:
+  """Scaled dot-product attention over heads: (b, T, h, k) queries, (b, S,
+  h, k) keys and values -> (b, T, h * k). Scores and softmax in float32;
+  causal: query t sees keys s <= t."""
+  b, T, h, k = q_bthk.shape
+  logits = jnp.einsum("bqhk,bshk->bhqs", q_bthk, k_bshk).astype(jnp.float32)
+  logits = logits / jnp.sqrt(jnp.float32(k))
+  if causal:
+    mask = jnp.tril(jnp.ones((T, k_bshk.shape[1]), bool))
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  w = jax.nn.softmax(logits, axis=-1).astype(v_bshk.dtype)
+  return jnp.einsum("bhqs,bshk->bqhk", w, v_bshk).reshape(b, T, h * k)
+
+
 def _tucker_node(key, spec: FactorSpec, c_out: int, c_in: int, kh: int, kw: int,
                  *, name: str, dtype=jnp.float32) -> fz.Tucker:
   """Tucker kernel with channel ranks spec.tucker_ranks, full spatial modes

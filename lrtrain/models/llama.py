@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from lrtrain import draws
-from lrtrain.layers import Dense
+from lrtrain.layers import Dense, attention
 
 NORM_EPS = 1e-6        # RMSNorm's epsilon inside the square root
 
@@ -95,13 +95,7 @@ class Attention(nn.Module):
     q = rotary(proj("q")(x_btd).reshape(b, T, h, k), pos, self.rope_theta)
     kk = rotary(proj("k")(x_btd).reshape(b, T, h, k), pos, self.rope_theta)
     v = proj("v")(x_btd).reshape(b, T, h, k)
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, kk).astype(jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(k))
-    mask = jnp.tril(jnp.ones((T, T), bool))
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    y = jnp.einsum("bhqs,bshk->bqhk", w, v).reshape(b, T, d)
-    return proj("o")(y)
+    return proj("o")(attention(q, kk, v, causal=True))
 
 
 class SwiGLU(nn.Module):

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from lrtrain import draws
-from lrtrain.layers import Dense
+from lrtrain.layers import Dense, attention
 
 
 class Attention(nn.Module):
@@ -46,13 +45,7 @@ class Attention(nn.Module):
     q = proj("query")(x_btd).reshape(b, T, h, k)
     kk = proj("key")(x_btd).reshape(b, T, h, k)
     v = proj("value")(x_btd).reshape(b, T, h, k)
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, kk) / jnp.sqrt(k).astype(q.dtype)
-    if self.causal:
-      mask = jnp.tril(jnp.ones((T, T), bool))
-      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    w = jax.nn.softmax(logits, axis=-1)
-    y = jnp.einsum("bhqs,bshk->bqhk", w, v).reshape(b, T, d)
-    return proj("out")(y)
+    return proj("out")(attention(q, kk, v, self.causal))
 
 
 class Block(nn.Module):
