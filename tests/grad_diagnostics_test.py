@@ -253,22 +253,41 @@ def test_update_k_validated():
 # --- in a run ------------------------------------------------------------------
 
 
-def test_keys_in_metrics_at_diagnostics_cadence(tmp_path):
-  """digits runlocal (3 steps, diagnostics every 2: steps 0, 2, 3)."""
+def digits_config(steps):
+  """digits runlocal, diagnostics every 2 steps, checkpoints every 2, a
+  constant learning rate (the same steps whatever num_steps)."""
   from configs import digits  # pylint: disable=g-import-not-at-top
   c = digits.get_config("runlocal")
-  wd = str(tmp_path)
-  train.train_and_evaluate(c, wd)
-  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  c.train.num_steps, c.train.checkpoint_every = steps, 2
+  c.optimizer.schedule = "constant"
+  return c
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """Workdir of a 4-step run: diagnostics at steps 0, 2 and 4."""
+  wd = str(tmp_path_factory.mktemp("full"))
+  train.train_and_evaluate(digits_config(4), wd)
+  return wd
+
+
+def rows_of(wd):
+  return [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+
+
+def test_keys_in_metrics_at_diagnostics_cadence(full_run):
+  rows = rows_of(full_run)
   steps = lambda key: sorted(r["step"] for r in rows if key in r)
   for layer in ("fc1", "fc2", "head"):
     for m in ("stable_rank", "norm_spectral", "norm_frobenius"):
-      assert steps(f"grad/{layer}/{m}") == [0, 2, 3]
-      assert steps(f"update/{layer}/{m}") == [2, 3]
-    assert steps(f"update/{layer}/overlap") == [3]
+      assert steps(f"grad/{layer}/{m}") == [0, 2, 4]
+      assert steps(f"update/{layer}/{m}") == [2, 4]
+    assert steps(f"update/{layer}/overlap") == [4]
+    overlap = next(r for r in rows if f"update/{layer}/overlap" in r)
+    assert 0.0 <= overlap[f"update/{layer}/overlap"] <= 1.0 + 1e-6
   # Step 0's gradient is the one of the first training batch at the
   # initial weights.
-  run = train.build_run(c)
+  run = train.build_run(digits_config(4))
   batch = next(train.train_batches(run, 0))
   G = gd.full_weight_grads(run.loss_fn, run.init_params,
                            jax.tree.map(jnp.asarray, batch))
@@ -276,5 +295,19 @@ def test_keys_in_metrics_at_diagnostics_cadence(tmp_path):
   for layer in ("fc1", "fc2", "head"):
     assert row0[f"grad/{layer}/stable_rank"] == pytest.approx(
         np_stable_rank(G[layer]), rel=1e-4)
-  assert 0.0 <= next(r for r in rows if "update/fc1/overlap" in r)[
-      "update/fc1/overlap"] <= 1.0 + 1e-6
+
+
+def test_resume_restarts_update_keys_and_keeps_grad_keys(full_run, tmp_path):
+  """A run resumed at step 2 logs at step 4 the grad/ values of the
+  uninterrupted run, and no update/ keys (their memory starts afresh)."""
+  def at(wd, step):
+    return {k: v for r in rows_of(wd) if r["step"] == step
+            for k, v in r.items() if k.startswith(("grad/", "update/"))}
+
+  part = str(tmp_path)
+  train.train_and_evaluate(digits_config(2), part)
+  train.train_and_evaluate(digits_config(4), part)
+  want, got = at(full_run, 4), at(part, 4)
+  assert "update/fc1/overlap" in want
+  assert got == {k: v for k, v in want.items() if k.startswith("grad/")}
+  assert at(part, 2) == at(full_run, 2)

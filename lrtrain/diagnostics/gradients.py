@@ -226,10 +226,9 @@ class GradientDiagnostics:
     self._svd = dict(exact_limit=int(exact_limit), tol=float(tol),
                      max_iters=int(max_iters))
     self._loss_fn = loss_fn
-    self._prev = None       # (matrices, bases, whether bases are real)
-    self._grad = jax.jit(self._grad_metrics)
-    self._mats = jax.jit(layer_matrices)
-    self._update = jax.jit(self._update_metrics)
+    self._prev = None       # (weights, their update's bases) of the last call
+    self._calls = 0
+    self._jit = jax.jit(self._compute)   # one program for every key
 
   @property
   def needs_batch(self) -> bool:
@@ -237,29 +236,34 @@ class GradientDiagnostics:
 
   def __call__(self, params, batch=None) -> dict[str, Any]:
     """The metrics of this call on the host (Python floats)."""
-    out = {}
-    if self.gradients:
-      out.update(self._grad(params, batch))
-    if self.updates:
-      out.update(self._step_updates(params))
-    return {k: float(v) for k, v in jax.device_get(out).items()}
-
-  def _step_updates(self, params) -> dict[str, jax.Array]:
     if self._prev is None:
-      mats = self._mats(params)
-      bases = {n: (jnp.zeros((M.shape[0], min(self.top_k, *M.shape))),
-                   jnp.zeros((min(self.top_k, *M.shape),), bool))
-               for n, M in mats.items()}
-      self._prev = (mats, bases, False)
-      return {}
-    prev, bases, real = self._prev
-    out, mats, new_bases = self._update(params, prev, bases)
-    self._prev = (mats, new_bases, True)
-    if not real:
-      out = {k: v for k, v in out.items() if not k.endswith("/overlap")}
-    return out
+      # Stand-ins of the same shapes (one program from the first call on);
+      # the update keys of this call are dropped below.
+      mats = jax.eval_shape(layer_matrices, params) if self.updates else {}
+      self._prev = (
+          {n: jnp.zeros(M.shape, M.dtype) for n, M in mats.items()},
+          {n: (jnp.zeros((M.shape[0], min(self.top_k, *M.shape))),
+               jnp.zeros((min(self.top_k, *M.shape),), bool))
+           for n, M in mats.items()})
+    out, mats, bases = self._jit(params, batch, *self._prev)
+    self._prev = (mats, bases)
+    self._calls += 1
+
+    def logged(key):   # an update needs one call before, an overlap two
+      return (not key.startswith("update/") or self._calls > 2
+              or (self._calls == 2 and not key.endswith("/overlap")))
+    return {k: float(v) for k, v in jax.device_get(out).items() if logged(k)}
 
   # -- traced -----------------------------------------------------------------
+
+  def _compute(self, params, batch, prev, bases):
+    out, mats, new_bases = {}, {}, {}
+    if self.gradients:
+      out.update(self._grad_metrics(params, batch))
+    if self.updates:
+      res, mats, new_bases = self._update_metrics(params, prev, bases)
+      out.update(res)
+    return out, mats, new_bases
 
   def _grad_metrics(self, params, batch):
     grads = full_weight_grads(self._loss_fn, params, batch)
