@@ -67,8 +67,7 @@ def find_layers(params) -> list[tuple[str, Any]]:
   return [(name, x) for name, x in named if name is not None]
 
 
-def as_matrix(name: str, x) -> jax.Array:
-  """A layer's weight (node or dense kernel) as its (out, in) matrix."""
+def _as_matrix(name: str, x) -> jax.Array:
   return fz.as_matrix(x) if fz.is_factor(x) else layer_matrix(name, x)
 
 
@@ -144,7 +143,7 @@ class Diagnostics:
     # One program for every layer's matrix (op by op, a Tucker layer's mode
     # products compiled one small program each).
     as_matrices = jax.jit(lambda xs: [
-        jnp.asarray(as_matrix(n, x), jnp.float32) for n, x in zip(names, xs)])
+        jnp.asarray(_as_matrix(n, x), jnp.float32) for n, x in zip(names, xs)])
     mats = dict(zip(names, as_matrices([x for _, x in chosen])))
     groups = defaultdict(list)
     for name, W in mats.items():

@@ -45,6 +45,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -130,13 +131,15 @@ def overlap(X: jax.Array, xmask: jax.Array, Y: jax.Array,
   return sp.subspace_similarity(X, xmask, Y, ymask, k)[0]
 
 
-def _stand_in(x, W: jax.Array):
-  """What the model applies in place of layer x to use the dense weight W:
-  W itself for a dense kernel; a Tucker node with core W (c_out, c_in, kh,
-  kw) and identity factors; any matrix node as a Lora node with base W
-  (n, m) and an empty adapter (scale 0)."""
+def _stand_in(x):
+  """Layer x as the model is to apply it to use its dense weight: a dense
+  kernel as it is; a Tucker kernel as a Tucker node with the full kernel
+  (c_out, c_in, kh, kw) as core and identity factors; any matrix node as a
+  Lora node with base materialize(x) (n, m) and an empty adapter (scale 0).
+  Its shapes do not depend on x's ranks or capacities."""
   if not fz.is_factor(x):
-    return W
+    return x
+  W = fz.materialize(x)
   if isinstance(x, fz.Tucker):
     eye = [jnp.eye(d, dtype=W.dtype) for d in W.shape]
     return fz.Tucker(W, *eye, jnp.asarray(W.shape, jnp.int32))
@@ -145,42 +148,69 @@ def _stand_in(x, W: jax.Array):
                  jnp.zeros((), W.dtype))
 
 
-def _dense_weight(x) -> jax.Array:
-  """The weight `_stand_in` takes: the kernel, the materialised node."""
-  return fz.materialize(x) if fz.is_factor(x) else x
+def stand_ins(params):
+  """params with every layer replaced by its `_stand_in`."""
+  return jax.tree.map(_stand_in, params, is_leaf=fz.is_factor)
 
 
-def _grad_matrix(name: str, x, g: jax.Array) -> jax.Array:
-  """dL/d(dense weight) as the layer's (out, in) matrix (`layer_matrix`'s
-  views; a Tucker kernel's conv matrix, like `as_matrix`)."""
+def _weight(x) -> jax.Array:
+  """The dense weight of a stand-in."""
+  if not fz.is_factor(x):
+    return x
+  return x.core if isinstance(x, fz.Tucker) else x.W0
+
+
+def _with_weight(x, W: jax.Array):
+  """The stand-in x with the dense weight W."""
+  if not fz.is_factor(x):
+    return W
   if isinstance(x, fz.Tucker):
-    return fz.lowrank.conv_kernel_to_matrix(jnp.transpose(g, (2, 3, 1, 0)))
-  return g if fz.is_factor(x) else core.layer_matrix(name, g)
+    return dataclasses.replace(x, core=W)
+  return dataclasses.replace(x, W0=W)
+
+
+def _matrix(name: str, x, a: jax.Array) -> jax.Array:
+  """An array shaped like stand-in x's weight (the weight or its gradient)
+  as the layer's (out, in) float32 matrix: `layer_matrix`'s views, a
+  Tucker kernel's conv matrix (as `factorizations.as_matrix`)."""
+  if isinstance(x, fz.Tucker):
+    a = fz.lowrank.conv_kernel_to_matrix(jnp.transpose(a, (2, 3, 1, 0)))
+  elif not fz.is_factor(x):
+    a = core.layer_matrix(name, a)
+  return a.astype(jnp.float32)
+
+
+def _layers(stand):
+  """(names, leaves, treedef) of a stand-in tree; name None: no layer."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      stand, is_leaf=fz.is_factor)
+  names = [core.layer_name(fz.path_str(path), x) for path, x in leaves]
+  return names, [x for _, x in leaves], treedef
+
+
+def _stand_in_grads(loss_fn: Callable, stand, batch) -> dict[str, jax.Array]:
+  names, xs, treedef = _layers(stand)
+  weights = {n: _weight(x) for n, x in zip(names, xs) if n is not None}
+
+  def loss(weights):
+    p = [x if n is None else _with_weight(x, weights[n])
+         for n, x in zip(names, xs)]
+    return loss_fn(jax.tree.unflatten(treedef, p), batch)[0]
+
+  g = jax.grad(loss)(weights)
+  return {n: _matrix(n, x, g[n]) for n, x in zip(names, xs) if n is not None}
 
 
 def full_weight_grads(loss_fn: Callable, params, batch) -> dict[str, jax.Array]:
   """{layer: dL/dW (out, in), float32}: the gradient of loss_fn(params,
   batch)[0] with respect to every layer's full weight (module docstring)."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=fz.is_factor)
-  names = [core.layer_name(fz.path_str(path), x) for path, x in leaves]
-  xs = [x for _, x in leaves]
-  weights = {n: _dense_weight(x) for n, x in zip(names, xs) if n is not None}
-
-  def loss(weights):
-    p = [x if n is None else _stand_in(x, weights[n])
-         for n, x in zip(names, xs)]
-    return loss_fn(jax.tree.unflatten(treedef, p), batch)[0]
-
-  g = jax.grad(loss)(weights)
-  return {n: _grad_matrix(n, x, g[n]).astype(jnp.float32)
-          for n, x in zip(names, xs) if n is not None}
+  return _stand_in_grads(loss_fn, stand_ins(params), batch)
 
 
-def layer_matrices(params) -> dict[str, jax.Array]:
-  """{layer: its weight as an (out, in) float32 matrix}."""
-  return {n: core.as_matrix(n, x).astype(jnp.float32)
-          for n, x in core.find_layers(params)}
+def _stand_in_matrices(stand) -> dict[str, jax.Array]:
+  names, xs, _ = _layers(stand)
+  return {n: _matrix(n, x, _weight(x)) for n, x in zip(names, xs)
+          if n is not None}
 
 
 def _by_shape(mats: dict[str, jax.Array]) -> list[list[str]]:
@@ -228,7 +258,11 @@ class GradientDiagnostics:
     self._loss_fn = loss_fn
     self._prev = None       # (weights, their update's bases) of the last call
     self._calls = 0
-    self._jit = jax.jit(self._compute)   # one program for every key
+    # The layers' dense stand-ins (a small program, traced again when a
+    # rank-adaptive method moves a capacity), then one program for every
+    # key on them, whose shapes never change.
+    self._stand_ins = jax.jit(stand_ins)
+    self._jit = jax.jit(self._compute)
 
   @property
   def needs_batch(self) -> bool:
@@ -236,16 +270,17 @@ class GradientDiagnostics:
 
   def __call__(self, params, batch=None) -> dict[str, Any]:
     """The metrics of this call on the host (Python floats)."""
+    stand = self._stand_ins(params)
     if self._prev is None:
-      # Stand-ins of the same shapes (one program from the first call on);
-      # the update keys of this call are dropped below.
-      mats = jax.eval_shape(layer_matrices, params) if self.updates else {}
+      # Zeros for the previous weights (the same program from the first
+      # call on); the update keys of this call are dropped below.
+      mats = jax.eval_shape(_stand_in_matrices, stand) if self.updates else {}
       self._prev = (
           {n: jnp.zeros(M.shape, M.dtype) for n, M in mats.items()},
           {n: (jnp.zeros((M.shape[0], min(self.top_k, *M.shape))),
                jnp.zeros((min(self.top_k, *M.shape),), bool))
            for n, M in mats.items()})
-    out, mats, bases = self._jit(params, batch, *self._prev)
+    out, mats, bases = self._jit(stand, batch, *self._prev)
     self._prev = (mats, bases)
     self._calls += 1
 
@@ -256,17 +291,17 @@ class GradientDiagnostics:
 
   # -- traced -----------------------------------------------------------------
 
-  def _compute(self, params, batch, prev, bases):
+  def _compute(self, stand, batch, prev, bases):
     out, mats, new_bases = {}, {}, {}
     if self.gradients:
-      out.update(self._grad_metrics(params, batch))
+      out.update(self._grad_metrics(stand, batch))
     if self.updates:
-      res, mats, new_bases = self._update_metrics(params, prev, bases)
+      res, mats, new_bases = self._update_metrics(stand, prev, bases)
       out.update(res)
     return out, mats, new_bases
 
-  def _grad_metrics(self, params, batch):
-    grads = full_weight_grads(self._loss_fn, params, batch)
+  def _grad_metrics(self, stand, batch):
+    grads = _stand_in_grads(self._loss_fn, stand, batch)
     out = {}
     for names in _by_shape(grads):
       G = jnp.stack([grads[n] for n in names])
@@ -278,8 +313,8 @@ class GradientDiagnostics:
           out[f"grad/{n}/{key}"] = v[i]
     return out
 
-  def _update_metrics(self, params, prev, bases):
-    mats = layer_matrices(params)
+  def _update_metrics(self, stand, prev, bases):
+    mats = _stand_in_matrices(stand)
     out, new_bases = {}, {}
 
     def one(D, X, xmask):
