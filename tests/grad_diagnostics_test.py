@@ -243,6 +243,19 @@ def test_update_keys_across_calls_match_numpy():
         np_overlap(np_top_left(D1, k), np_top_left(D2, k)), abs=1e-4)
 
 
+def test_one_metrics_program_across_capacity_changes():
+  """A rank-adaptive method moving a capacity retraces only the small
+  program that forms the dense weights."""
+  C = jnp.asarray(known(20, 14, [3.0, 1.0], seed=4)[0], jnp.float32)
+  g = GradientDiagnostics(linear_loss(C), top_k=3)
+  for i, capacity in enumerate((6, 6, 4, 8)):
+    node = fz.lowrank.init(jax.random.key(i), 20, 14, 3, capacity=capacity)
+    out = g({"fc": {"kernel": node}})
+    assert out["grad/fc/stable_rank"] == pytest.approx(1 + 1 / 9, rel=1e-4)
+  assert "update/fc/overlap" in out
+  assert g.num_traces == 1
+
+
 def test_update_k_validated():
   c = config_utils.base_config()
   c.diagnostics.update_k = 0

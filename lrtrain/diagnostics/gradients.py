@@ -258,6 +258,7 @@ class GradientDiagnostics:
     self._loss_fn = loss_fn
     self._prev = None       # (weights, their update's bases) of the last call
     self._calls = 0
+    self.num_traces = 0     # of the metrics program (one per model)
     # The layers' dense stand-ins (a small program, traced again when a
     # rank-adaptive method moves a capacity), then one program for every
     # key on them, whose shapes never change.
@@ -272,14 +273,10 @@ class GradientDiagnostics:
     """The metrics of this call on the host (Python floats)."""
     stand = self._stand_ins(params)
     if self._prev is None:
-      # Zeros for the previous weights (the same program from the first
-      # call on); the update keys of this call are dropped below.
-      mats = jax.eval_shape(_stand_in_matrices, stand) if self.updates else {}
-      self._prev = (
-          {n: jnp.zeros(M.shape, M.dtype) for n, M in mats.items()},
-          {n: (jnp.zeros((M.shape[0], min(self.top_k, *M.shape))),
-               jnp.zeros((min(self.top_k, *M.shape),), bool))
-           for n, M in mats.items()})
+      # Zeros for the previous weights, made by a program as the later
+      # states are (so the main program compiles once); the update keys
+      # of this call are dropped below.
+      self._prev = jax.jit(self._zero_state)(stand)
     out, mats, bases = self._jit(stand, batch, *self._prev)
     self._prev = (mats, bases)
     self._calls += 1
@@ -291,7 +288,18 @@ class GradientDiagnostics:
 
   # -- traced -----------------------------------------------------------------
 
+  def _zero_state(self, stand):
+    """(weights, bases) arguments of `_compute` before any call: zeros."""
+    if not self.updates:
+      return {}, {}
+    mats = _stand_in_matrices(stand)
+    k = {n: min(self.top_k, *M.shape) for n, M in mats.items()}
+    return ({n: jnp.zeros_like(M) for n, M in mats.items()},
+            {n: (jnp.zeros((M.shape[0], k[n]), M.dtype),
+                 jnp.zeros(k[n], bool)) for n, M in mats.items()})
+
   def _compute(self, stand, batch, prev, bases):
+    self.num_traces += 1
     out, mats, new_bases = {}, {}, {}
     if self.gradients:
       out.update(self._grad_metrics(stand, batch))
