@@ -495,16 +495,19 @@ class _RunDir:
       diag = diagnostics.Diagnostics(run.init_params, top_k=d.top_k, eps=d.eps,
                                      full_spectrum=d.full_spectrum,
                                      heavy_tail=d.heavy_tail)
-      dyn = diagnostics.GradientDiagnostics(
+      dyn = (diagnostics.GradientDiagnostics(
           run.loss_fn, gradients=d.gradients, updates=d.updates,
-          top_k=d.update_k)
+          top_k=d.update_k) if d.gradients or d.updates else None)
 
       def diagnose(step, params, _):
-        # The gradient keys: at the params after `step`, on the batch the
-        # next step trains on.
-        batch = (sharder.batch(next(train_batches(run, step)))
-                 if dyn.needs_batch else None)
-        return {**diag(params), **dyn(params, batch)}
+        out = diag(params)
+        if dyn is not None:
+          # The gradient keys: at the params after `step`, on the batch the
+          # next step trains on.
+          batch = (sharder.batch(next(train_batches(run, step)))
+                   if dyn.needs_batch else None)
+          out.update(dyn(params, batch))
+        return out
       self.hooks.append(Hook(d.every, diagnose, at_start=True))
     self.hooks += list(run.hooks)
     self.hooks.append(Hook(t.checkpoint_every, save))   # after the metrics

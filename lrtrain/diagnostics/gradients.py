@@ -257,6 +257,7 @@ class GradientDiagnostics:
                      max_iters=int(max_iters))
     self._loss_fn = loss_fn
     self._prev = None       # (weights, their update's bases) of the last call
+    self._placement = None  # where that state lives
     self._calls = 0
     self.num_traces = 0     # of the metrics program (one per model)
     # The layers' dense stand-ins (a small program, traced again when a
@@ -273,12 +274,13 @@ class GradientDiagnostics:
     """The metrics of this call on the host (Python floats)."""
     stand = self._stand_ins(params)
     if self._prev is None:
-      # Zeros for the previous weights, made by a program as the later
-      # states are (so the main program compiles once); the update keys
-      # of this call are dropped below.
-      self._prev = jax.jit(self._zero_state)(stand)
+      # Zeros for the previous weights (the update keys of this call are
+      # dropped below), placed with the params' devices; every later state
+      # is put where these are, so the main program compiles once.
+      self._prev = jax.jit(self._zero_state, keep_unused=True)(stand)
+      self._placement = jax.tree.map(lambda x: x.sharding, self._prev)
     out, mats, bases = self._jit(stand, batch, *self._prev)
-    self._prev = (mats, bases)
+    self._prev = jax.device_put((mats, bases), self._placement)
     self._calls += 1
 
     def logged(key):   # an update needs one call before, an overlap two
