@@ -189,6 +189,7 @@ def _layers(stand):
 
 
 def _stand_in_grads(loss_fn: Callable, stand, batch) -> dict[str, jax.Array]:
+  """{layer: dL/dW (out, in)} of a stand-in tree, W each layer's weight."""
   names, xs, treedef = _layers(stand)
   weights = {n: _weight(x) for n, x in zip(names, xs) if n is not None}
 
@@ -208,12 +209,14 @@ def full_weight_grads(loss_fn: Callable, params, batch) -> dict[str, jax.Array]:
 
 
 def _stand_in_matrices(stand) -> dict[str, jax.Array]:
+  """{layer: W (out, in)} of a stand-in tree."""
   names, xs, _ = _layers(stand)
   return {n: _matrix(n, x, _weight(x)) for n, x in zip(names, xs)
           if n is not None}
 
 
 def _by_shape(mats: dict[str, jax.Array]) -> list[list[str]]:
+  """Layer names grouped by matrix shape (each group one vmapped call)."""
   groups = defaultdict(list)
   for name, M in mats.items():
     groups[M.shape].append(name)
