@@ -203,6 +203,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.diagnostics.eps = 0.5           # intruder threshold on max |cos|
   c.diagnostics.full_spectrum = False  # also log all singular values
   c.diagnostics.heavy_tail = True   # power-law alpha fits
+  c.diagnostics.gradients = True    # grad/<layer>/*: full-weight gradient stable rank
+  c.diagnostics.updates = True      # update/<layer>/*: update norms, subspace overlap
+  c.diagnostics.update_k = 8        # k of the update subspaces compared
 
   # --- Device mesh (lrtrain.sharding: axis sizes and placement rules) ---
   from lrtrain import sharding  # pylint: disable=g-import-not-at-top
@@ -406,6 +409,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"diagnostics.every={c.diagnostics.every} must be >= 0")
   _check(c.diagnostics.top_k >= 1,
          f"diagnostics.top_k={c.diagnostics.top_k} must be >= 1")
+  _check(c.diagnostics.update_k >= 1,
+         f"diagnostics.update_k={c.diagnostics.update_k} must be >= 1")
   data = check_mesh(c)
   check_batch(t.batch_size, data)
 

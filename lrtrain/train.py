@@ -416,6 +416,13 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
              total=total)
 
 
+def train_batches(run: Run, step: int):
+  """The run's train stream from the batch that step `step` + 1 trains on
+  (deterministic in the seed and the position: a resume restarts it here)."""
+  return run.ds.batches("train", run.config.train.batch_size,
+                        seed=run.config.seed, start_step=run.start_step + step)
+
+
 def _cache_size(jitted) -> int | None:
   """Compiled variants of a jitted function (one per input shape set: each
   capacity-bucket change of a rank-adaptive run adds one); None if this jax
@@ -502,7 +509,20 @@ class _RunDir:
       diag = diagnostics.Diagnostics(run.init_params, top_k=d.top_k, eps=d.eps,
                                      full_spectrum=d.full_spectrum,
                                      heavy_tail=d.heavy_tail)
-      self.hooks.append(Hook(d.every, lambda s, p, _: diag(p), at_start=True))
+      dyn = (diagnostics.GradientDiagnostics(
+          run.loss_fn, gradients=d.gradients, updates=d.updates,
+          top_k=d.update_k) if d.gradients or d.updates else None)
+
+      def diagnose(step, params, _):
+        out = diag(params)
+        if dyn is not None:
+          # The gradient keys: at the params after `step`, on the batch the
+          # next step trains on.
+          batch = (sharder.batch(next(train_batches(run, step)))
+                   if dyn.needs_batch else None)
+          out.update(dyn(params, batch))
+        return out
+      self.hooks.append(Hook(d.every, diagnose, at_start=True))
     self.hooks += list(run.hooks)
     self.hooks.append(Hook(t.checkpoint_every, save))   # after the metrics
 
@@ -751,8 +771,7 @@ def train(runs: Run | Sequence[Run], workdirs: str | Sequence[str]):
         d.run_hooks(0, p_i, lane(opt_state, i))
 
     step_fn = make_step_fn(integ, loss_fn, sharder, vmapped=vmapped)
-    iters = [r.ds.batches("train", t.batch_size, seed=r.config.seed,
-                          start_step=r.start_step + step) for r in runs]
+    iters = [train_batches(r, step) for r in runs]
     # The one producer of steps/s (progress bar, ETA, time/steps_per_sec).
     meter = writers_lib.StepRate()
     progress = writers_lib.Progress(

@@ -51,16 +51,20 @@ def layer_matrix(name: str, w: jax.Array) -> jax.Array:
                    "as a weight matrix")
 
 
+def layer_name(path: str, x) -> str | None:
+  """The layer name of the params leaf (or factor node) x at slash path
+  `path`, None if x is no layer (module docstring)."""
+  is_kernel = path == "kernel" or path.endswith("/kernel")
+  if fz.is_factor(x) or (is_kernel and getattr(x, "ndim", 0) in (2, 3, 4)):
+    return path.removesuffix("/kernel")
+  return None
+
+
 def find_layers(params) -> list[tuple[str, Any]]:
   """[(layer name, node or dense kernel)] in tree order."""
   leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=fz.is_factor)[0]
-  out = []
-  for path, x in leaves:
-    p = fz.path_str(path)
-    is_kernel = p == "kernel" or p.endswith("/kernel")
-    if fz.is_factor(x) or (is_kernel and getattr(x, "ndim", 0) in (2, 3, 4)):
-      out.append((p[:-len("/kernel")] if p.endswith("/kernel") else p, x))
-  return out
+  named = [(layer_name(fz.path_str(path), x), x) for path, x in leaves]
+  return [(name, x) for name, x in named if name is not None]
 
 
 def _as_matrix(name: str, x) -> jax.Array:

@@ -21,14 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrtrain import lapack
+from lrtrain.diagnostics import spectral as sp
 
 
 def reference_basis(W0: jax.Array):
   """Left singular vectors X (n, p) of W_0 (n, m), their validity mask (p,)
   (s_i > max(n, m) eps s_1) and the singular values (p,)."""
   X, s, _ = lapack.svd(W0, full_matrices=False)
-  rtol = max(W0.shape) * float(jnp.finfo(W0.dtype).eps)
-  return X, s > rtol * s[0], s
+  return X, s > sp.default_rtol(W0.shape, W0.dtype) * s[0], s
 
 
 def maxsim(X: jax.Array, xmask: jax.Array, Y: jax.Array, ymask: jax.Array,

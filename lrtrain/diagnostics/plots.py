@@ -21,6 +21,8 @@ Figures (file names in out_dir):
                            logged maxsim vectors (first/middle/last)
   intruders.png            intruder count per layer and in total vs step
   alpha.png                heavytail/<layer>/alpha vs step
+  grad_stable_rank.png     stable rank of each layer's full-weight gradient
+  update_overlap.png       overlap of consecutive update subspaces per layer
 
 Intruder counts compare against the reference the diagnostics were built
 with: in a run, the weights it started from (step 0).
@@ -339,6 +341,16 @@ def figures(rows: list[dict], run: RunInfo = RunInfo()) -> dict[str, Figure]:
   add("alpha.png", _lines(rows, [(f"heavytail/{l}/alpha", l) for l in alp],
                           "Power-law exponent alpha of eig(W^T W)", "alpha",
                           run))
+  grad = _layers(rows, r"grad/(.+)/stable_rank")
+  add("grad_stable_rank.png", _lines(
+      rows, [(f"grad/{l}/stable_rank", l) for l in grad],
+      "Stable rank of the gradient dL/dW, ||G||_F^2 / ||G||_2^2",
+      "stable rank", run))
+  upd = _layers(rows, r"update/(.+)/overlap")
+  add("update_overlap.png", _lines(
+      rows, [(f"update/{l}/overlap", l) for l in upd],
+      "Overlap of the top-k left singular subspaces of consecutive\n"
+      "weight updates (1: same directions, 0: orthogonal)", "overlap", run))
   return out
 
 

@@ -32,6 +32,12 @@ from lrtrain import lapack
 from lrtrain.factorizations import Lora, LowRank, Tucker, tucker as tucker_lib
 
 
+def default_rtol(shape: tuple[int, ...], dtype) -> float:
+  """max(n, m) eps(dtype): singular values at or below this times s_1 are
+  numerically zero (the rule of `jnp.linalg.matrix_rank`)."""
+  return max(shape) * float(jnp.finfo(dtype).eps)
+
+
 def spectrum_metrics(s: jax.Array, active: jax.Array, shape: tuple[int, int],
                      rtol: float | None = None) -> dict[str, jax.Array]:
   """Norms and ranks of a spectrum (docs/diagnostics.md, "Keys").
@@ -51,7 +57,7 @@ def spectrum_metrics(s: jax.Array, active: jax.Array, shape: tuple[int, int],
   """
   s = jnp.where(active, s, 0.0)
   if rtol is None:
-    rtol = max(shape) * float(jnp.finfo(s.dtype).eps)
+    rtol = default_rtol(shape, s.dtype)
   s1 = s[0]
   sq = jnp.sum(s * s)
   nuc = jnp.sum(s)
