@@ -7,8 +7,10 @@ are skipped, interrupted ones resume.
 
 Outputs (results/): runs.csv (one row per method and seed), comparison.csv
 (per method, mean and std over seeds: validation and test perplexity,
-trainable parameters, bytes of parameters + optimizer state, steady steps
-per second, final stable rank per projection type), perplexity_memory.png
+trainable parameters, bytes of parameters + optimizer state at the start
+and at the end (rank-adaptive methods shrink their buffers with their
+ranks), steady steps per second, stable rank of the final weight per projection type),
+perplexity_memory.png
 (validation perplexity against parameter + optimizer-state memory, every
 seed and the mean) and published.csv (GaLore's 60M / 130M C4 rows beside
 ours, scale stated).
@@ -19,27 +21,48 @@ from __future__ import annotations
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
 from experiments import common as gc
 from experiments.lm_pretraining import config as study_config
+from lrtrain import config_utils as cu
+from lrtrain import factorizations as fz
+from lrtrain import pretrained
 from lrtrain import train as train_lib
-from lrtrain.integrators import base as ibase
+from lrtrain.diagnostics import core as diag_core
 
 STUDY = "lm_pretraining"
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def memory_bytes(cfg) -> dict[str, int]:
-  """Bytes of the parameters (frozen ones included) and of the optimizer
-  state of `cfg`'s run at its initial ranks, from shapes alone."""
-  run = train_lib.build_run(cfg)
-  params, _, _ = run.integrator.resize(run.init_params, None)
+def _with_defaults(saved) -> ml_collections.ConfigDict:
+  """A run's saved config over today's defaults (fields added since the
+  run was made take their default)."""
+  c = cu.base_config()
+
+  def merge(node, d):
+    for k, v in d.items():
+      if isinstance(v, dict) and isinstance(node.get(k), ml_collections.ConfigDict):
+        merge(node[k], v)
+      else:
+        node[k] = tuple(v) if isinstance(v, list) else v
+  merge(c, saved.to_dict())
+  return c
+
+
+def _bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def memory_bytes(run, params) -> dict[str, int]:
+  """Bytes of `params` (frozen ones included, in the capacity buckets the
+  integrator keeps them in) and of the optimizer state it would hold for
+  them, from shapes alone."""
+  params, _, _ = run.integrator.resize(params, None)
   state = jax.eval_shape(run.integrator.init, params)
-  size = lambda t: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                       for x in jax.tree.leaves(t))
-  return {"param_bytes": size(params), "state_bytes": size(state),
-          "trainable_bytes": size(ibase.trainable(params))}
+  return {"param_bytes": _bytes(params), "state_bytes": _bytes(state)}
 
 
 def _last(rows, key):
@@ -47,37 +70,34 @@ def _last(rows, key):
   return vals[-1] if vals else None
 
 
-def stable_ranks(rows) -> dict[str, float]:
-  """Mean over blocks of each projection's stable rank at the last
-  diagnostics step."""
-  last = max((r["step"] for r in rows if any(k.endswith("/stable_rank") for k in r)),
-             default=None)
-  if last is None:
-    return {}
-  row = {}
-  for r in rows:
-    if r["step"] == last:
-      row.update(r)
-  out = {}
-  for p in PROJECTIONS:
-    vals = [v for k, v in row.items() if k.startswith("spectral/")
-            and k.endswith(f"/{p}/stable_rank")]
-    if vals:
-      out[p] = float(np.mean(vals))
-  return out
+def stable_ranks(params) -> dict[str, float]:
+  """Mean over blocks of each projection's stable rank ||W||_F^2 / ||W||_2^2
+  of a weight (W = W0 + s B A for LoRA and ReLoRA, B A + S for SLTrain,
+  U S V^T for the factorized methods)."""
+  by = {}
+  for name, x in diag_core.find_layers(params):
+    proj = name.rsplit("/", 1)[-1]
+    if proj not in PROJECTIONS:
+      continue
+    W = fz.as_matrix(x) if fz.is_factor(x) else diag_core.layer_matrix(name, x)
+    s = np.linalg.svd(np.asarray(W, np.float64), compute_uv=False)
+    by.setdefault(proj, []).append(float(np.sum(s ** 2) / s[0] ** 2))
+  return {p: float(np.mean(v)) for p, v in by.items()}
 
 
-def report(workdir: str, results: str) -> list[dict]:
+def report(workdir: str, results: str) -> dict[str, str]:
   rows = []
-  mem_cache: dict[str, dict] = {}
+  runs: dict[str, train_lib.Run] = {}
   for d in gc.finished_runs(workdir):
     cfg, s, m = (gc.load_config(d), gc.read_json(os.path.join(d, "summary.json")),
                  gc.metrics(d))
     method = cfg.integrator.name       # one integrator per method here
-    if method not in mem_cache:
-      mem_cache[method] = memory_bytes(cfg)
-    mem = mem_cache[method]
-    sr = stable_ranks(m)
+    if method not in runs:
+      runs[method] = train_lib.build_run(_with_defaults(cfg))
+    run = runs[method]
+    final = pretrained.restore_params(d, run.init_params)
+    start, end = memory_bytes(run, run.init_params), memory_bytes(run, final)
+    sr = stable_ranks(final)
     rows.append({
         "method": method, "seed": int(cfg.seed), "steps": s["steps"],
         "tokens": s["steps"] * cfg.train.batch_size * cfg.model.max_len,
@@ -85,7 +105,8 @@ def report(workdir: str, results: str) -> list[dict]:
         "val_bits_per_byte": _last(m, "eval/bits_per_byte"),
         "test_perplexity": s.get("test/perplexity"),
         "trainable_params": s["params/train"],
-        "param_state_mib": (mem["param_bytes"] + mem["state_bytes"]) / 2 ** 20,
+        "param_state_mib": (end["param_bytes"] + end["state_bytes"]) / 2 ** 20,
+        "param_state_mib_start": (start["param_bytes"] + start["state_bytes"]) / 2 ** 20,
         "steady_steps_per_sec": s.get("time/steady_steps_per_sec"),
         **{f"stable_rank_{p}": sr.get(p) for p in PROJECTIONS}})
   order = list(study_config.METHODS)
@@ -102,8 +123,8 @@ def report(workdir: str, results: str) -> list[dict]:
       v = np.array([r[key] for r in sel if r[key] is not None], float)
       row[f"{key}_mean"] = float(v.mean()) if len(v) else None
       row[f"{key}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    row["trainable_params"] = sel[0]["trainable_params"]
-    row["param_state_mib"] = sel[0]["param_state_mib"]
+    for key in ("trainable_params", "param_state_mib", "param_state_mib_start"):
+      row[key] = float(np.mean([r[key] for r in sel]))
     row["tokens"] = sel[0]["tokens"]
     comp.append(row)
   out["comparison"] = gc.write_csv(os.path.join(results, "comparison.csv"), comp)
@@ -123,14 +144,14 @@ def report(workdir: str, results: str) -> list[dict]:
     a.errorbar([c["param_state_mib"]], [c["val_perplexity_mean"]],
                yerr=[c["val_perplexity_std"]], fmt="s", color=f"C{i}",
                label=c["method"], capsize=3)
-  a.set_xlabel("parameters + optimizer state (MiB, float32)")
+  a.set_xlabel("parameters + optimizer state at the end (MiB, float32)")
   a.set_ylabel("validation perplexity (bytes)")
   a.set_title(f"tiny LLaMA, {comp[0]['tokens'] / 1e6:.2f}M tokens "
               "(dots: seeds, squares: mean +- std)" if comp else "", fontsize=9)
   a.grid(alpha=.3)
   a.legend(fontsize=8)
   out["perplexity_memory_png"] = gc.save(fig, os.path.join(results, "perplexity_memory.png"))
-  return comp
+  return out
 
 
 main = gc.cli(STUDY, report, doc=__doc__)
