@@ -14,6 +14,7 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
     os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py"))
 REQUIRED = ("digits", "dlrt_lenet5", "dlrt_mlp", "geolora_mlp", "condlr_lenet5",
             "tdlrt_vgg", "lora_transformer", "llama_lm")
+SLOW_CONFIGS = ("tdlrt_vgg", "dlrt_lenet5", "condlr_lenet5", "methods_fashion")
 
 
 def path(name):
@@ -41,7 +42,11 @@ def test_every_sweep_point_builds_locked(name, arg):
       c.not_a_field = 1                # locked: no new knobs
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# The convolutional configs compile the heaviest programs (10-30 s cold):
+# second tier.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.tier2) if n in SLOW_CONFIGS else n
+    for n in CONFIGS])
 def test_runlocal_end_to_end(name, tmp_path, tmp_path_factory, fashion_mnist_dir):
   c = sweep.load_config_module(path(name)).get_config("runlocal")
   assert c.runlocal and c.train.num_steps <= 3

@@ -134,7 +134,11 @@ def test_state_is_checkpointable(name):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The rank-adaptive ones compile a vmapped step each (15-20 s cold): second
+# tier, beside tests/vmap_deadlock_test.py.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.tier2) if n in ("kls", "geolora", "tdlrt")
+    else n for n in NAMES])
 def test_vmap_over_seeds(name):
   integ, _, _, _, batch = _jitted(name)
   seeds = jnp.arange(3)

@@ -149,6 +149,7 @@ def _conv_loss(params, batch):
   return jnp.mean(jnp.sum(jnp.square(y - batch["y"]), -1)), {}
 
 
+@pytest.mark.tier2
 def test_tucker_regression_recovers_teacher_ranks():
   teacher, batch = _teacher_problem(jax.random.PRNGKey(20))
   params = {"conv": tucker.init(jax.random.PRNGKey(21), 8, 6, 3, 3,

@@ -144,6 +144,7 @@ def test_progress_plain_lines_when_not_a_tty(capsys):
   assert s.getvalue() == "step 5/10  - steps/s  ETA ?  loss 0.5000\n"
 
 
+@pytest.mark.tier2
 def test_vmapped_seeds_are_the_same_loop_as_sequential(tmp_path):
   """Two seeds of fixed-rank GeoLoRA (which buckets its buffers to 2r on the
   first resize) as one vmapped program equal the two runs one by one."""
