@@ -72,6 +72,11 @@ MAX_PASSES = 5
 # 1e-2, and an unshifted pass from there is orthonormal to about 1.7 u.
 NEAR = 0.25
 GRAM_TAU2 = 64.0
+# Smallest Cholesky pivot, in units of u times the largest Gram diagonal
+# entry, for which `_first_pass` skips the shift: the pass then leaves a
+# Gram defect of about 6-9 u / pivot (measured at n x k = 1024 x 128 to
+# 4096 x 256, condition 1e2 - 3e3), at most ~0.14 < NEAR.
+UNSHIFTED_PIVOT = 64.0
 _impl = ["matmul"]
 _rows = [None]        # (mesh, axis) whose axis splits the tall factors' rows
 
@@ -246,8 +251,51 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False):
   L, Linv = _cholesky(G + jnp.diag(shift * mask + (1.0 - mask)))
   Q = (X @ Linv.T) * mask[None, :]
   d2 = jnp.where(mask > 0, jnp.square(jnp.diagonal(L)), jnp.inf)
-  weak = jnp.any(d2 <= 1.1 * shift)
+  if never_shift:
+    # Unshifted, on the output of a shifted pass: the pivots bound its
+    # smallest Gram eigenvalue, sigma_min^2 / (sigma_min^2 + s) for the
+    # original block, resolved here to about sqrt(k) u (the shifted pass's
+    # own pivots resolve sigma_min^2 only to about sqrt(k) / (n + k) of s).
+    # NaN pivots (a failed factorization) count as weak.
+    weak = ~jnp.all(d2 > pivot_floor(X.dtype))
+  else:
+    weak = jnp.any(d2 <= 1.1 * shift)
   return Q, off, weak
+
+
+def pivot_floor(dtype) -> float:
+  """Smallest Cholesky pivot of an unshifted pass after a shifted one that
+  counts as full rank: sqrt(u) / 4 (1e-4 in float32). Its input then has
+  condition below 2 u^(-1/4), so the pass leaves a Gram defect of at most
+  about 4 sqrt(u), and one more unshifted pass is orthonormal to rounding.
+  Measured against the original block X (n, k): full rank means
+  sigma_min / sigma_max above about sqrt(pivot_floor u (n + k)), condition
+  up to ~4e3 at n = 4096, k = 256 in float32."""
+  return float(jnp.finfo(dtype).eps) ** 0.5 / 4
+
+
+def _first_pass(X, mask, eps):
+  """The first Cholesky QR pass of `_two_passes`, shifted only where it
+  must be: the Gram matrix is factored twice (k x k work), with a guard
+  shift of u max_i ||x_i||^2 and with the full shift of `_cholesky_pass`;
+  the guarded factor is used where its pivots are all above
+  `UNSHIFTED_PIVOT` u times the scale (condition of X up to about 3e3 in
+  float32), and its Q is then off the identity by less than `NEAR`, so one
+  more pass finishes. The shifted factor leaves Q with condition up to
+  1 / sqrt(u (n + k)) (44 at n + k = 4352 in float32), far from orthonormal,
+  and needs two more (the third pass of `_two_passes`).
+  Returns Q (inactive columns zero)."""
+  n, k = X.shape
+  active = mask[:, None] * mask[None, :]
+  G = (X.T @ X) * active
+  scale = jnp.max(jnp.diagonal(G))
+  pad = jnp.diag(1.0 - mask)
+  Lg, Lg_inv = _cholesky(G + jnp.diag(eps * scale * mask) + pad)
+  d2 = jnp.where(mask > 0, jnp.square(jnp.diagonal(Lg)), jnp.inf)
+  plain = jnp.all(d2 >= UNSHIFTED_PIVOT * eps * scale)   # False on NaN
+  _, Ls_inv = _cholesky(G + jnp.diag(eps * (n + k) * scale * mask) + pad)
+  Linv = jnp.where(plain, Lg_inv, Ls_inv)
+  return (X @ Linv.T) * mask[None, :]
 
 
 def _more_passes(U, Q, mask, eps, max_passes):
@@ -308,26 +356,29 @@ def _householder(X, r):
 
 
 def _two_passes(U, X, mask, eps):
-  """The common case of `_orthonormalize` without its loop: a shifted
-  Cholesky QR pass and an unshifted one, each after projecting off U, and a
-  third unshifted pass where the second's input was off the identity by
-  more than `NEAR`.
+  """The common case of `_orthonormalize` without its loop: a Cholesky QR
+  pass shifted where the block's condition needs it (`_first_pass`) and an
+  unshifted one, each after projecting off U, and a third unshifted pass
+  where the second's input was off the identity by more than `NEAR` (after
+  a shifted first pass).
 
-  Returns (Q, ok). ok: the first pass found every column above its shift
-  (full rank) and the last pass's input was orthonormal to `NEAR`, so Q is
-  orthonormal to working precision and spans X's projection off U;
+  Returns (Q, ok). ok: the second pass found every pivot above
+  `pivot_floor` (full rank) and the last pass's input was orthonormal to
+  `NEAR`, so Q is orthonormal to working precision and spans X's projection off U;
   otherwise the caller runs the general algorithm. The general one
   (`_orthonormalize`: a loop, and a Householder branch for rank-deficient
   blocks) costs its branches and loop even when they do little; here the
   common case costs its products.
   """
   X = _project(U, X * mask[None, :])
-  Q1, _, weak = _cholesky_pass(X, mask, eps, always_shift=True)
-  # Full rank (not weak) leaves Q1 with condition below about sqrt(11):
-  # the second pass needs no shift. A third runs where the second's input
-  # was far from orthonormal (an ill-conditioned block: rank near the
-  # batch size leaves defects of 0.5 - 0.7 after the shifted pass).
-  Q, off, _ = _cholesky_pass(_project(U, Q1), mask, eps, never_shift=True)
+  Q1 = _first_pass(X, mask, eps)
+  # The second pass runs unshifted and decides the rank from its pivots
+  # (`pivot_floor`): a block whose smallest singular value sank below the
+  # shift leaves Q1 with a nearly singular Gram matrix. A third runs where
+  # the second's input was far from orthonormal (an ill-conditioned block:
+  # rank near the batch size leaves defects of 0.5 - 0.7 after the shifted
+  # pass).
+  Q, off, weak = _cholesky_pass(_project(U, Q1), mask, eps, never_shift=True)
 
   def third(Q, off, mask):
     Q, off, _ = _cholesky_pass(Q, mask, eps, never_shift=True)
