@@ -311,3 +311,27 @@ def test_svd_falls_back_where_divide_and_conquer_fails(monkeypatch):
   assert bool(jnp.all(jnp.isfinite(P))) and bool(jnp.all(jnp.isfinite(Qt)))
   np.testing.assert_allclose(s, good[1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose((P * s) @ Qt, S, atol=1e-5)
+
+
+@pytest.mark.parametrize("cond", [30.0, 600.0, 3000.0])
+def test_moderately_conditioned_blocks_stay_on_the_straight_line_path(cond):
+  """Blocks of condition up to ~3e3 (a K = U S of a spread spectrum) are
+  full rank for the straight-line passes: no fallback to Householder QR,
+  orthonormal to float32 rounding and Householder's basis; at condition
+  600 the first pass runs unshifted (two passes suffice)."""
+  n, k = 1024, 64
+  A = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(7), (n, k)))[0]
+  B = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(8), (k, k)))[0]
+  X = 3.0 * (A * jnp.logspace(0, -np.log10(cond), k)[None, :]) @ B
+  mask = jnp.ones((k,))
+  eps = float(jnp.finfo(jnp.float32).eps)
+  Q, ok = linalg._two_passes(None, X, mask, eps)
+  assert bool(ok)
+  assert _orth_err(Q, k) < 2e-6
+  with linalg.implementation("lapack"):
+    H = linalg.orth(X, k)
+  np.testing.assert_allclose(Q, H, atol=1e-3 * cond / 3000 + 2e-5)
+  Q1 = linalg._first_pass(X, mask, eps)
+  defect = float(jnp.max(jnp.abs(Q1.T @ Q1 - jnp.eye(k))))
+  if cond <= 600:
+    assert defect < linalg.NEAR          # unshifted: one more pass finishes
