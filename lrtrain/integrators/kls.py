@@ -63,13 +63,16 @@ from lrtrain.integrators import transport as tr
 # --------------------------------------------------------------------------
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KLNode(fz.lowrank.FactorShape):
   """LowRank layer evaluated as a function of K and L (U, S, V constant).
 
   Field order starts like LowRank (U, S, V, rank, W0) so code comparing
   leaf shapes pairwise with a LowRank (Flax's param shape check) accepts it.
+
+  px, py: probes (zeros shaped like the layer's input and output, or None)
+  through which the backward pass hands out the layer's input x and output
+  cotangent dY (`_one_pass_core_gradient`); tag: the node's index.
   """
   U: jax.Array
   S: jax.Array
@@ -78,10 +81,18 @@ class KLNode(fz.lowrank.FactorShape):
   W0: jax.Array | None
   K: jax.Array
   L: jax.Array
+  px: jax.Array | None = None
+  py: jax.Array | None = None
+  tag: int = -1
+
+
+jax.tree_util.register_dataclass(
+    KLNode, data_fields=["U", "S", "V", "rank", "W0", "K", "L", "px", "py"],
+    meta_fields=["tag"])
 
 
 @jax.custom_vjp
-def _kl_product(x, U, S, V, K, L):
+def _kl_product(x, U, S, V, K, L, px):
   """x W^T for W = (K - U S) V^T + U L^T at the point the KL pass evaluates,
   K = U S and L = V S^T (`kl_tree`), where W = K V^T: x V K^T, two products
   of the active width. The backward pass gives the exact derivatives of the
@@ -93,37 +104,50 @@ def _kl_product(x, U, S, V, K, L):
     d/dx = dY W = ((dY U) S) V^T.
 
   The general expression, evaluated as written, costs four products
-  forward and six backward."""
+  forward and six backward. The probe px (zeros or None) receives x itself
+  as its cotangent: the layer input, read out of the backward pass."""
+  del px
   return (x @ V) @ K.T
 
 
-def _kl_product_fwd(x, U, S, V, K, L):
+def _kl_product_fwd(x, U, S, V, K, L, px):
   xV = x @ V
-  return xV @ K.T, (x, xV, U, S, V, L)
+  return xV @ K.T, (x, xV, U, S, V, L, px)
 
 
 def _kl_product_bwd(res, dy):
-  x, xV, U, S, V, L = res
+  x, xV, U, S, V, L, px = res
   a = dy @ U
   flat = lambda t: t.reshape(-1, t.shape[-1])
   g_K = flat(dy).T @ flat(xV)
   g_L = flat(x).T @ flat(a)
   dx = (a @ S) @ V.T
   zero = jnp.zeros_like
-  return dx.astype(x.dtype), zero(U), zero(S), zero(V), g_K, g_L.astype(L.dtype)
+  return (dx.astype(x.dtype), zero(U), zero(S), zero(V), g_K,
+          g_L.astype(L.dtype), None if px is None else x.astype(px.dtype))
 
 
 _kl_product.defvjp(_kl_product_fwd, _kl_product_bwd)
+
+# While not None: (tag, input ShapeDtypeStruct or None for a materialized
+# use) of every KLNode use, recorded by `_uses` at trace time.
+_USES: list | None = None
 
 
 def _kl_apply(f: KLNode, x: jax.Array) -> jax.Array:
   """x (..., m) -> x W^T with W = (K - U S) V^T + U L^T (+ W0), for
   K = U S and L = V S^T (`_kl_product`)."""
-  y = _kl_product(x, f.U, f.S, f.V, f.K, f.L)
+  if _USES is not None:
+    _USES.append((f.tag, jax.ShapeDtypeStruct(x.shape, x.dtype)))
+  y = _kl_product(x, f.U, f.S, f.V, f.K, f.L, f.px)
+  if f.py is not None:
+    y = y + f.py
   return y if f.W0 is None else y + x @ f.W0.T
 
 
 def _kl_materialize(f: KLNode) -> jax.Array:
+  if _USES is not None:
+    _USES.append((f.tag, None))
   W = (f.K - f.U @ f.S) @ f.V.T + f.U @ f.L.T
   return W if f.W0 is None else W + f.W0
 
@@ -132,6 +156,55 @@ fz.register(KLNode, types.SimpleNamespace(
     apply=_kl_apply, materialize=_kl_materialize,
     num_params=lambda f, train=True: fz.lowrank.num_params(
         fz.LowRank(f.U, f.S, f.V, f.rank, f.W0), train)))
+
+
+def _kl_nodes(params, kl, probes=None):
+  """LowRank node i -> KLNode with (K, L) = kl's i-th pair, probes[i] (or
+  no probes) and tag i; everything else as it is."""
+  def node(i, p, k):
+    if i is None:
+      return p
+    px, py = (None, None) if probes is None else probes[i]
+    return KLNode(p.U, p.S, p.V, p.rank, p.W0, k[0], k[1], px, py, i)
+  return base.map_nodes(node, _is_lr, params, kl)
+
+
+def _single_inputs(loss_fn, params, batch):
+  """[(input, output) ShapeDtypeStructs] per LowRank node, in node order,
+  when the loss applies every LowRank node exactly once to an input (an
+  MLP, a transformer); None otherwise (a node materialized, as XLA's
+  convolution routine does, or applied twice). Traces the loss once
+  abstractly."""
+  global _USES
+  nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
+           if _is_lr(x)]
+  if not nodes:
+    return None
+
+  _USES = []
+  try:
+    jax.eval_shape(lambda p: loss_fn(_kl_nodes(p, kl_tree(p)), batch), params)
+    uses = _USES
+  finally:
+    _USES = None
+  tags = [t for t, _ in uses]
+  if (sorted(tags) != list(range(len(nodes)))
+      or any(x is None for _, x in uses)):
+    return None
+  x = dict(uses)
+  return [(x[i], jax.ShapeDtypeStruct(x[i].shape[:-1] + (n.shape[0],),
+                                      jnp.result_type(x[i].dtype, n.U.dtype)))
+          for i, n in enumerate(nodes)]
+
+
+def _one_pass_core_gradient(x, dy, Uh, Vh):
+  """g_S = U^^T G V^ with G = dY^T x (summed over the batch): the S
+  sub-step's gradient at U^ S^0 V^^T, which is the point the K/L pass
+  evaluated (U, V are the first blocks of U^, V^ and S^0 = S), from that
+  pass's layer input x and output cotangent dY: (dY U^)^T (x V^)."""
+  flat = lambda t: t.reshape(-1, t.shape[-1])
+  wd = Uh.dtype
+  return (flat(dy).astype(wd) @ Uh).T @ (flat(x).astype(wd) @ Vh)
 
 
 # --------------------------------------------------------------------------
@@ -245,21 +318,32 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   def step(loss_fn, params, state, batch):
     # --- K and L sub-steps: one backward pass through KLNode. ---
     # At the active width when r <= C / 2 (rank-adaptive, after resize).
+    # Rank-adaptive with every node applied once to an input: the same pass
+    # also gives the non-factor gradients and each node's input and output
+    # cotangent, from which the S sub-step's gradient follows without a
+    # second pass (`_one_pass_core_gradient`).
+    inputs = _single_inputs(loss_fn, params, batch) if adaptive else None
+
     def kl_pass(view):
       kl0 = kl_tree(view)
       const = jax.lax.stop_gradient(view)
 
-      def kl_loss(kl):
-        def node(p, k):
-          if not _is_lr(p):
-            return p
-          return KLNode(p.U, p.S, p.V, p.rank, p.W0, k[0], k[1])
-        return loss_fn(jax.tree.map(node, const, kl, is_leaf=lambda x:
-                                    fz.is_factor(x) or x is None), batch)
+      def kl_loss(kl, st, probes):
+        p = const if st is None else _merge_s(const, st)
+        return loss_fn(_kl_nodes(p, kl, probes), batch)
 
-      return jax.value_and_grad(kl_loss, has_aux=True)(kl0), kl0
+      if inputs is None:
+        (loss, aux), g = jax.value_and_grad(kl_loss, has_aux=True)(
+            kl0, None, None)
+        return ((loss, aux), g, None, None), kl0
+      probes = [(jnp.zeros(x.shape, x.dtype), jnp.zeros(y.shape, y.dtype))
+                for x, y in inputs]
+      (loss, aux), g = jax.value_and_grad(kl_loss, (0, 1, 2), has_aux=True)(
+          kl0, s_tree(view), probes)
+      return ((loss, aux),) + g, kl0
 
-    ((loss, aux), g_kl), kl0 = base.at_active_width(kl_pass, params)
+    ((loss, aux), g_kl, g_st, g_probes), kl0 = base.at_active_width(
+        kl_pass, params)
     upd, kl_state = tx_kl.update(g_kl, state.kl, kl0)
     kl1 = optax.apply_updates(kl0, upd)
 
@@ -302,13 +386,18 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
             others=True),
         enabled=transport, second_rule=transport_rule)
 
-    # --- S sub-step (and non-factor parameters): backward pass 2. ---
+    # --- S sub-step (and non-factor parameters). ---
     s0 = s_tree(aug)
+    if g_probes is None:               # backward pass 2
+      def s_loss(st):
+        return loss_fn(_merge_s(aug, st), batch)
 
-    def s_loss(st):
-      return loss_fn(_merge_s(aug, st), batch)
-
-    (_, _), g_s = jax.value_and_grad(s_loss, has_aux=True)(s0)
+      (_, _), g_s = jax.value_and_grad(s_loss, has_aux=True)(s0)
+    else:
+      g_s = base.map_nodes(
+          lambda i, p, g: g if i is None else _one_pass_core_gradient(
+              *g_probes[i], bases[i][0], bases[i][1]).astype(g.dtype),
+          _is_lr, params, g_st)
     upd, s_state = tx_s.update(g_s, s_state, s0)
     s1 = optax.apply_updates(s0, upd)
     stepped = _merge_s(aug, s1)
