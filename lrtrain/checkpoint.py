@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 
 GROUPS = ("params", "opt_state", "rng")
@@ -191,7 +192,7 @@ class Checkpoints:
     try:
       with _quiet():
         out = self._mngr.restore(int(step), args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore()))
+            arrays=ocp.args.StandardRestore(self._target(step))))
       arrays = out["arrays"]
     except Exception as e:
       raise self._corrupt(step, "unreadable arrays", e) from e
@@ -219,6 +220,19 @@ class Checkpoints:
                               "saved with it")
         groups[name].append(arrays[k])
     return meta, groups
+
+  def _target(self, step: int) -> dict:
+    """The saved arrays' shapes and dtypes, each replicated over this
+    process's devices: a checkpoint written on another mesh or device count
+    (8 devices, restored on 4 or 1) reads back whole; the caller places the
+    arrays by its own mesh's rules."""
+    md = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(int(step)) / "arrays")
+    rep = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
+        jax.sharding.PartitionSpec())
+    return {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=rep)
+            for k, m in dict(md).items()}
 
   def set_aside(self, step: int) -> str:
     """Move a corrupt step out of the managed steps (to

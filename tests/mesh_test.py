@@ -319,6 +319,37 @@ def test_command_line_mesh_matches_one_device(tmp_path):
       out["one"]["test/accuracy"], abs=1e-3)
 
 
+@pytest.mark.tier2
+def test_checkpoint_of_8_devices_resumes_on_4_and_on_1(tmp_path):
+  """Written by a process with 8 devices on mesh (4, 2), the checkpoint is
+  resumed by processes with 4 devices (mesh (2, 2)) and with 1 device:
+  both continue from its step (orbax restores against this process's
+  devices, not the saved topology)."""
+  def main(wd, devices, steps, *flags):
+    r = subprocess.run(
+        [sys.executable, "-m", "lrtrain.main", "--config",
+         "configs/digits.py", f"--config.train.num_steps={steps}",
+         "--config.train.checkpoint_every=4", "--workdir", wd, *flags],
+        capture_output=True, text=True, cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+            f"--xla_force_host_platform_device_count={devices}")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+  saved = str(tmp_path / "saved")
+  main(saved, 8, 4, "--config.mesh.data=4", "--config.mesh.model=2")
+  for name, devices, flags in (("four", 4, ["--config.mesh.data=2",
+                                             "--config.mesh.model=2"]),
+                               ("one", 1, [])):
+    wd = str(tmp_path / name)
+    subprocess.run(["cp", "-r", saved, wd], check=True)
+    out = main(wd, devices, 6, *flags)
+    assert "resumed at step 4/6" in out, out[-2000:]
+    with open(os.path.join(wd, "summary.json")) as fh:
+      s = json.load(fh)
+    assert s["steps"] == 6 and s["devices"] == devices
+
+
 TSQR = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
