@@ -114,8 +114,12 @@ def step_flops(method: str, n: int, r: int, b: int = BATCH) -> float:
   if method == "kls":  # K/L pass + S pass (two forward+backward), QR n x r x2
     return 3 * (2 * 3 * lr_layer + 2 * 4 * n * r * r) + 2 * out
   if method == "kls_adaptive":
+    # One forward + backward (the K/L pass); the S sub-step's gradient
+    # (dY U^)^T (x V^) from that pass's layer inputs and output cotangents:
+    # a factored layer's forward at width k.
     k = 2 * r
-    return 3 * (2 * 3 * lr_layer + 2 * 4 * n * k * k + 22 * k ** 3) + 2 * out
+    s_grad = 2 * b * (2 * n * k + k * k)
+    return 3 * (3 * lr_layer + s_grad + 2 * 4 * n * k * k + 22 * k ** 3) + out
   if method == "geolora":
     k = 2 * r
     return 3 * (3 * lr_layer + 2 * 4 * n * k * k + 22 * k ** 3) + out
