@@ -323,9 +323,10 @@ def test_one_pass_step_equals_the_two_pass_step(opt, monkeypatch):
 
     def run():
       q, st = p, integ.init(p)
+      step = jax.jit(lambda q, st, b: integ.step(_mlp_loss, q, st, b))
       ranks = [(2, 4)]
       for b in batches:
-        q, st, aux = integ.step(_mlp_loss, q, st, b)
+        q, st, aux = step(q, st, b)
         ranks.append(tuple(int(v) for k, v in sorted(aux.items())
                            if k.startswith("rank/")))
       return q, ranks
