@@ -271,7 +271,7 @@ def orth(X: jax.Array, r) -> jax.Array:
   return linalg.orth(X, r)
 
 
-def augment(U: jax.Array, D: jax.Array, r):
+def augment(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
   """Orthonormal basis of span[U[:, :r] | D[:, :r]] inside C columns.
 
   U's r columns come first, unchanged (`linalg.extend`), then min(r, C - r)
@@ -287,9 +287,10 @@ def augment(U: jax.Array, D: jax.Array, r):
 
   Returns:
     (n, C) basis U^ with min(2r, C) active columns, in the working dtype
-    (float64 for float64 inputs, else float32).
+    (float64 for float64 inputs, else float32); with_block=True also the
+    new block alone, (n, C // 2) with its columns first (`linalg.extend`).
   """
-  return linalg.extend(U, D, r)
+  return linalg.extend(U, D, r, with_block=with_block)
 
 
 def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,

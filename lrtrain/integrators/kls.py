@@ -70,9 +70,10 @@ class KLNode(fz.lowrank.FactorShape):
   Field order starts like LowRank (U, S, V, rank, W0) so code comparing
   leaf shapes pairwise with a LowRank (Flax's param shape check) accepts it.
 
-  px, py: probes (zeros shaped like the layer's input and output, or None)
-  through which the backward pass hands out the layer's input x and output
-  cotangent dY (`_one_pass_core_gradient`); tag: the node's index.
+  probes: None, or zeros (px, py, pa, pb) shaped like the layer's input x,
+  its output, dY U and x V, through which the backward pass hands out
+  those four (x, dY, dY U, x V: `_one_pass_core_gradient`); tag: the
+  node's index.
   """
   U: jax.Array
   S: jax.Array
@@ -81,18 +82,17 @@ class KLNode(fz.lowrank.FactorShape):
   W0: jax.Array | None
   K: jax.Array
   L: jax.Array
-  px: jax.Array | None = None
-  py: jax.Array | None = None
+  probes: tuple | None = None
   tag: int = -1
 
 
 jax.tree_util.register_dataclass(
-    KLNode, data_fields=["U", "S", "V", "rank", "W0", "K", "L", "px", "py"],
+    KLNode, data_fields=["U", "S", "V", "rank", "W0", "K", "L", "probes"],
     meta_fields=["tag"])
 
 
 @jax.custom_vjp
-def _kl_product(x, U, S, V, K, L, px):
+def _kl_product(x, U, S, V, K, L, probes):
   """x W^T for W = (K - U S) V^T + U L^T at the point the KL pass evaluates,
   K = U S and L = V S^T (`kl_tree`), where W = K V^T: x V K^T, two products
   of the active width. The backward pass gives the exact derivatives of the
@@ -104,19 +104,20 @@ def _kl_product(x, U, S, V, K, L, px):
     d/dx = dY W = ((dY U) S) V^T.
 
   The general expression, evaluated as written, costs four products
-  forward and six backward. The probe px (zeros or None) receives x itself
-  as its cotangent: the layer input, read out of the backward pass."""
-  del px
+  forward and six backward. probes (None, or zeros (px, pa, pb)) receive
+  x, dY U and x V as their cotangents: values read out of the backward
+  pass."""
+  del probes
   return (x @ V) @ K.T
 
 
-def _kl_product_fwd(x, U, S, V, K, L, px):
+def _kl_product_fwd(x, U, S, V, K, L, probes):
   xV = x @ V
-  return xV @ K.T, (x, xV, U, S, V, L, px)
+  return xV @ K.T, (x, xV, U, S, V, L, probes)
 
 
 def _kl_product_bwd(res, dy):
-  x, xV, U, S, V, L, px = res
+  x, xV, U, S, V, L, probes = res
   a = dy @ U
   flat = lambda t: t.reshape(-1, t.shape[-1])
   g_K = flat(dy).T @ flat(xV)
@@ -124,13 +125,14 @@ def _kl_product_bwd(res, dy):
   dx = (a @ S) @ V.T
   zero = jnp.zeros_like
   return (dx.astype(x.dtype), zero(U), zero(S), zero(V), g_K,
-          g_L.astype(L.dtype), None if px is None else x.astype(px.dtype))
+          g_L.astype(L.dtype), None if probes is None else tuple(
+              v.astype(p.dtype) for v, p in zip((x, a, xV), probes)))
 
 
 _kl_product.defvjp(_kl_product_fwd, _kl_product_bwd)
 
 # While not None: (tag, input ShapeDtypeStruct or None for a materialized
-# use) of every KLNode use, recorded by `_uses` at trace time.
+# use) of every KLNode use, recorded by `_single_inputs` at trace time.
 _USES: list | None = None
 
 
@@ -139,9 +141,14 @@ def _kl_apply(f: KLNode, x: jax.Array) -> jax.Array:
   K = U S and L = V S^T (`_kl_product`)."""
   if _USES is not None:
     _USES.append((f.tag, jax.ShapeDtypeStruct(x.shape, x.dtype)))
-  y = _kl_product(x, f.U, f.S, f.V, f.K, f.L, f.px)
-  if f.py is not None:
-    y = y + f.py
+  if f.probes is None:
+    return _kl_apply_plain(f, x, None)
+  px, py, pa, pb = f.probes
+  return _kl_apply_plain(f, x, (px, pa, pb)) + py
+
+
+def _kl_apply_plain(f: KLNode, x, probes):
+  y = _kl_product(x, f.U, f.S, f.V, f.K, f.L, probes)
   return y if f.W0 is None else y + x @ f.W0.T
 
 
@@ -164,8 +171,8 @@ def _kl_nodes(params, kl, probes=None):
   def node(i, p, k):
     if i is None:
       return p
-    px, py = (None, None) if probes is None else probes[i]
-    return KLNode(p.U, p.S, p.V, p.rank, p.W0, k[0], k[1], px, py, i)
+    return KLNode(p.U, p.S, p.V, p.rank, p.W0, k[0], k[1],
+                  None if probes is None else probes[i], i)
   return base.map_nodes(node, _is_lr, params, kl)
 
 
@@ -197,14 +204,33 @@ def _single_inputs(loss_fn, params, batch):
           for i, n in enumerate(nodes)]
 
 
-def _one_pass_core_gradient(x, dy, Uh, Vh):
+def _probes(x, y, node):
+  """Zero probes (px, py, pa, pb) for a node with input x and output y
+  (ShapeDtypeStructs) at the node's width in this pass."""
+  lead, C = x.shape[:-1], node.capacity
+  return (jnp.zeros(x.shape, x.dtype), jnp.zeros(y.shape, y.dtype),
+          jnp.zeros(lead + (C,), jnp.result_type(y.dtype, node.U.dtype)),
+          jnp.zeros(lead + (C,), jnp.result_type(x.dtype, node.V.dtype)))
+
+
+def _one_pass_core_gradient(x, dy, a, b, Qb, Pb, r):
   """g_S = U^^T G V^ with G = dY^T x (summed over the batch): the S
   sub-step's gradient at U^ S^0 V^^T, which is the point the K/L pass
   evaluated (U, V are the first blocks of U^, V^ and S^0 = S), from that
-  pass's layer input x and output cotangent dY: (dY U^)^T (x V^)."""
+  pass's layer input x, output cotangent dY, a = dY U and b = x V:
+  (dY U^)^T (x V^) with dY U^ = [a | dY Q] and x V^ = [b | x P], the new
+  blocks Q (Qb) and P (Pb) at columns r .. of U^, V^ (`linalg.extend`'s
+  block). Two products at the new blocks' width per layer."""
   flat = lambda t: t.reshape(-1, t.shape[-1])
-  wd = Uh.dtype
-  return (flat(dy).astype(wd) @ Uh).T @ (flat(x).astype(wd) @ Vh)
+  wd = Qb.dtype
+  C = a.shape[-1]
+
+  def place(Z):          # Z (N, H) -> (N, C) with Z's columns at r ..
+    return jnp.roll(jnp.pad(Z, ((0, 0), (0, C - Z.shape[1]))), r, axis=1)
+
+  A = flat(a).astype(wd) + place(flat(dy).astype(wd) @ Qb)
+  B = flat(b).astype(wd) + place(flat(x).astype(wd) @ Pb)
+  return A.T @ B
 
 
 # --------------------------------------------------------------------------
@@ -336,8 +362,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         (loss, aux), g = jax.value_and_grad(kl_loss, has_aux=True)(
             kl0, None, None)
         return ((loss, aux), g, None, None), kl0
-      probes = [(jnp.zeros(x.shape, x.dtype), jnp.zeros(y.shape, y.dtype))
-                for x, y in inputs]
+      probes = [_probes(x, y, node) for (x, y), node in zip(inputs, [
+          n for n in jax.tree.leaves(view, is_leaf=fz.is_factor) if _is_lr(n)])]
       (loss, aux), g = jax.value_and_grad(kl_loss, (0, 1, 2), has_aux=True)(
           kl0, s_tree(view), probes)
       return ((loss, aux),) + g, kl0
@@ -359,8 +385,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       if adaptive:
         # U and V stay the first blocks of U^, V^: M = U^^T U = [I; 0] and
         # N likewise, so S^0 = M S N^T = S and the moments need no map.
-        Uh = base.augment(p.U, K1, r)
-        Vh = base.augment(p.V, L1, r)
+        Uh, Qb = base.augment(p.U, K1, r, with_block=True)
+        Vh, Pb = base.augment(p.V, L1, r, with_block=True)
         r_aug = jnp.minimum(2 * r, C)
         M = N = None
         S0 = p.S.astype(wd)
@@ -369,7 +395,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         M = Uh.T @ p.U.astype(wd)
         N = Vh.T @ p.V.astype(wd)
         S0 = M @ p.S.astype(wd) @ N.T
-      bases[i] = (Uh, Vh, M, N, r_aug)
+      bases[i] = (Uh, Vh, M, N, r_aug) + ((Qb, Pb, r) if adaptive else ())
       dt = p.dtype
       return fz.LowRank(Uh.astype(dt), S0.astype(dt), Vh.astype(dt),
                         r_aug.astype(jnp.int32), p.W0)
@@ -396,7 +422,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     else:
       g_s = base.map_nodes(
           lambda i, p, g: g if i is None else _one_pass_core_gradient(
-              *g_probes[i], bases[i][0], bases[i][1]).astype(g.dtype),
+              *g_probes[i], *bases[i][5:]).astype(g.dtype),
           _is_lr, params, g_st)
     upd, s_state = tx_s.update(g_s, s_state, s0)
     s1 = optax.apply_updates(s0, upd)
@@ -406,7 +432,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     finals = {}
 
     def finish(i, p, q):
-      Uh, Vh, M, N, r_aug = bases[i]
+      Uh, Vh, M, N, r_aug = bases[i][:5]
       dt = q.dtype
       C = q.capacity
       wd = Uh.dtype
