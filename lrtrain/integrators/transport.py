@@ -45,11 +45,6 @@ SECOND_RULES = ("squares", "squares_fresh", "squares_mean", "root")
 # directions start from a fresh second moment instead of the one a
 # discarded direction left at their index.
 DEFAULT_RULE = "squares_fresh"
-# squares_fresh: new coordinates' second moment, relative to the mean of
-# the mapped ones. A gradient g there then moves by about
-# 0.1 g / sqrt(0.001 g^2 + FRESH_FLOOR mean(v)) x lr (Adam, b1 0.9, b2
-# 0.999): about 3 lr for |g| above 0.1 rms, about 1e-4 lr at rounding level.
-FRESH_FLOOR = 1e-6
 
 
 class Congruence(NamedTuple):
@@ -118,13 +113,9 @@ def _second(v, rule, first, first_of_squares, maps, *, keep_unmapped: bool):
 
   rule 'squares_fresh' (the default): the map with elementwise-squared
   matrices; coordinates the map gives no mass (new directions of an
-  augmented basis: rows of a square A with sum(A^2) = 0) start nearly
-  fresh, at `FRESH_FLOOR` times the mean of the coordinates the map
-  reaches, so Adam's first steps there are about lr: new directions grow
-  quickly (measured best, experiments/transport_rules). The floor keeps
-  gradients at rounding level (entries whose true gradient is zero) from
-  being scaled up to steps of lr with the sign of their rounding, which
-  another summation order (another mesh) flips.
+  augmented basis: rows of a square A with sum(A^2) = 0) start at 0, as in
+  a fresh optimizer, so Adam's first steps there are about lr: new
+  directions grow quickly (measured best, experiments/transport_rules).
   rule 'squares': those coordinates keep the old second moment at their
   index (with `keep_unmapped`, and only where every map is square: one
   mode-wise map per axis of v), which belonged to a discarded direction;
@@ -137,6 +128,8 @@ def _second(v, rule, first, first_of_squares, maps, *, keep_unmapped: bool):
     return jnp.square(first(jnp.sqrt(jnp.maximum(v32, 0.0)))).astype(v.dtype)
   sq = [None if A is None else jnp.square(A.astype(jnp.float32)) for A in maps]
   out = first_of_squares(sq)(v32)
+  if rule == "squares_fresh":
+    return out.astype(v.dtype)
   if keep_unmapped and all(A2 is None or A2.shape[0] == A2.shape[1] for A2 in sq):
     miss = jnp.zeros(v.shape, jnp.float32)
     for i, A2 in enumerate(sq):
@@ -144,13 +137,11 @@ def _second(v, rule, first, first_of_squares, maps, *, keep_unmapped: bool):
         shape = [1] * v.ndim
         shape[i] = v.shape[i]
         miss = jnp.maximum(miss, jnp.clip(1.0 - A2.sum(1), 0.0, 1.0).reshape(shape))
-    if rule == "squares":
-      fill = v32
-    else:
+    if rule == "squares_mean":
       reached = 1.0 - miss
       fill = jnp.sum(out * reached) / jnp.maximum(jnp.sum(reached), 1.0)
-      if rule == "squares_fresh":
-        fill = FRESH_FLOOR * fill
+    else:
+      fill = v32
     out = out + miss * fill
   return out.astype(v.dtype)
 
