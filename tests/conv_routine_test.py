@@ -11,7 +11,7 @@ import pytest
 
 from lrtrain import integrators, models
 from lrtrain.factorizations import conv
-from lrtrain.integrators import base
+from lrtrain.integrators import base, kls
 
 
 def _prims(jaxpr, inside_cond=False, out=None):
@@ -84,11 +84,30 @@ def test_factored_conv_routines_agree(impl):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_adaptive_kls_traces_auto_convolutions_as_im2col_and_takes_one_pass():
+  """Rank-adaptive KLS applies factored conv kernels to patches ("auto" is
+  im2col inside its step), so every node is applied once and the S
+  sub-step's gradient comes from the K/L pass: no convolution and one
+  value_and_grad's worth of LeNet5 forward work in the step."""
+  params, loss_fn, batch = _lenet("lowrank")
+  integ = integrators.build("kls", optax.sgd(0.1), adaptive=True, tau=0.1)
+  params, _, _ = integ.resize(params, None)
+  state = integ.init(params)
+  prims = _prims(jax.make_jaxpr(
+      lambda p, s: integ.step(loss_fn, p, s, batch)[:2])(params, state).jaxpr)
+  assert not [p for p, _ in prims if p == "conv_general_dilated"]
+  with conv.factored_apply():
+    assert kls._single_inputs(loss_fn, params, batch) is not None
+  # Outside the step "auto" is still XLA's routine.
+  assert conv.resolve("auto") == "xla"
+
+
 @pytest.mark.parametrize("method", ["kls", "geolora"])
 def test_no_convolution_inside_a_branch_on_cpu(method):
   """XLA's CPU backend runs a convolution inside a conditional without its
-  fast routine (10x slower): the pass runs at full width there instead."""
-  params, loss_fn, batch = _lenet("lowrank")
+  fast routine (10x slower): the pass runs at full width there instead
+  (rank-adaptive KLS with an explicit xla routine; geolora with auto)."""
+  params, loss_fn, batch = _lenet("lowrank", "xla" if method == "kls" else "auto")
   kw = dict(adaptive=True, tau=0.1) if method == "kls" else dict(tau=0.1)
   integ = integrators.build(method, optax.sgd(0.1), **kw)
   params, _, _ = integ.resize(params, None)
@@ -96,6 +115,9 @@ def test_no_convolution_inside_a_branch_on_cpu(method):
   convs = _convs(lambda p, s: integ.step(loss_fn, p, s, batch)[:2], params, state)
   assert convs and not any(convs)
   # Without convolutions the half-width branch is kept.
+  params, loss_fn, batch = _lenet("lowrank")
+  params, _, _ = integ.resize(params, None)
+  state = integ.init(params)
   with conv.batched_kernels():
     prims = _prims(jax.make_jaxpr(
         lambda p, s: integ.step(loss_fn, p, s, batch)[:2])(params, state).jaxpr)

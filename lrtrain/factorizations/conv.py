@@ -11,7 +11,11 @@ Two routines compute a convolution:
 `batched_kernels()`: there the kernel carries a vmapped (seed) axis, which
 jax.vmap turns into a grouped convolution, and XLA's CPU backend runs that
 2.3x slower than the batched matmuls of im2col (benchmarks/README.md). The
-runner enters it for vmapped seeds.
+runner enters it for vmapped seeds. Inside `factored_apply()` "auto" is
+im2col too: rank-adaptive KLS traces its K/L pass there, so a factored
+kernel is applied to the patches (and the step needs one forward +
+backward pass, `integrators.kls`) instead of being materialized for XLA's
+convolution (LeNet5, batch 128: 103 vs 125 ms per step).
 """
 
 from __future__ import annotations
@@ -23,18 +27,24 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "im2col", "xla")
-_batched = [False]
+_im2col = [False]
 
 
 @contextlib.contextmanager
 def batched_kernels() -> Iterator[None]:
   """Inside this block "auto" convolutions are traced as im2col (read at
   trace time, like `linalg.implementation`)."""
-  _batched.append(True)
+  _im2col.append(True)
   try:
     yield
   finally:
-    _batched.pop()
+    _im2col.pop()
+
+
+def factored_apply():
+  """The same block as `batched_kernels`, for a pass that should apply
+  factored kernels to patches rather than materialize them."""
+  return batched_kernels()
 
 
 def resolve(impl: str) -> str:
@@ -42,7 +52,7 @@ def resolve(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "im2col" if _batched[-1] else "xla"
+    return "im2col" if _im2col[-1] else "xla"
   return impl
 
 Padding = str | Sequence[tuple[int, int]]
