@@ -142,14 +142,11 @@ def _kl_apply(f: KLNode, x: jax.Array) -> jax.Array:
   K = U S and L = V S^T (`_kl_product`)."""
   if _USES is not None:
     _USES.append((f.tag, jax.ShapeDtypeStruct(x.shape, x.dtype)))
-  if f.probes is None:
-    return _kl_apply_plain(f, x, None)
-  px, py, pa, pb = f.probes
-  return _kl_apply_plain(f, x, (px, pa, pb)) + py
-
-
-def _kl_apply_plain(f: KLNode, x, probes):
-  y = _kl_product(x, f.U, f.S, f.V, f.K, f.L, probes)
+  px, py, pa, pb = f.probes or (None,) * 4
+  y = _kl_product(x, f.U, f.S, f.V, f.K, f.L,
+                  None if f.probes is None else (px, pa, pb))
+  if py is not None:
+    y = y + py
   return y if f.W0 is None else y + x @ f.W0.T
 
 

@@ -220,6 +220,14 @@ def _cholesky(G):
   return L, lapack.solve_triangular(L, eye, lower=True)
 
 
+def _shifted_factor(G, shift, mask):
+  """L^-1 for L L^T = G + shift I on the active block (a unit diagonal on
+  inactive columns), and the squared pivots diag(L)^2 of the active
+  columns (inf elsewhere)."""
+  L, Linv = _cholesky(G + jnp.diag(shift * mask + (1.0 - mask)))
+  return Linv, jnp.where(mask > 0, jnp.square(jnp.diagonal(L)), jnp.inf)
+
+
 def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False):
   """One Cholesky QR pass: X = Q R with R^T R = X^T X + s I.
 
@@ -248,9 +256,8 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False):
     shift = jnp.zeros_like(shift)
   elif not always_shift:
     shift = jnp.where(off > NEAR, shift, 0.0)
-  L, Linv = _cholesky(G + jnp.diag(shift * mask + (1.0 - mask)))
+  Linv, d2 = _shifted_factor(G, shift, mask)
   Q = (X @ Linv.T) * mask[None, :]
-  d2 = jnp.where(mask > 0, jnp.square(jnp.diagonal(L)), jnp.inf)
   if never_shift:
     # Unshifted, on the output of a shifted pass: the pivots bound its
     # smallest Gram eigenvalue, sigma_min^2 / (sigma_min^2 + s) for the
@@ -286,16 +293,12 @@ def _first_pass(X, mask, eps):
   and needs two more (the third pass of `_two_passes`).
   Returns Q (inactive columns zero)."""
   n, k = X.shape
-  active = mask[:, None] * mask[None, :]
-  G = (X.T @ X) * active
+  G = (X.T @ X) * (mask[:, None] * mask[None, :])
   scale = jnp.max(jnp.diagonal(G))
-  pad = jnp.diag(1.0 - mask)
-  Lg, Lg_inv = _cholesky(G + jnp.diag(eps * scale * mask) + pad)
-  d2 = jnp.where(mask > 0, jnp.square(jnp.diagonal(Lg)), jnp.inf)
+  Lg_inv, d2 = _shifted_factor(G, eps * scale, mask)
   plain = jnp.all(d2 >= UNSHIFTED_PIVOT * eps * scale)   # False on NaN
-  _, Ls_inv = _cholesky(G + jnp.diag(eps * (n + k) * scale * mask) + pad)
-  Linv = jnp.where(plain, Lg_inv, Ls_inv)
-  return (X @ Linv.T) * mask[None, :]
+  Ls_inv, _ = _shifted_factor(G, eps * (n + k) * scale, mask)
+  return (X @ jnp.where(plain, Lg_inv, Ls_inv).T) * mask[None, :]
 
 
 def _more_passes(U, Q, mask, eps, max_passes):
@@ -364,8 +367,8 @@ def _two_passes(U, X, mask, eps):
 
   Returns (Q, ok). ok: the second pass found every pivot above
   `pivot_floor` (full rank) and the last pass's input was orthonormal to
-  `NEAR`, so Q is orthonormal to working precision and spans X's projection off U;
-  otherwise the caller runs the general algorithm. The general one
+  `NEAR`, so Q is orthonormal to working precision and spans X's
+  projection off U; otherwise the caller runs the general algorithm. The general one
   (`_orthonormalize`: a loop, and a Householder branch for rank-deficient
   blocks) costs its branches and loop even when they do little; here the
   common case costs its products.
