@@ -124,3 +124,24 @@ def peak_memory_bytes() -> int | None:
   """Peak device memory if the backend reports it (GPU/TPU), else None."""
   stats = jax.devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def rows_from_child(module: str, devices: int, flag: str) -> list:
+  """Runs `python -m module` with `devices` forced host CPU devices (the
+  flag must reach XLA before jax starts, so it is a fresh process) and
+  `flag`=1 in its environment; returns the JSON after its last "ROWS " line."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **{flag: "1"},
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}"))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-m", module], env=env, cwd=root,
+                     capture_output=True, text=True, check=False)
+  if r.returncode:
+    sys.stderr.write(r.stderr[-3000:])
+    raise SystemExit(r.returncode)
+  return json.loads([l for l in r.stdout.splitlines()
+                     if l.startswith("ROWS ")][-1][5:])

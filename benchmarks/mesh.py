@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 MESHES = ((1, 1), (8, 1), (4, 2), (2, 4), (1, 8))
 N, R, BATCH = 4096, 64, 256
@@ -98,17 +96,9 @@ def main() -> None:
     rows = measure()
     print("ROWS " + json.dumps(rows))
     return
-  env = dict(os.environ, LRTRAIN_MESH_BENCH_CHILD="1", JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={DEVICES}"))
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  r = subprocess.run([sys.executable, "-m", "benchmarks.mesh"], env=env,
-                     cwd=root, capture_output=True, text=True)
-  if r.returncode:
-    sys.stderr.write(r.stderr[-3000:])
-    raise SystemExit(r.returncode)
-  rows = json.loads([l for l in r.stdout.splitlines()
-                     if l.startswith("ROWS ")][-1][5:])
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  rows = common.rows_from_child("benchmarks.mesh", DEVICES,
+                                "LRTRAIN_MESH_BENCH_CHILD")
   with open(OUT, "w") as fh:
     json.dump({"n": N, "r": R, "batch": BATCH, "devices": DEVICES,
                "rows": rows}, fh, indent=2)
