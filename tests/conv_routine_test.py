@@ -84,30 +84,30 @@ def test_factored_conv_routines_agree(impl):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_adaptive_kls_traces_auto_convolutions_as_im2col_and_takes_one_pass():
-  """Rank-adaptive KLS applies factored conv kernels to patches ("auto" is
-  im2col inside its step), so every node is applied once and the S
-  sub-step's gradient comes from the K/L pass: no convolution and one
-  value_and_grad's worth of LeNet5 forward work in the step."""
-  params, loss_fn, batch = _lenet("lowrank")
+def test_adaptive_kls_with_im2col_applies_factored_kernels_in_one_pass():
+  """With the im2col routine rank-adaptive KLS applies factored conv
+  kernels to patches, so every node is applied once and the S sub-step's
+  gradient comes from the K/L pass: no convolution in the step. "auto" is
+  XLA's convolution there (the kernels are materialized: two passes)."""
+  params, loss_fn, batch = _lenet("lowrank", "im2col")
   integ = integrators.build("kls", optax.sgd(0.1), adaptive=True, tau=0.1)
   params, _, _ = integ.resize(params, None)
   state = integ.init(params)
   prims = _prims(jax.make_jaxpr(
       lambda p, s: integ.step(loss_fn, p, s, batch)[:2])(params, state).jaxpr)
   assert not [p for p, _ in prims if p == "conv_general_dilated"]
-  with conv.factored_apply():
-    assert kls._single_inputs(loss_fn, params, batch) is not None
-  # Outside the step "auto" is still XLA's routine.
-  assert conv.resolve("auto") == "xla"
+  assert kls._single_inputs(loss_fn, params, batch) is not None
+  params, loss_fn, batch = _lenet("lowrank", "auto")
+  params, _, _ = integ.resize(params, None)
+  assert kls._single_inputs(loss_fn, params, batch) is None
 
 
 @pytest.mark.parametrize("method", ["kls", "geolora"])
 def test_no_convolution_inside_a_branch_on_cpu(method):
   """XLA's CPU backend runs a convolution inside a conditional without its
   fast routine (10x slower): the pass runs at full width there instead
-  (rank-adaptive KLS with an explicit xla routine; geolora with auto)."""
-  params, loss_fn, batch = _lenet("lowrank", "xla" if method == "kls" else "auto")
+  (rank-adaptive KLS and geolora with auto, i.e. XLA's routine)."""
+  params, loss_fn, batch = _lenet("lowrank")
   kw = dict(adaptive=True, tau=0.1) if method == "kls" else dict(tau=0.1)
   integ = integrators.build(method, optax.sgd(0.1), **kw)
   params, _, _ = integ.resize(params, None)
@@ -142,3 +142,46 @@ def test_runner_traces_vmapped_seeds_under_batched_kernels(tmp_path, monkeypatch
 
   train.train_seeds_vmapped([cfg(0), cfg(1)], [str(tmp_path / f"s{i}") for i in range(2)])
   assert "im2col" in seen and "xla" in seen
+
+
+_GRADS = """
+import json, os, sys
+import lrtrain
+import jax, jax.numpy as jnp, numpy as np, optax
+from lrtrain import models
+cfg = models.default_model_config()
+cfg.name, cfg.factor.kind = "lenet5", "dense"
+model = models.build(cfg, num_classes=10, input_shape=(28, 28, 1))
+x = jax.random.normal(jax.random.PRNGKey(1), (16, 28, 28, 1))
+params = model.init(jax.random.PRNGKey(0), x)["params"]
+loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+    model.apply({"params": p}, x), jnp.arange(16) % 10).mean()
+g = jax.jit(jax.grad(loss))(params)
+print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""),
+                  "g": [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(g)]}))
+"""
+
+
+def _grads(**env):
+  import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  base_env = {k: v for k, v in os.environ.items()
+              if k not in ("XLA_FLAGS", "LRTRAIN_YNN_CONV")}
+  r = subprocess.run([sys.executable, "-c", _GRADS], env=dict(base_env, **env),
+                     capture_output=True, text=True, check=True)
+  return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_cpu_convolutions_leave_ynnpack_and_agree_with_it():
+  """Importing lrtrain adds the flag that keeps XLA's CPU convolutions off
+  YNNPACK (unless the run chose its own YNN fusions or LRTRAIN_YNN_CONV=1);
+  the dense LeNet5 gradients agree with XLA's default to float32 rounding."""
+  import lrtrain  # pylint: disable=g-import-not-at-top
+  ours = _grads()
+  assert lrtrain.YNN_FLAG in ours["flags"]
+  theirs = _grads(LRTRAIN_YNN_CONV="1")
+  assert "ynn" not in theirs["flags"]
+  own = "--xla_cpu_experimental_ynn_fusion_type=dot"
+  assert _grads(XLA_FLAGS=own)["flags"] == own
+  for a, b in zip(ours["g"], theirs["g"]):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())

@@ -11,11 +11,10 @@ Two routines compute a convolution:
 `batched_kernels()`: there the kernel carries a vmapped (seed) axis, which
 jax.vmap turns into a grouped convolution, and XLA's CPU backend runs that
 2.3x slower than the batched matmuls of im2col (benchmarks/README.md). The
-runner enters it for vmapped seeds. Inside `factored_apply()` "auto" is
-im2col too: rank-adaptive KLS traces its K/L pass there, so a factored
-kernel is applied to the patches (and the step needs one forward +
-backward pass, `integrators.kls`) instead of being materialized for XLA's
-convolution (LeNet5, batch 128: 103 vs 125 ms per step).
+runner enters it for vmapped seeds. Elsewhere XLA's convolution is the
+faster one on the CPU, for factored kernels too: rank-adaptive KLS on
+LeNet5 (batch 128) takes 76 ms per step with it, where im2col's patches
+let the step take one pass (`integrators.kls`) and still take 94 ms.
 """
 
 from __future__ import annotations
@@ -39,12 +38,6 @@ def batched_kernels() -> Iterator[None]:
     yield
   finally:
     _im2col.pop()
-
-
-def factored_apply():
-  """The same block as `batched_kernels`, for a pass that should apply
-  factored kernels to patches rather than materialize them."""
-  return batched_kernels()
 
 
 def resolve(impl: str) -> str:

@@ -52,7 +52,6 @@ import jax.numpy as jnp
 import optax
 
 from lrtrain import factorizations as fz
-from lrtrain.factorizations import conv as conv_lib
 from lrtrain.integrators import base
 from lrtrain.integrators import buckets
 from lrtrain.integrators import linalg
@@ -340,15 +339,6 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     return KLSState(tx_kl.init(kl_tree(params)), tx_s.init(s_tree(params)))
 
   def step(loss_fn, params, state, batch):
-    if not adaptive:
-      return _step(loss_fn, params, state, batch)
-    # Rank-adaptive: convolutions with "auto" routines go through im2col,
-    # so their factored kernels are applied, not materialized, and the
-    # step takes one pass (conv.factored_apply).
-    with conv_lib.factored_apply():
-      return _step(loss_fn, params, state, batch)
-
-  def _step(loss_fn, params, state, batch):
     # --- K and L sub-steps: one backward pass through KLNode. ---
     # At the active width when r <= C / 2 (rank-adaptive, after resize).
     # Rank-adaptive with every node applied once to an input: the same pass
