@@ -13,8 +13,8 @@ jax.vmap turns into a grouped convolution, and XLA's CPU backend runs that
 2.3x slower than the batched matmuls of im2col (benchmarks/README.md). The
 runner enters it for vmapped seeds. Elsewhere XLA's convolution is the
 faster one on the CPU, for factored kernels too: rank-adaptive KLS on
-LeNet5 (batch 128) takes 76 ms per step with it, where im2col's patches
-let the step take one pass (`integrators.kls`) and still take 94 ms.
+LeNet5 (batch 128) takes 66 ms per step with it against 94 ms with
+im2col (both one forward + backward pass, `integrators.kls`).
 """
 
 from __future__ import annotations

@@ -70,10 +70,12 @@ class KLNode(fz.lowrank.FactorShape):
   Field order starts like LowRank (U, S, V, rank, W0) so code comparing
   leaf shapes pairwise with a LowRank (Flax's param shape check) accepts it.
 
-  probes: None, or zeros (px, py, pa, pb) shaped like the layer's input x,
-  its output, dY U and x V, through which the backward pass hands out
-  those four (x, dY, dY U, x V: `_one_pass_core_gradient`); tag: the
-  node's index.
+  probes: None; for a node applied to an input, zeros (px, py, pa, pb)
+  shaped like the layer's input x, its output, dY U and x V, through which
+  the backward pass hands out those four (x, dY, dY U, x V:
+  `_one_pass_core_gradient`); for a materialized node, (pw,) zeros shaped
+  like W, which receives the loss's gradient G with respect to W; tag:
+  the node's index.
   """
   U: jax.Array
   S: jax.Array
@@ -153,6 +155,8 @@ def _kl_materialize(f: KLNode) -> jax.Array:
   if _USES is not None:
     _USES.append((f.tag, None))
   W = (f.K - f.U @ f.S) @ f.V.T + f.U @ f.L.T
+  if f.probes is not None:
+    W = W + f.probes[0]
   return W if f.W0 is None else W + f.W0
 
 
@@ -174,11 +178,11 @@ def _kl_nodes(params, kl, probes=None):
 
 
 def _single_inputs(loss_fn, params, batch):
-  """[(input, output) ShapeDtypeStructs] per LowRank node, in node order,
-  when the loss applies every LowRank node exactly once to an input (an
-  MLP, a transformer); None otherwise (a node materialized, as XLA's
-  convolution routine does, or applied twice). Traces the loss once
-  abstractly."""
+  """Per LowRank node, in node order, its (input, output)
+  ShapeDtypeStructs, or None where the loss materializes the node (as XLA's
+  convolution routine does), when the loss uses every LowRank node exactly
+  once (an MLP, a transformer, a conv net); None when a node is used twice
+  or not at all. Traces the loss once abstractly."""
   global _USES
   nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
            if _is_lr(x)]
@@ -191,19 +195,22 @@ def _single_inputs(loss_fn, params, batch):
     uses = _USES
   finally:
     _USES = None
-  tags = [t for t, _ in uses]
-  if (sorted(tags) != list(range(len(nodes)))
-      or any(x is None for _, x in uses)):
+  if sorted(t for t, _ in uses) != list(range(len(nodes))):
     return None
   x = dict(uses)
-  return [(x[i], jax.ShapeDtypeStruct(x[i].shape[:-1] + (n.shape[0],),
-                                      jnp.result_type(x[i].dtype, n.U.dtype)))
+  return [None if x[i] is None else (
+      x[i], jax.ShapeDtypeStruct(x[i].shape[:-1] + (n.shape[0],),
+                                 jnp.result_type(x[i].dtype, n.U.dtype)))
           for i, n in enumerate(nodes)]
 
 
-def _probes(x, y, node):
-  """Zero probes (px, py, pa, pb) for a node with input x and output y
-  (ShapeDtypeStructs) at the node's width in this pass."""
+def _probes(inputs, node):
+  """Zero probes for a node: (px, py, pa, pb) where `inputs` is its input x
+  and output y (ShapeDtypeStructs) at the node's width in this pass, (pw,)
+  shaped like W where it is None (a materialized node)."""
+  if inputs is None:
+    return (jnp.zeros(node.shape, node.dtype),)
+  x, y = inputs
   lead, C = x.shape[:-1], node.capacity
   return (jnp.zeros(x.shape, x.dtype), jnp.zeros(y.shape, y.dtype),
           jnp.zeros(lead + (C,), jnp.result_type(y.dtype, node.U.dtype)),
@@ -359,7 +366,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         (loss, aux), g = jax.value_and_grad(kl_loss, has_aux=True)(
             kl0, None, None)
         return ((loss, aux), g, None, None), kl0
-      probes = [_probes(x, y, node) for (x, y), node in zip(inputs, [
+      probes = [_probes(xy, node) for xy, node in zip(inputs, [
           n for n in jax.tree.leaves(view, is_leaf=fz.is_factor) if _is_lr(n)])]
       (loss, aux), g = jax.value_and_grad(kl_loss, (0, 1, 2), has_aux=True)(
           kl0, s_tree(view), probes)
@@ -417,10 +424,15 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
 
       (_, _), g_s = jax.value_and_grad(s_loss, has_aux=True)(s0)
     else:
-      g_s = base.map_nodes(
-          lambda i, p, g: g if i is None else _one_pass_core_gradient(
-              *g_probes[i], *bases[i][5:]).astype(g.dtype),
-          _is_lr, params, g_st)
+      def core_gradient(i, g):
+        if len(g_probes[i]) == 1:    # materialized: G = dL/dW from its probe
+          Uh, Vh = bases[i][:2]
+          return (Uh.T @ (g_probes[i][0].astype(Uh.dtype) @ Vh)).astype(g.dtype)
+        return _one_pass_core_gradient(*g_probes[i], *bases[i][5:]).astype(
+            g.dtype)
+
+      g_s = base.map_nodes(lambda i, p, g: g if i is None else core_gradient(
+          i, g), _is_lr, params, g_st)
     upd, s_state = tx_s.update(g_s, s_state, s0)
     s1 = optax.apply_updates(s0, upd)
     stepped = _merge_s(aug, s1)
