@@ -63,8 +63,9 @@ def adaptive_run(steps: int = 2000, tau: float = 0.3, r0: int = 64,
   with counter.counting():
     params, state, _ = integ.resize(params, state)  # initial bucketing
     for t in range(steps):
+      b = next(data)                 # outside the timing, as in fixed_rank_ms
       t0 = time.perf_counter()
-      params, state, aux = step(params, state, next(data))
+      params, state, aux = step(params, state, b)
       jax.block_until_ready(aux["loss"])
       dt = time.perf_counter() - t0
       caps_before = capacities(params)

@@ -179,8 +179,9 @@ def write(res, readme: str = README):
   text = open(readme).read() if os.path.exists(readme) else f"{BEGIN}\n{END}\n"
   head, rest = text.split(BEGIN, 1)
   tail = rest.split(END, 1)[1]
+  new = head + BEGIN + "\n" + tables(res) + END + tail   # before truncating
   with open(readme, "w") as f:
-    f.write(head + BEGIN + "\n" + tables(res) + END + tail)
+    f.write(new)
 
 
 if __name__ == "__main__":
