@@ -62,7 +62,6 @@ from lrtrain import optim
 from lrtrain import sharding as sharding_lib
 from lrtrain import workdir as workdir_lib
 from lrtrain import writers as writers_lib
-from lrtrain.factorizations import conv as conv_lib
 from lrtrain.integrators import base as ibase
 from lrtrain.integrators import linalg
 
@@ -702,10 +701,7 @@ def make_step_fn(integ: ibase.Integrator, loss_fn, sharder: Sharder, *,
     return new, state, aux
 
   def seeds_step(*args):
-    # The kernels carry the seed axis: batched matmuls, not grouped
-    # convolutions (factorizations/conv.py).
-    with conv_lib.batched_kernels():
-      return jax.vmap(train_step)(*args)
+    return jax.vmap(train_step)(*args)
 
   def placed_step(*args):
     # Householder QR of a row-split factor as TSQR (no gather of the factor).

@@ -7,46 +7,30 @@ Two routines compute a convolution:
             ordered (kh, kw, c_in), matching a Flax kernel (kh, kw, c_in,
             c_out) reshaped to (kh * kw * c_in, c_out)), then one matmul.
 
-"auto" (the layers' default) is "xla", except in programs traced inside
-`batched_kernels()`: there the kernel carries a vmapped (seed) axis, which
-jax.vmap turns into a grouped convolution, and XLA's CPU backend runs that
-2.3x slower than the batched matmuls of im2col (benchmarks/README.md). The
-runner enters it for vmapped seeds. Elsewhere XLA's convolution is the
-faster one on the CPU, for factored kernels too: rank-adaptive KLS on
-LeNet5 (batch 128) takes 66 ms per step with it against 94 ms with
-im2col (both one forward + backward pass, `integrators.kls`).
+"auto" (the layers' default) is "xla": with XLA's own CPU convolutions
+(`import lrtrain` keeps them off YNNPACK, docs/design.md) it is the faster
+routine on the CPU for dense and factored kernels alike, also under
+jax.vmap over seeds, where the kernel's seed axis makes it a grouped
+convolution (LeNet5, batch 128: rank-adaptive KLS 66 vs 94 ms per step
+with im2col; 4 vmapped seeds, dense 118-120 vs 138-143 ms, rank-adaptive
+KLS 355-375 vs 433-440 ms).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "im2col", "xla")
-_im2col = [False]
-
-
-@contextlib.contextmanager
-def batched_kernels() -> Iterator[None]:
-  """Inside this block "auto" convolutions are traced as im2col (read at
-  trace time, like `linalg.implementation`)."""
-  _im2col.append(True)
-  try:
-    yield
-  finally:
-    _im2col.pop()
 
 
 def resolve(impl: str) -> str:
-  """The routine "auto" stands for here; other names as they are."""
+  """The routine "auto" stands for; other names as they are."""
   if impl not in IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "im2col" if _im2col[-1] else "xla"
-  return impl
+  return "xla" if impl == "auto" else impl
 
 Padding = str | Sequence[tuple[int, int]]
 
