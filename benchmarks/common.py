@@ -126,6 +126,23 @@ def peak_memory_bytes() -> int | None:
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
+def forced_devices_main(module: str, devices: int, flag: str, measure,
+                        table, out: str, meta: dict) -> None:
+  """The entry point of a benchmark whose rows need `devices` forced host
+  devices: in the child (`flag` set) prints `measure()`'s rows; in the
+  parent runs the child, writes {**meta, "rows": rows} to `out` and prints
+  `table(rows)`."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if os.environ.get(flag):
+    print("ROWS " + json.dumps(measure()))
+    return
+  rows = rows_from_child(module, devices, flag)
+  with open(out, "w") as fh:
+    json.dump({**meta, "rows": rows}, fh, indent=2)
+  print(table(rows))
+
+
 def rows_from_child(module: str, devices: int, flag: str) -> list:
   """Runs `python -m module` with `devices` forced host CPU devices (the
   flag must reach XLA before jax starts, so it is a fresh process) and

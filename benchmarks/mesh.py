@@ -92,17 +92,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-  if os.environ.get("LRTRAIN_MESH_BENCH_CHILD"):
-    rows = measure()
-    print("ROWS " + json.dumps(rows))
-    return
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  rows = common.rows_from_child("benchmarks.mesh", DEVICES,
-                                "LRTRAIN_MESH_BENCH_CHILD")
-  with open(OUT, "w") as fh:
-    json.dump({"n": N, "r": R, "batch": BATCH, "devices": DEVICES,
-               "rows": rows}, fh, indent=2)
-  print(table(rows))
+  common.forced_devices_main("benchmarks.mesh", DEVICES, "LRTRAIN_MESH_BENCH_CHILD",
+                             measure, table, OUT,
+                             {"n": N, "r": R, "batch": BATCH, "devices": DEVICES})
 
 
 if __name__ == "__main__":

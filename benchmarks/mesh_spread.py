@@ -82,16 +82,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-  if os.environ.get("LRTRAIN_MESH_SPREAD_CHILD"):
-    print("ROWS " + json.dumps(measure()))
-    return
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  rows = common.rows_from_child("benchmarks.mesh_spread", DEVICES,
-                                "LRTRAIN_MESH_SPREAD_CHILD")
-  with open(OUT, "w") as fh:
-    json.dump({"config": "configs/digits.py", "devices": DEVICES,
-               "rows": rows}, fh, indent=2)
-  print(table(rows))
+  common.forced_devices_main("benchmarks.mesh_spread", DEVICES, "LRTRAIN_MESH_SPREAD_CHILD",
+                             measure, table, OUT,
+                             {"config": "configs/digits.py", "devices": DEVICES})
 
 
 if __name__ == "__main__":
