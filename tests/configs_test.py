@@ -14,7 +14,8 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
     os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py"))
 REQUIRED = ("digits", "dlrt_lenet5", "dlrt_mlp", "geolora_mlp", "condlr_lenet5",
             "tdlrt_vgg", "lora_transformer", "llama_lm")
-SLOW_CONFIGS = ("tdlrt_vgg", "dlrt_lenet5", "condlr_lenet5", "methods_fashion")
+SLOW_CONFIGS = ("tdlrt_vgg", "dlrt_lenet5", "condlr_lenet5", "methods_fashion",
+                "llama_lm", "lora_transformer")
 
 
 def path(name):
@@ -42,8 +43,8 @@ def test_every_sweep_point_builds_locked(name, arg):
       c.not_a_field = 1                # locked: no new knobs
 
 
-# The convolutional configs compile the heaviest programs (10-30 s cold):
-# second tier.
+# The convolutional and transformer configs compile the heaviest programs
+# (10-30 s cold): second tier.
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.tier2) if n in SLOW_CONFIGS else n
     for n in CONFIGS])

@@ -2,6 +2,8 @@
 rank-adaptive steps run: "auto" is XLA's convolution, and on the CPU no
 convolution sits inside the half-width branch of `base.at_active_width`."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,7 +150,12 @@ def test_cpu_convolutions_leave_ynnpack_and_agree_with_it():
   theirs = _grads(LRTRAIN_YNN_CONV="1")
   assert "ynn" not in theirs["flags"]
   own = "--xla_cpu_experimental_ynn_fusion_type=dot"
-  assert _grads(XLA_FLAGS=own)["flags"] == own
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  r = subprocess.run([sys.executable, "-c", "import os, lrtrain; "
+                      "print(os.environ['XLA_FLAGS'])"],
+                     env=dict(os.environ, XLA_FLAGS=own), capture_output=True,
+                     text=True, check=True)
+  assert r.stdout.strip() == own
   for a, b in zip(ours["g"], theirs["g"]):
     a, b = np.asarray(a), np.asarray(b)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())

@@ -310,6 +310,7 @@ def test_keys_in_metrics_at_diagnostics_cadence(full_run):
         np_stable_rank(G[layer]), rel=1e-4)
 
 
+@pytest.mark.tier2     # a run and its resume end to end (9 s warm)
 def test_resume_restarts_update_keys_and_keeps_grad_keys(full_run, tmp_path):
   """A run resumed at step 2 logs at step 4 the grad/ values of the
   uninterrupted run, and no update/ keys (their memory starts afresh)."""

@@ -95,6 +95,7 @@ def test_only_process_0_writes_the_workdir(monkeypatch, tmp_path, pid):
   assert os.listdir(os.path.join(wd, "checkpoints")) == ["3"]
 
 
+@pytest.mark.tier2     # two runs end to end (12 s warm)
 def test_tensorboard_contents_and_resume_without_duplicates(tmp_path):
   wd = str(tmp_path / "run")
   c = digits_config(("train.num_steps", 6), ("train.checkpoint_every", 3),
