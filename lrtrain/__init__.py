@@ -31,8 +31,9 @@ def _jaxlib_knows_ynn_flag() -> bool:
   return major_minor == (0, 10)
 
 
+YNN_FLAG_KNOWN = _jaxlib_knows_ynn_flag()
 if ("ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "")
-    and os.environ.get("LRTRAIN_YNN_CONV") != "1" and _jaxlib_knows_ynn_flag()):
+    and os.environ.get("LRTRAIN_YNN_CONV") != "1" and YNN_FLAG_KNOWN):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                              + YNN_FLAG).strip()
 

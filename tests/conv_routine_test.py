@@ -146,6 +146,9 @@ def test_cpu_convolutions_leave_ynnpack_and_agree_with_it():
   the dense LeNet5 gradients agree with XLA's default to float32 rounding."""
   import lrtrain  # pylint: disable=g-import-not-at-top
   ours = _grads()
+  if not lrtrain.YNN_FLAG_KNOWN:     # a jaxlib without the flag: left alone
+    assert "ynn" not in ours["flags"]
+    return
   assert lrtrain.YNN_FLAG in ours["flags"]
   theirs = _grads(LRTRAIN_YNN_CONV="1")
   assert "ynn" not in theirs["flags"]
