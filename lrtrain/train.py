@@ -700,8 +700,7 @@ def make_step_fn(integ: ibase.Integrator, loss_fn, sharder: Sharder, *,
     aux["finite"] = _finite_flags(new) & jnp.isfinite(aux["loss"])
     return new, state, aux
 
-  def seeds_step(*args):
-    return jax.vmap(train_step)(*args)
+  seeds_step = jax.vmap(train_step)
 
   def placed_step(*args):
     # Householder QR of a row-split factor as TSQR (no gather of the factor).

@@ -28,11 +28,6 @@ def _prims(jaxpr, inside_cond=False, out=None):
   return out
 
 
-def _convs(fn, *args):
-  return [c for p, c in _prims(jax.make_jaxpr(fn)(*args).jaxpr)
-          if p == "conv_general_dilated"]
-
-
 def test_resolve():
   assert conv.resolve("auto") == "xla"
   assert conv.resolve("im2col") == "im2col"
@@ -69,6 +64,17 @@ def test_factored_conv_routines_agree(impl):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _step_prims(integ, impl="auto"):
+  """LeNet5 (lowrank, resized) with routine `impl`: the primitives of
+  `integ`'s step (`_prims`) and (params, loss_fn, batch)."""
+  params, loss_fn, batch = _lenet("lowrank", impl)
+  params, _, _ = integ.resize(params, None)
+  state = integ.init(params)
+  prims = _prims(jax.make_jaxpr(
+      lambda p, s: integ.step(loss_fn, p, s, batch)[:2])(params, state).jaxpr)
+  return prims, (params, loss_fn, batch)
+
+
 def test_adaptive_kls_takes_one_pass_with_either_routine():
   """Rank-adaptive KLS on LeNet5 takes one pass with both routines: with
   im2col every factored kernel is applied to patches (no convolution in
@@ -76,12 +82,9 @@ def test_adaptive_kls_takes_one_pass_with_either_routine():
   their gradients G come from W-shaped probes, the dense layers' from
   their inputs and output cotangents."""
   integ = integrators.build("kls", optax.sgd(0.1), adaptive=True, tau=0.1)
-  params, loss_fn, batch = _lenet("lowrank", "im2col")
-  params, _, _ = integ.resize(params, None)
-  state = integ.init(params)
-  prims = _prims(jax.make_jaxpr(
-      lambda p, s: integ.step(loss_fn, p, s, batch)[:2])(params, state).jaxpr)
+  prims, run = _step_prims(integ, "im2col")
   assert not [p for p, _ in prims if p == "conv_general_dilated"]
+  params, loss_fn, batch = run
   uses = kls._single_inputs(loss_fn, params, batch)
   assert uses is not None and all(u is not None for u in uses)
   params, loss_fn, batch = _lenet("lowrank", "auto")
@@ -96,19 +99,13 @@ def test_no_convolution_inside_a_branch_on_cpu(method):
   """XLA's CPU backend runs a convolution inside a conditional without its
   fast routine (10x slower): the pass runs at full width there instead
   (rank-adaptive KLS and geolora with auto, i.e. XLA's routine)."""
-  params, loss_fn, batch = _lenet("lowrank")
   kw = dict(adaptive=True, tau=0.1) if method == "kls" else dict(tau=0.1)
   integ = integrators.build(method, optax.sgd(0.1), **kw)
-  params, _, _ = integ.resize(params, None)
-  state = integ.init(params)
-  convs = _convs(lambda p, s: integ.step(loss_fn, p, s, batch)[:2], params, state)
+  prims, _ = _step_prims(integ)
+  convs = [c for p, c in prims if p == "conv_general_dilated"]
   assert convs and not any(convs)
   # Without convolutions the half-width branch is kept.
-  params, loss_fn, batch = _lenet("lowrank", "im2col")
-  params, _, _ = integ.resize(params, None)
-  state = integ.init(params)
-  prims = _prims(jax.make_jaxpr(
-      lambda p, s: integ.step(loss_fn, p, s, batch)[:2])(params, state).jaxpr)
+  prims, _ = _step_prims(integ, "im2col")
   assert not [p for p, _ in prims if p == "conv_general_dilated"]
   assert any(c and p == "dot_general" for p, c in prims)
 

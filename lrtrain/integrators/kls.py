@@ -184,8 +184,7 @@ def _single_inputs(loss_fn, params, batch):
   once (an MLP, a transformer, a conv net); None when a node is used twice
   or not at all. Traces the loss once abstractly."""
   global _USES
-  nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
-           if _is_lr(x)]
+  nodes = _lr_nodes(params)
   if not nodes:
     return None
 
@@ -244,6 +243,11 @@ def _one_pass_core_gradient(x, dy, a, b, Qb, Pb, r):
 
 def _is_lr(x) -> bool:
   return isinstance(x, fz.LowRank)
+
+
+def _lr_nodes(params) -> list:
+  """The LowRank nodes of a params tree, in node (tag) order."""
+  return [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor) if _is_lr(x)]
 
 
 def kl_tree(params):
@@ -366,8 +370,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         (loss, aux), g = jax.value_and_grad(kl_loss, has_aux=True)(
             kl0, None, None)
         return ((loss, aux), g, None, None), kl0
-      probes = [_probes(xy, node) for xy, node in zip(inputs, [
-          n for n in jax.tree.leaves(view, is_leaf=fz.is_factor) if _is_lr(n)])]
+      probes = [_probes(xy, node) for xy, node in zip(inputs, _lr_nodes(view))]
       (loss, aux), g = jax.value_and_grad(kl_loss, (0, 1, 2), has_aux=True)(
           kl0, s_tree(view), probes)
       return ((loss, aux),) + g, kl0
