@@ -55,7 +55,9 @@ def build(method: str, impl: str):
   return model, params, integ
 
 
-def bench(method: str, impl: str, *, steps: int, repeats: int) -> dict:
+def make_step(method: str, impl: str):
+  """(step, params, state, batch): the jitted step (params and state
+  donated) and what it takes."""
   model, params, integ = build(method, impl)
   params, _, _ = integ.resize(params, None)
   state = integ.init(params)
@@ -70,6 +72,11 @@ def bench(method: str, impl: str, *, steps: int, repeats: int) -> dict:
            "y": jax.random.randint(ky, (BATCH,), 0, 10)}
   step = jax.jit(lambda p, s, b: integ.step(loss_fn, p, s, b)[:2],
                  donate_argnums=(0, 1))
+  return step, params, state, batch
+
+
+def bench(method: str, impl: str, *, steps: int, repeats: int) -> dict:
+  step, params, state, batch = make_step(method, impl)
   res = common.time_steps(lambda c: step(c[0], c[1], batch), (params, state),
                           steps=steps, repeats=repeats)
   res.pop("carry")

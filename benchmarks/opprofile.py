@@ -63,9 +63,19 @@ def _build_step(method: str, n: int, r: int):
   return step, params, state, batch
 
 
-def profile(method: str, n: int, r: int, *, steps: int = 10) -> dict:
+def _build_lenet_step(method: str):
+  """The LeNet5 benchmark's step (benchmarks/lenet.py: batch 128, the DLRT
+  paper's ranks held at their caps, XLA's convolution routine)."""
+  from benchmarks import lenet
+  step, params, state, batch = lenet.make_step(method, lenet.DEFAULT)
+  return step, params, state, batch
+
+
+def profile(method: str, n: int, r: int, *, steps: int = 10,
+            model: str = "mlp") -> dict:
   """Wall ms per step (untraced) and op time per step by kind and category."""
-  step, params, state, batch = _build_step(method, n, r)
+  step, params, state, batch = (_build_step(method, n, r) if model == "mlp"
+                                else _build_lenet_step(method))
   res = common.time_steps(lambda c: step(c[0], c[1], batch), (params, state),
                           steps=steps, repeats=1)
   params, state = res.pop("carry")
@@ -110,6 +120,9 @@ def report(p: dict, top: int = 12, log=print) -> None:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--model", default="mlp", choices=("mlp", "lenet5"),
+                  help="the width benchmark's MLP (--n, --r) or the LeNet5 "
+                       "benchmark's model (benchmarks/lenet.py)")
   ap.add_argument("--method", default="geolora", choices=width.METHODS)
   ap.add_argument("--n", type=int, default=1024)
   ap.add_argument("--r", type=int, default=64)
@@ -119,7 +132,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   t0 = time.perf_counter()
   p = profile(args.method, args.n, 0 if args.method == "dense" else args.r,
-              steps=args.steps)
+              steps=args.steps, model=args.model)
   report(p, args.top)
   if args.json:
     with open(args.json, "w") as f:

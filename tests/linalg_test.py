@@ -164,6 +164,71 @@ def test_core_svd_small_tau_uses_lapack_svd():
   np.testing.assert_allclose(sig, [1.0, 1e-3, 0.5e-3, 0.0], atol=1e-7)
 
 
+def _core(key, C, sigma):
+  A = jnp.linalg.qr(jax.random.normal(key, (C, C)))[0]
+  B = jnp.linalg.qr(jax.random.normal(jax.random.fold_in(key, 1), (C, C)))[0]
+  return (A * sigma) @ B.T
+
+
+def _truncate_both(S, **kw):
+  """base.truncate by the default route and by LAPACK's SVD."""
+  out = jax.jit(lambda S: base.truncate(S, **kw))(S)
+  with linalg.implementation("lapack"):
+    ref = jax.jit(lambda S: base.truncate(S, **kw))(S)
+  return out, ref
+
+
+@pytest.mark.parametrize("C,shape", [(256, "settled"), (500, "settled"),
+                                     (256, "decaying")])
+def test_truncate_eigen_route_matches_svd(C, shape):
+  """At C >= EIGH_MIN_C the truncation takes the eigenvectors of S^T S and
+  forms only the kept left vectors: the same rank as LAPACK's SVD, values
+  within C u ||S||^2 / sigma_i, the truncated core within C u kappa ||S||,
+  orthonormal kept columns and zero columns after."""
+  key = jax.random.PRNGKey(C)
+  H = C // 2
+  if shape == "settled":   # what a step leaves: a kept diagonal plus an update
+    sig = jnp.concatenate([jnp.linspace(3.0, 0.5, H), jnp.zeros(C - H)])
+    S = jnp.diag(sig) + 1e-2 * jax.random.normal(key, (C, C))
+  else:
+    S = _core(key, C, jnp.logspace(0, -3, C))
+  assert C >= linalg.EIGH_MIN_C
+  (P, Q, S_new, r), (Pr, Qr, Sr, rr) = _truncate_both(S, tau=0.1, r_min=1, r_max=H)
+  assert int(r) == int(rr) and 1 < int(r) <= H
+  r = int(r)
+  u = float(jnp.finfo(jnp.float32).eps)
+  sig, ref = np.diagonal(np.asarray(S_new))[:r], np.diagonal(np.asarray(Sr))[:r]
+  assert np.all(np.abs(sig - ref) <= 4 * C * u * ref[0] ** 2 / ref + 1e-6)
+  assert _orth_err(P, r) < 1e-5 and _orth_err(Q, r) < 1e-5
+  assert float(jnp.max(jnp.abs(P[:, r:]))) == 0.0
+  trunc = np.asarray(P @ S_new @ Q.T, np.float64)
+  ref_trunc = np.asarray(Pr @ Sr @ Qr.T, np.float64)
+  kappa = float(ref[0] / ref[-1])
+  assert np.linalg.norm(trunc - ref_trunc, 2) <= C * u * kappa * ref[0]
+
+
+@pytest.mark.parametrize("keep", ["past_numerical_rank", "past_half"])
+def test_truncate_eigen_route_rank_forced(keep):
+  """r_min above the core's numerical rank (zero values kept: their left
+  vectors are an orthonormal completion) and a kept rank above C / 2 (all
+  left vectors formed): P orthonormal on the kept columns, P S_new Q^T the
+  SVD's truncation."""
+  C = 256
+  key = jax.random.PRNGKey(3)
+  if keep == "past_numerical_rank":
+    S = _core(key, C, jnp.concatenate([jnp.linspace(2.0, 1.0, 20),
+                                       jnp.zeros(C - 20)]))
+    r_keep = 40
+  else:
+    S = _core(key, C, jnp.linspace(2.0, 1.0, C))
+    r_keep = 200
+  (P, Q, S_new, r), (Pr, Qr, Sr, _) = _truncate_both(
+      S, tau=0.1, r_min=r_keep, r_max=r_keep)
+  assert int(r) == r_keep
+  assert _orth_err(P, r_keep) < 1e-5 and _orth_err(Q, r_keep) < 1e-5
+  np.testing.assert_allclose(P @ S_new @ Q.T, Pr @ Sr @ Qr.T, atol=1e-5)
+
+
 def test_polish_restores_orthonormality_and_keeps_W():
   n, C, r = 40, 8, 5
   U = _random_orthonormal(jax.random.PRNGKey(9), n, r, C)

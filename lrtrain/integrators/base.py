@@ -297,8 +297,9 @@ def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
              rank=None):
   """SVD truncation of a (C, C) core: the rank rule of `truncation_rank`.
 
-  The SVD is `linalg.core_svd` (LAPACK's; the C x C core is small next to
-  the n x C bases, which go through the matmul path).
+  The SVD is `linalg.core_svd` (the eigenvectors of S^T S where the
+  tolerance allows, LAPACK's SVD otherwise), which forms only the kept
+  left vectors.
 
   Args:
     S: (C, C) augmented core (zero outside its active block).
@@ -312,12 +313,13 @@ def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
     new factors are U^ P, V^ Q and S_new = diag(sigma[:r_new]) = P^T S Q.
   """
   C = S.shape[-1]
-  P, sigma, Q = linalg.core_svd(S, tau if adaptive else None)
   if adaptive:
-    r_new = truncation_rank(sigma, tau, jnp.minimum(r_min, C),
-                            jnp.minimum(r_max, C))
+    rule = lambda sigma: truncation_rank(sigma, tau, jnp.minimum(r_min, C),
+                                         jnp.minimum(r_max, C))
   else:
-    r_new = jnp.asarray(rank, jnp.int32)
+    rule = lambda sigma: jnp.asarray(rank, jnp.int32)
+  P, sigma, Q = linalg.core_svd(S, tau if adaptive else None, rank=rule)
+  r_new = rule(sigma)
   mask = column_mask(r_new, C, sigma.dtype)
   return P * mask, Q * mask, jnp.diag(sigma * mask), r_new
 

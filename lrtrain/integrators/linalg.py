@@ -12,9 +12,9 @@ eigensolvers of small matrices:
                     Cholesky QR, repeated until its Gram matrix is the
                     identity to working precision.
   orth(X, r)        the same for X alone (retractions, fixed-rank bases).
-  core_svd(S, tau)  P, sigma, Q of a (C, C) core: LAPACK's SVD, or from
-                    the eigenvectors of S^T S (left vectors S Q
-                    orthonormalized) with route="eigh".
+  core_svd(S, tau)  P, sigma, Q of a (C, C) core: from the eigenvectors
+                    of S^T S (left vectors S Q orthonormalized) where
+                    the truncation rule allows it, else LAPACK's SVD.
 
 Robustness, all decided inside the jitted program:
   * inactive (masked) columns get a unit diagonal in the Gram matrix, so
@@ -43,8 +43,7 @@ float32.
 `implementation("lapack")` (a context manager, read at trace time) switches
 every call back to Householder QR and LAPACK's SVD, for comparisons.
 
-The eigenvector route of `core_svd` (not the default: measured slower on
-the CPU, see `core_svd`) squares the singular values, so it is
+The eigenvector route of `core_svd` squares the singular values, so it is
 used only where that cannot change the truncation rule: it needs
 tau^2 >= GRAM_TAU2 * C * u (u the unit roundoff of the working precision;
 tau >= 0.035 for C = 128 in float32, any tau >= 1e-6 in float64). Below
@@ -533,20 +532,32 @@ def gram_route(C: int, tau, dtype) -> bool:
   return float(tau) ** 2 >= GRAM_TAU2 * C * eps
 
 
-def core_svd(S: jax.Array, tau=None, route: str = "svd"):
+# Smallest core for which route "auto" takes the eigenvectors of S^T S:
+# measured faster than LAPACK's SVD from here on (2 cores, float32, jitted
+# alone, at most C / 2 kept: C = 128 / 256 / 512: 1.37 / 4.4 / 19.5 ms
+# against 1.3 / 6.2 / 29.9 ms).
+EIGH_MIN_C = 200
+
+
+def core_svd(S: jax.Array, tau=None, route: str = "auto", rank=None):
   """P, sigma, Q (descending sigma) of a square core S = P diag(sigma) Q^T.
 
   Args:
     S: (C, C) core.
     tau: the truncation tolerance the values will be used with (a Python
       float), or None when no tolerance rule reads them (fixed rank).
-      Decides the route (`gram_route`).
-    route: "svd" (LAPACK's divide-and-conquer SVD) or "eigh" (eigenvectors
-      of S^T S where `gram_route` allows, else the SVD). The integrators use
-      "svd": on the CPU the eigh route, with the orthonormalization of its
-      left vectors, measured slower than the SVD at every size tried
-      (C = 64 / 128 / 256 / 512: 1.3 / 4.8 / 16.8 / 116 ms vs 0.85 / 2.7 /
-      12.4 / 64 ms, jitted alone, 2 cores).
+      Decides whether the eigenvector route may run (`gram_route`).
+    route: "svd" (LAPACK's divide-and-conquer SVD), "eigh" (eigenvectors
+      of S^T S where `gram_route` allows, else the SVD) or "auto" (eigh
+      for C >= `EIGH_MIN_C`, where it is the faster). LAPACK's SVD bidiagonalizes S (half its
+      flops matrix-vector products) and then runs divide and conquer on
+      both sides; the symmetric eigensolver of S^T S does one
+      tridiagonalization and one side, and the left vectors of the kept
+      columns come from products (500 x 500, 2 cores: SVD 26 ms, eigh of
+      the Gram matrix 13 ms).
+    rank: optional function sigma -> r, the number of leading columns the
+      caller keeps; P's columns from r on are then unspecified (the eigh
+      route forms only the kept ones, C / 2 of them when r <= C / 2).
 
   Returns:
     (P, sigma, Q) in the working dtype.
@@ -554,28 +565,51 @@ def core_svd(S: jax.Array, tau=None, route: str = "svd"):
   dtype = work_dtype(S)
   S = S.astype(dtype)
   C = S.shape[-1]
-  if route != "eigh" or not gram_route(C, tau, dtype):
+  use_eigh = {"svd": False, "eigh": True, "auto": C >= EIGH_MIN_C}[route]
+  if not use_eigh or not gram_route(C, tau, dtype):
     P, sigma, Qt = svd(S)
     return P, sigma, Qt.T
-  lam, W = lapack.eigh(S.T @ S)
-  lam, W = lam[::-1], W[:, ::-1]
+  _, W = lapack.eigh(S.T @ S)
   # Eigenvectors have arbitrary signs, which rounding differences (a fused
   # vs an unfused Gram product) flip: fix the largest entry positive.
   top = jnp.take_along_axis(W, jnp.argmax(jnp.abs(W), axis=0)[None, :], axis=0)
   W = W * jnp.where(top < 0, -1.0, 1.0).astype(W.dtype)
-  sigma = jnp.sqrt(jnp.maximum(lam, 0.0))
-  return left_vectors(S, W), sigma, W
+  # The values as the norms of S w_i, not the square roots of the
+  # eigenvalues: those resolve sigma_i only to u ||S||^2 / sigma_i (a zero
+  # value comes out near sqrt(C u) ||S||), the norms to about u ||S||, and
+  # P_i sigma_i = S w_i then holds for every kept column.
+  Y = S @ W
+  sigma = jnp.sqrt(jnp.sum(jnp.square(Y), axis=0))
+  order = jnp.argsort(-sigma)
+  sigma, W, Y = sigma[order], W[:, order], Y[:, order]
+  if rank is None or C < 2:
+    return left_vectors(Y, sigma, C), sigma, W
+  H = C // 2
+  r = rank(sigma)
+
+  def half(Y, sigma, r):
+    return jnp.pad(left_vectors(Y[:, :H], sigma[:H], r), ((0, 0), (0, C - H)))
+
+  P = cond(r <= H, half, left_vectors, Y, sigma, r)
+  return P, sigma, W
 
 
-def left_vectors(S, Q):
-  """Orthonormal P with P diag(sigma) = S Q to rounding (S Q has orthogonal
-  columns of norms sigma); directions with sigma ~ 0 get an orthonormal
-  completion (Householder)."""
-  Y = S @ Q
-  C = S.shape[-1]
-  mask = jnp.ones((C,), S.dtype)
-  P, ok = _orthonormalize(None, Y, mask, S.dtype)
-  return cond(ok, lambda P, Y: P, lambda P, Y: _householder(Y, C), P, Y)
+def left_vectors(Y, sigma, r):
+  """Orthonormal P (C, k) with P diag(sigma) = Y to rounding on its first
+  r columns, zero after: Y = S Q for Q (C, k) with orthonormal right
+  singular vectors, sigma the norms of Y's columns.
+
+  Y has orthogonal columns; scaled to unit norm they are orthonormal up to
+  about u sigma_1^2 / (sigma_i sigma_j). Where that defect is below `NEAR`
+  one unshifted Cholesky QR pass finishes them (orthonormal to about
+  u (1 + d) / (1 - d)); otherwise `orth` does (shifted passes, Householder
+  for directions with sigma ~ 0, which get an orthonormal completion)."""
+  tiny = jnp.finfo(Y.dtype).tiny
+  Z = Y * jnp.where(sigma > tiny, 1.0 / jnp.maximum(sigma, tiny), 0.0)[None, :]
+  mask = column_mask(r, Z.shape[-1], Z.dtype)
+  P, off, _ = _cholesky_pass(Z, mask, jnp.finfo(Z.dtype).eps, never_shift=True)
+  ok = (off <= NEAR) & jnp.all(jnp.isfinite(P))
+  return cond(ok, lambda P, Z, r: P, lambda P, Z, r: orth(Z, r), P, Z, r)
 
 
 POLISH_TOL = 32.0
