@@ -132,6 +132,30 @@ def test_extend_when_2r_exceeds_capacity():
   assert float(jnp.linalg.norm(resid)) < 1e-5 * float(jnp.linalg.norm(D2))
 
 
+def test_extend_to_a_complete_basis_ignores_the_blocks_conditioning():
+  """2r = n = C: the new block completes U to an orthogonal n x n matrix,
+  also for a new block of rank far below r (a gradient of rank < batch),
+  on the common path (no Householder fallback needed)."""
+  n = C = 64
+  r = 32
+  U = _random_orthonormal(jax.random.PRNGKey(12), n, r, C)
+  low = jax.random.normal(jax.random.PRNGKey(13), (n, 3)) @ jax.random.normal(
+      jax.random.PRNGKey(14), (3, C))
+  for D in (low, jnp.zeros((n, C))):
+    Uh, block = linalg.extend(U, D, r, with_block=True)
+    assert _orth_err(Uh, C) < 1e-5
+    assert bool(jnp.all(Uh[:, :r] == U[:, :r]))
+    np.testing.assert_array_equal(block[:, :r], Uh[:, r:])
+  # The common path's passes fail on the low-rank block itself and succeed
+  # on the fixed columns `extend` puts in its place.
+  mask = base.column_mask(r, C // 2, jnp.float32)
+  eps = float(jnp.finfo(jnp.float32).eps)
+  _, ok_low = linalg._two_passes(U[:, :r], low[:, :r], mask, eps)
+  _, ok_walsh = linalg._two_passes(U[:, :r], linalg.walsh(n, r, jnp.float32),
+                                   mask, eps)
+  assert not bool(ok_low) and bool(ok_walsh)
+
+
 def test_core_svd_eigen_route_error_bound():
   """Values within u ||S||^2 / sigma_i of the SVD's; the truncated core
   within C u kappa ||S|| of the SVD's truncation; P and Q orthonormal."""
@@ -171,10 +195,12 @@ def _core(key, C, sigma):
 
 
 def _truncate_both(S, **kw):
-  """base.truncate by the default route and by LAPACK's SVD."""
-  out = jax.jit(lambda S: base.truncate(S, **kw))(S)
+  """base.truncate by the default route and by LAPACK's SVD, with S_new cut
+  to P's K columns."""
+  cut = lambda P, Q, S_new, r: (P, Q, S_new[:P.shape[1], :P.shape[1]], r)
+  out = jax.jit(lambda S: cut(*base.truncate(S, **kw)))(S)
   with linalg.implementation("lapack"):
-    ref = jax.jit(lambda S: base.truncate(S, **kw))(S)
+    ref = jax.jit(lambda S: cut(*base.truncate(S, **kw)))(S)
   return out, ref
 
 

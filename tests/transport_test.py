@@ -55,3 +55,27 @@ def test_unknown_rule_is_refused_naming_the_method():
   for make, name in ((kls.make, "kls"), (geolora.make, "geolora")):
     with pytest.raises(ValueError, match=f"{name}: transport_rule='nope'"):
       make(optax.sgd(0.1), transport_rule="nope")
+
+
+@pytest.mark.parametrize("rule", tr.SECOND_RULES)
+def test_padded_block_maps_like_the_square_map(rule):
+  """A padded Congruence built from the first rows of square maps (what a
+  truncation keeping at most half the directions passes) gives the square
+  maps' result, for the parameter, first and second moments, and for a
+  one-sided map of a tall moment."""
+  rng = np.random.default_rng(0)
+  A = np.zeros((6, 6), np.float32)
+  B = np.zeros((6, 6), np.float32)
+  A[:3] = rng.normal(size=(3, 6))
+  B[:3] = rng.normal(size=(3, 6))
+  A, B = jnp.asarray(A), jnp.asarray(B)
+  X = jnp.asarray(rng.uniform(0.1, 1.0, size=(6, 6)).astype(np.float32))
+  full, block = tr.Congruence(A, B), tr.Congruence(A[:3], B[:3], padded=True)
+  np.testing.assert_allclose(block.first(X), full.first(X), rtol=1e-6)
+  np.testing.assert_allclose(block.second(X, rule), full.second(X, rule),
+                             rtol=1e-6)
+  tall = jnp.asarray(rng.uniform(0.1, 1.0, size=(9, 6)).astype(np.float32))
+  np.testing.assert_allclose(tr.Congruence(None, B[:3], padded=True).first(tall),
+                             tr.Congruence(None, B).first(tall), rtol=1e-6)
+  with pytest.raises(ValueError, match="padded"):
+    block.then(full)

@@ -298,8 +298,8 @@ def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
   """SVD truncation of a (C, C) core: the rank rule of `truncation_rank`.
 
   The SVD is `linalg.core_svd` (the eigenvectors of S^T S where the
-  tolerance allows, LAPACK's SVD otherwise), which forms only the kept
-  left vectors.
+  tolerance allows, LAPACK's SVD otherwise), which forms only the left
+  vectors of the K = `kept_width` columns the rule can keep.
 
   Args:
     S: (C, C) augmented core (zero outside its active block).
@@ -309,19 +309,35 @@ def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
     rank: the fixed rank (used when adaptive is False).
 
   Returns:
-    (P, Q, S_new, r_new): P, Q (C, C) with columns >= r_new zeroed, so the
-    new factors are U^ P, V^ Q and S_new = diag(sigma[:r_new]) = P^T S Q.
+    (P, Q, S_new, r_new): P, Q (C, K) with columns >= r_new zeroed, so the
+    new factors are U^ P, V^ Q padded to C columns, and S_new =
+    diag(sigma[:r_new]) (C, C), the top-left block P^T S Q.
   """
   C = S.shape[-1]
+  K = kept_width(C, r_max, adaptive)
   if adaptive:
     rule = lambda sigma: truncation_rank(sigma, tau, jnp.minimum(r_min, C),
                                          jnp.minimum(r_max, C))
   else:
     rule = lambda sigma: jnp.asarray(rank, jnp.int32)
-  P, sigma, Q = linalg.core_svd(S, tau if adaptive else None, rank=rule)
+  P, sigma, Q = linalg.core_svd(S, tau if adaptive else None, rank=rule,
+                                width=K)
   r_new = rule(sigma)
   mask = column_mask(r_new, C, sigma.dtype)
-  return P * mask, Q * mask, jnp.diag(sigma * mask), r_new
+  return (P * mask[:K], Q * mask[:K], jnp.diag(sigma * mask), r_new)
+
+
+def kept_width(C: int, r_max, adaptive: bool = True) -> int:
+  """A static bound on the rank `truncate` keeps from a (C, C) core: r_max
+  where it is a Python int and the rank rule applies, else C."""
+  if adaptive and isinstance(r_max, int):
+    return max(1, min(C, r_max))
+  return C
+
+
+def pad_columns(X: jax.Array, C: int) -> jax.Array:
+  """X (n, K) padded with zero columns to (n, C)."""
+  return jnp.pad(X, ((0, 0), (0, C - X.shape[-1])))
 
 
 def rank_bounds(f, r_min: int, r_max: int) -> tuple[int, int]:

@@ -159,7 +159,8 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
           P, Q, S_new, r_new = base.truncate(S_hat, tau=tau, r_min=lo,
                                              r_max=hi, adaptive=adaptive,
                                              rank=r)
-          U_new, V_new = Uh @ P, Vh @ Q
+          U_new = base.pad_columns(Uh @ P, C)   # P, Q: (C, K), K <= C
+          V_new = base.pad_columns(Vh @ Q, C)
           # P^T M = U_new^T U = P^T [I; 0]: the first r rows of P (M = I
           # on the active block without augmentation).
           PM, QN = (P * cm[:, None]).T, (Q * cm[:, None]).T
@@ -175,8 +176,9 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
       new = base.map_nodes(fix, _is_lr, params, moved, upd)
       # K = W V and L = W^T U follow V and U; S maps like S1: P^T M S1 N^T Q.
       maps = aligned_maps(params, lambda i, p: (
-          tr.Congruence(None, finals[i][3]), tr.Congruence(None, finals[i][2]),
-          tr.Congruence(finals[i][0], finals[i][1])), others=True)
+          tr.Congruence(None, finals[i][3], padded=True),
+          tr.Congruence(None, finals[i][2], padded=True),
+          tr.Congruence(finals[i][0], finals[i][1], padded=True)), others=True)
       return new, tr.transport(opt, like, maps, enabled=transport,
                                second_rule=transport_rule)
     return run

@@ -452,8 +452,11 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       S1 = q.S.astype(wd) * am[:, None] * am[None, :]
       lo, hi = base.rank_bounds(q, r_min, r_max)
       if adaptive:
+        # P, Q: (C, K), K the most columns the rule can keep (C / 2 in a
+        # settled run): the products and maps below run at that width.
         P, Q, S_new, r_new = base.truncate(S1, tau=tau, r_min=lo, r_max=hi)
-        U_new, V_new = Uh @ P, Vh @ Q
+        U_new = base.pad_columns(Uh @ P, C)
+        V_new = base.pad_columns(Vh @ Q, C)
         # U_new^T U = P^T U^^T U = P^T [I; 0]: P's first r rows.
         cm = base.column_mask(p.rank, C, wd)[:, None]
         to_old = ((P * cm).T, (Q * cm).T)
@@ -475,13 +478,14 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       s_state = tr.transport(
           s_state, s0,
           aligned_maps(params, lambda i, p: (tr.Congruence(
-              finals[i][0].T, finals[i][1].T),), others=True),
+              finals[i][0].T, finals[i][1].T, padded=True),), others=True),
           enabled=transport, second_rule=transport_rule)
     # K = W V and L = W^T U: their column coordinates follow V and U.
     kl_state = tr.transport(
         kl_state, kl0,
         aligned_maps(params, lambda i, p: (
-            tr.Congruence(None, finals[i][3]), tr.Congruence(None, finals[i][2])),
+            tr.Congruence(None, finals[i][3], padded=True),
+            tr.Congruence(None, finals[i][2], padded=True)),
             others=False),
         enabled=transport, second_rule=transport_rule)
 

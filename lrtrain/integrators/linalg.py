@@ -449,7 +449,16 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
     Uh = (_householder_extend(U, D, r) if current() == "lapack"
           else _extend_robust(U, D, r))
     return (Uh, jnp.roll(Uh, -r, axis=1)[:, :H]) if with_block else Uh
-  Q, ok = _two_passes(U[:, :H], D[:, :H], column_mask(r, H, dtype),
+  Dh = D[:, :H]
+  if n <= C:
+    # Where 2r >= n the new block completes U to a basis of the whole
+    # space: its span is span(U)'s complement whatever D is, and D's
+    # projection there is often ill-conditioned (a gradient block of rank
+    # near the batch size), which sends the passes to the general
+    # algorithm. Fixed, well-spread columns (`walsh`) span the same
+    # complement.
+    Dh = jnp.where(2 * r >= n, walsh(n, H, dtype), Dh)
+  Q, ok = _two_passes(U[:, :H], Dh, column_mask(r, H, dtype),
                       jnp.finfo(dtype).eps)
 
   def place(Q, U, D, r):
@@ -539,7 +548,8 @@ def gram_route(C: int, tau, dtype) -> bool:
 EIGH_MIN_C = 200
 
 
-def core_svd(S: jax.Array, tau=None, route: str = "auto", rank=None):
+def core_svd(S: jax.Array, tau=None, route: str = "auto", rank=None,
+             width: int | None = None):
   """P, sigma, Q (descending sigma) of a square core S = P diag(sigma) Q^T.
 
   Args:
@@ -549,26 +559,29 @@ def core_svd(S: jax.Array, tau=None, route: str = "auto", rank=None):
       Decides whether the eigenvector route may run (`gram_route`).
     route: "svd" (LAPACK's divide-and-conquer SVD), "eigh" (eigenvectors
       of S^T S where `gram_route` allows, else the SVD) or "auto" (eigh
-      for C >= `EIGH_MIN_C`, where it is the faster). LAPACK's SVD bidiagonalizes S (half its
-      flops matrix-vector products) and then runs divide and conquer on
-      both sides; the symmetric eigensolver of S^T S does one
-      tridiagonalization and one side, and the left vectors of the kept
-      columns come from products (500 x 500, 2 cores: SVD 26 ms, eigh of
-      the Gram matrix 13 ms).
+      for C >= `EIGH_MIN_C`, where it is the faster). LAPACK's SVD
+      bidiagonalizes S (half its flops matrix-vector products) and then
+      runs divide and conquer on both sides; the symmetric eigensolver of
+      S^T S does one tridiagonalization and one side, and the left vectors
+      of the kept columns come from products (500 x 500, 2 cores: SVD 26
+      ms, eigh of the Gram matrix 13 ms).
     rank: optional function sigma -> r, the number of leading columns the
-      caller keeps; P's columns from r on are then unspecified (the eigh
-      route forms only the kept ones, C / 2 of them when r <= C / 2).
+      caller keeps (at most `width`); P's columns from r on are then
+      unspecified.
+    width: the number of leading columns of P and Q returned (a Python
+      int, default C): the eigh route forms only these left vectors.
 
   Returns:
-    (P, sigma, Q) in the working dtype.
+    (P, sigma, Q) in the working dtype: P, Q (C, width), sigma (C,).
   """
   dtype = work_dtype(S)
   S = S.astype(dtype)
   C = S.shape[-1]
+  width = C if width is None else int(width)
   use_eigh = {"svd": False, "eigh": True, "auto": C >= EIGH_MIN_C}[route]
   if not use_eigh or not gram_route(C, tau, dtype):
     P, sigma, Qt = svd(S)
-    return P, sigma, Qt.T
+    return P[:, :width], sigma, Qt[:width].T
   _, W = lapack.eigh(S.T @ S)
   # Eigenvectors have arbitrary signs, which rounding differences (a fused
   # vs an unfused Gram product) flip: fix the largest entry positive.
@@ -582,16 +595,8 @@ def core_svd(S: jax.Array, tau=None, route: str = "auto", rank=None):
   sigma = jnp.sqrt(jnp.sum(jnp.square(Y), axis=0))
   order = jnp.argsort(-sigma)
   sigma, W, Y = sigma[order], W[:, order], Y[:, order]
-  if rank is None or C < 2:
-    return left_vectors(Y, sigma, C), sigma, W
-  H = C // 2
-  r = rank(sigma)
-
-  def half(Y, sigma, r):
-    return jnp.pad(left_vectors(Y[:, :H], sigma[:H], r), ((0, 0), (0, C - H)))
-
-  P = cond(r <= H, half, left_vectors, Y, sigma, r)
-  return P, sigma, W
+  r = width if rank is None else rank(sigma)
+  return left_vectors(Y[:, :width], sigma[:width], r), sigma, W[:, :width]
 
 
 def left_vectors(Y, sigma, r):

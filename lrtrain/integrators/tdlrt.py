@@ -241,7 +241,7 @@ def truncate_node(x, moving, bounds, *, tau: float):
     lo, hi = bounds[0]
     P, Q, S_new, r_new = base.truncate(S, tau=tau, r_min=min(lo, caps[0]),
                                        r_max=min(hi, caps[0]))
-    Ps = [P, Q]
+    Ps = [base.pad_columns(P, caps[0]), base.pad_columns(Q, caps[1])]
     rn = jnp.stack([r_new, r_new])
   else:
     Ps, rn = [], []

@@ -53,9 +53,15 @@ class Congruence(NamedTuple):
   Attributes:
     A: (p, k) left matrix or None.
     B: (q, l) right matrix or None.
+    padded: A and B are the first p / q rows of square maps (k x k, l x l)
+      whose other rows are zero: the result keeps X's shape, zero beyond
+      its first p rows / q columns (a truncation that keeps at most p of k
+      directions maps with a p x k block, half the products of the k x k
+      map when p = k / 2).
   """
   A: jax.Array | None = None
   B: jax.Array | None = None
+  padded: bool = False
 
   def first(self, X: jax.Array) -> jax.Array:
     """Map a first moment (or the parameter itself)."""
@@ -64,6 +70,8 @@ class Congruence(NamedTuple):
       Y = self.A.astype(jnp.float32) @ Y
     if self.B is not None:
       Y = Y @ self.B.astype(jnp.float32).T
+    if self.padded:
+      Y = jnp.pad(Y, [(0, a - b) for a, b in zip(X.shape, Y.shape)])
     return Y.astype(X.dtype)
 
   def second(self, v: jax.Array, rule: str = DEFAULT_RULE) -> jax.Array:
@@ -78,11 +86,16 @@ class Congruence(NamedTuple):
       opposite sign make entries of A sqrt(v) B^T cancel, so some v become
       tiny and Adam's next step there huge; measured worse (see tests).
     """
-    return _second(v, rule, self.first, lambda sq: Congruence(*sq).first,
-                   (self.A, self.B), keep_unmapped=v.ndim == 2)
+    return _second(v, rule, self.first,
+                   lambda sq: Congruence(*sq, padded=self.padded).first,
+                   (self.A, self.B), keep_unmapped=v.ndim == 2,
+                   padded=self.padded)
 
   def then(self, other: "Congruence") -> "Congruence":
-    """The composition `other` after `self` (one combined map)."""
+    """The composition `other` after `self` (one combined map; not for
+    padded maps)."""
+    if self.padded or other.padded:
+      raise ValueError("Congruence.then: compose the square maps, not padded blocks")
     mul = lambda x, y: y if x is None else (x if y is None else x @ y)
     return Congruence(mul(other.A, self.A), mul(other.B, self.B))
 
@@ -108,7 +121,8 @@ class ModeMaps:
                    self.maps, keep_unmapped=True)
 
 
-def _second(v, rule, first, first_of_squares, maps, *, keep_unmapped: bool):
+def _second(v, rule, first, first_of_squares, maps, *, keep_unmapped: bool,
+            padded: bool = False):
   """A second moment under a linear map given mode-wise by `maps`.
 
   rule 'squares_fresh' (the default): the map with elementwise-squared
@@ -130,13 +144,16 @@ def _second(v, rule, first, first_of_squares, maps, *, keep_unmapped: bool):
   out = first_of_squares(sq)(v32)
   if rule == "squares_fresh":
     return out.astype(v.dtype)
-  if keep_unmapped and all(A2 is None or A2.shape[0] == A2.shape[1] for A2 in sq):
+  if keep_unmapped and all(A2 is None or padded or A2.shape[0] == A2.shape[1]
+                          for A2 in sq):
     miss = jnp.zeros(v.shape, jnp.float32)
     for i, A2 in enumerate(sq):
       if A2 is not None:
         shape = [1] * v.ndim
         shape[i] = v.shape[i]
-        miss = jnp.maximum(miss, jnp.clip(1.0 - A2.sum(1), 0.0, 1.0).reshape(shape))
+        # A padded block's missing rows reach nothing (row sum 0).
+        mass = jnp.pad(A2.sum(1), (0, v.shape[i] - A2.shape[0]))
+        miss = jnp.maximum(miss, jnp.clip(1.0 - mass, 0.0, 1.0).reshape(shape))
     if rule == "squares_mean":
       reached = 1.0 - miss
       fill = jnp.sum(out * reached) / jnp.maximum(jnp.sum(reached), 1.0)
