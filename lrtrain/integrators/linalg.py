@@ -76,6 +76,9 @@ GRAM_TAU2 = 64.0
 # Gram defect of about 6-9 u / pivot (measured at n x k = 1024 x 128 to
 # 4096 x 256, condition 1e2 - 3e3), at most ~0.14 < NEAR.
 UNSHIFTED_PIVOT = 64.0
+# Block width from which `_first_pass` factors the shifted Gram matrix
+# inside a branch, only when the guarded factor is not used.
+SHIFT_BRANCH_K = 64
 _impl = ["matmul"]
 _rows = [None]        # (mesh, axis) whose axis splits the tall factors' rows
 
@@ -296,8 +299,16 @@ def _first_pass(X, mask, eps):
   scale = jnp.max(jnp.diagonal(G))
   Lg_inv, d2 = _shifted_factor(G, eps * scale, mask)
   plain = jnp.all(d2 >= UNSHIFTED_PIVOT * eps * scale)   # False on NaN
-  Ls_inv, _ = _shifted_factor(G, eps * (n + k) * scale, mask)
-  return (X @ jnp.where(plain, Lg_inv, Ls_inv).T) * mask[None, :]
+  shifted = lambda G, Lg_inv, scale: _shifted_factor(
+      G, eps * (n + k) * scale, mask)[0]
+  if k >= SHIFT_BRANCH_K:
+    # The shifted factor only where it is used (a branch costs less than a
+    # k x k factorization and triangular inverse from here on).
+    Linv = cond(plain, lambda G, Lg_inv, scale: Lg_inv, shifted, G, Lg_inv,
+                scale)
+  else:
+    Linv = jnp.where(plain, Lg_inv, shifted(G, Lg_inv, scale))
+  return (X @ Linv.T) * mask[None, :]
 
 
 def _more_passes(U, Q, mask, eps, max_passes):
@@ -582,7 +593,7 @@ def core_svd(S: jax.Array, tau=None, route: str = "auto", rank=None,
   if not use_eigh or not gram_route(C, tau, dtype):
     P, sigma, Qt = svd(S)
     return P[:, :width], sigma, Qt[:width].T
-  _, W = lapack.eigh(S.T @ S)
+  lam, W = lapack.eigh(S.T @ S)
   # Eigenvectors have arbitrary signs, which rounding differences (a fused
   # vs an unfused Gram product) flip: fix the largest entry positive.
   top = jnp.take_along_axis(W, jnp.argmax(jnp.abs(W), axis=0)[None, :], axis=0)
@@ -591,12 +602,18 @@ def core_svd(S: jax.Array, tau=None, route: str = "auto", rank=None,
   # eigenvalues: those resolve sigma_i only to u ||S||^2 / sigma_i (a zero
   # value comes out near sqrt(C u) ||S||), the norms to about u ||S||, and
   # P_i sigma_i = S w_i then holds for every kept column.
-  Y = S @ W
-  sigma = jnp.sqrt(jnp.sum(jnp.square(Y), axis=0))
-  order = jnp.argsort(-sigma)
-  sigma, W, Y = sigma[order], W[:, order], Y[:, order]
+  # Only the first `width` columns are formed; the values after them enter
+  # the truncation rule only through their sum of squares, which the
+  # eigenvalues give to u ||S||^2.
+  W = W[:, ::-1]
+  lam = lam[::-1]
+  Y = S @ W[:, :width]
+  head = jnp.sqrt(jnp.sum(jnp.square(Y), axis=0))
+  order = jnp.argsort(-head)
+  head, Wk, Y = head[order], W[:, :width][:, order], Y[:, order]
+  sigma = jnp.concatenate([head, jnp.sqrt(jnp.maximum(lam[width:], 0.0))])
   r = width if rank is None else rank(sigma)
-  return left_vectors(Y[:, :width], sigma[:width], r), sigma, W[:, :width]
+  return left_vectors(Y, head, r), sigma, Wk
 
 
 def left_vectors(Y, sigma, r):
