@@ -195,6 +195,20 @@ def test_guarded_inverse_diagonal_path_matches_svd_path():
                              atol=1e-5)
 
 
+def test_guarded_inverse_of_a_general_core_in_the_first_half():
+  """A non-diagonal core whose active block fits in C / 2 (what a polished
+  basis leaves in a settled run) is inverted on that block: the
+  pseudo-inverse, zero outside it."""
+  C, r = 8, 3
+  A = jax.random.normal(jax.random.PRNGKey(4), (r, r)) + 3 * jnp.eye(r)
+  S = jnp.zeros((C, C)).at[:r, :r].set(A)
+  want = np.zeros((C, C))
+  want[:r, :r] = np.linalg.inv(np.asarray(A, np.float64))
+  np.testing.assert_allclose(base.guarded_inverse(S, r), want, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(base.guarded_inverse)(S, r), want,
+                             atol=1e-5)
+
+
 def test_as_transform_warns_when_a_later_transformation_moves_the_basis():
   """as_transform must be last: optax.scale after it halves U_new - U and
   leaves U off the Stiefel manifold, which the next update reports; the

@@ -364,16 +364,28 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
   active r x r block.
 
   A diagonal core (what every truncation leaves) is inverted entrywise; the
-  SVD runs only for a general core (lax.cond), which saves one C x C SVD per
-  layer and step in GeoLoRA.
+  SVD runs only for a general core (lax.cond; `linalg.polish` leaves one
+  for a step), which saves one C x C SVD per layer and step in GeoLoRA.
+  Where the active block fits in C / 2 (r <= C / 2, a settled run) the SVD
+  is of that block: an eighth of the C x C one's work.
   """
   C = S.shape[-1]
+  H = C // 2
   S = S.astype(linalg.work_dtype(S))
 
-  def general(S):
+  def pinv(S):
     A, s, Bt = linalg.svd(S)
     inv = jnp.where(s > rel_eps * s[0], 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
     return (Bt.T * inv[None, :]) @ A.T, s[0]
+
+  def half(S):
+    Sinv, top = pinv(S[:H, :H])
+    return jnp.pad(Sinv, ((0, C - H), (0, C - H))), top
+
+  def general(S):
+    if H < 1:
+      return pinv(S)
+    return linalg.cond(jnp.asarray(r) <= H, half, pinv, S)
 
   def diagonal(S):
     d = jnp.diagonal(S)
