@@ -426,3 +426,15 @@ def test_moderately_conditioned_blocks_stay_on_the_straight_line_path(cond):
   defect = float(jnp.max(jnp.abs(Q1.T @ Q1 - jnp.eye(k))))
   if cond <= 600:
     assert defect < linalg.NEAR          # unshifted: one more pass finishes
+
+
+@pytest.mark.parametrize("k", [5, 64, 65, 250])
+def test_lower_inverse_matches_a_triangular_solve(k):
+  """The blocked inverse of a Cholesky factor is lower triangular and equals
+  one triangular solve to float32 rounding (relative to its largest entry)."""
+  X = jax.random.normal(jax.random.PRNGKey(k), (2 * k, k))
+  L = jnp.linalg.cholesky(X.T @ X)
+  inv = linalg.lower_inverse(L)
+  ref = np.linalg.inv(np.asarray(L, np.float64))
+  assert np.max(np.abs(np.asarray(inv) - ref)) <= 1e-5 * np.max(np.abs(ref))
+  assert float(jnp.max(jnp.abs(jnp.triu(inv, 1)))) == 0.0

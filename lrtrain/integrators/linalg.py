@@ -215,11 +215,30 @@ def _project(U, X):
 
 
 def _cholesky(G):
-  """L and L^-1 of G = L L^T (the inverse by one triangular solve: applying
-  it as a product measured faster than a solve against the n-row block)."""
+  """L and L^-1 of G = L L^T (applying the inverse as a product measured
+  faster than a solve against the n-row block)."""
   L = lapack.cholesky(G)
-  eye = jnp.eye(G.shape[-1], dtype=G.dtype)
-  return L, lapack.solve_triangular(L, eye, lower=True)
+  return L, lower_inverse(L)
+
+
+# Block size below which `lower_inverse` runs one triangular solve.
+TRI_LEAF = 64
+
+
+def lower_inverse(L: jax.Array) -> jax.Array:
+  """L^-1 of a lower-triangular L (k, k), blocked: [[A, 0], [B, D]]^-1 =
+  [[A^-1, 0], [-D^-1 B A^-1, D^-1]], halves recursively down to `TRI_LEAF`
+  columns, which one triangular solve inverts. XLA's CPU triangular solve
+  runs below the matmul rate: k = 250 / 500 took 0.63 / 3.5 ms as one
+  solve, 0.37 / 1.3 ms blocked (2 cores)."""
+  k = L.shape[-1]
+  if k <= TRI_LEAF:
+    return lapack.solve_triangular(L, jnp.eye(k, dtype=L.dtype), lower=True)
+  h = k // 2
+  A = lower_inverse(L[:h, :h])
+  D = lower_inverse(L[h:, h:])
+  B = -(D @ (L[h:, :h] @ A))
+  return jnp.block([[A, jnp.zeros((h, k - h), L.dtype)], [B, D]])
 
 
 def _shifted_factor(G, shift, mask):
