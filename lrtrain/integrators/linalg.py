@@ -13,8 +13,9 @@ eigensolvers of small matrices:
                     identity to working precision.
   orth(X, r)        the same for X alone (retractions, fixed-rank bases).
   core_svd(S, tau)  P, sigma, Q of a (C, C) core: from the eigenvectors
-                    of S^T S (left vectors S Q orthonormalized) where
-                    the truncation rule allows it, else LAPACK's SVD.
+                    of S^T S (left vectors S Q orthonormalized, only for
+                    the kept columns) from C = EIGH_MIN_C on where the
+                    truncation rule allows it, else LAPACK's SVD.
 
 Robustness, all decided inside the jitted program:
   * inactive (masked) columns get a unit diagonal in the Gram matrix, so
@@ -468,7 +469,9 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
   The common case (r <= C / 2, which `resize` keeps, and a full-rank new
   block) runs without the general algorithm's loop on the first C / 2
   columns (`_two_passes`); anything else is decided by one branch that
-  runs the general algorithm (`_extend_robust`).
+  runs the general algorithm (`_extend_robust`). Where 2r = n, Q completes
+  U to a basis of R^n whatever D is, and is formed from fixed columns
+  (`walsh`) instead of D, whose projection may be ill-conditioned.
   """
   dtype = work_dtype(U, D)
   n, C = U.shape
