@@ -5,6 +5,7 @@ the CPU build of torch, at $LRTRAIN_TORCH_VENV or ~/.cache/lrtrain/torch-venv,
 and runs `benchmarks/torch_lenet.py` in it; each printed JSON line is a row.
 
   python -m benchmarks.lenet_torch          # prints the rows
+  python -m benchmarks.lenet_torch --paired 3   # alternated with lrtrain's rows
 """
 
 from __future__ import annotations
@@ -55,5 +56,39 @@ def run(*, steps: int = 30, repeats: int = 3, log=print) -> list[dict]:
   return rows
 
 
+def paired(*, rounds: int = 3, steps: int = 30, repeats: int = 3,
+           log=print) -> list[dict]:
+  """PyTorch's rows and lrtrain's LeNet5 rows (XLA's convolution routine)
+  timed in alternation, `rounds` times: the ratios of each round come from
+  timings taken minutes apart, which a machine whose speed drifts over a
+  full run (`run.py` times the sections one after another) needs."""
+  from benchmarks import lenet
+  out = []
+  for i in range(rounds):
+    theirs = {r["method"]: r["ms"] for r in run(steps=steps, repeats=repeats,
+                                                log=lambda *a: None)}
+    if not theirs:
+      return out
+    ours = {m: lenet.bench(m, lenet.DEFAULT, steps=steps, repeats=repeats)["ms"]
+            for m in ("dense", "kls_adaptive", "geolora")}
+    row = dict(round=i, **theirs, **ours,
+               dense_over_torch=ours["dense"] / theirs["torch_dense"],
+               dlrt_over_kls=theirs["torch_dlrt_adaptive"] / ours["kls_adaptive"],
+               dlrt_over_geolora=theirs["torch_dlrt_adaptive"] / ours["geolora"])
+    log(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                 for k, v in row.items()))
+    out.append(row)
+  return out
+
+
 if __name__ == "__main__":
-  run()
+  import argparse
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                  help="alternate PyTorch and lrtrain ROUNDS times and print "
+                       "each round's ratios")
+  args = ap.parse_args()
+  if args.paired:
+    paired(rounds=args.paired)
+  else:
+    run()
