@@ -678,12 +678,12 @@ def defect_estimate(X: jax.Array, r) -> jax.Array:
   return jnp.sqrt(jnp.asarray(C, dtype)) * jnp.max(jnp.abs(E))
 
 
-def polish_basis(X: jax.Array, r):
+def polish_basis(X: jax.Array, r, *, with_flag: bool = False):
   """(X', R) with X = X' R, X' orthonormal on its first r columns: a
   Cholesky QR pass when rounding has drifted X (`defect_estimate` above
   `polish_tolerance`), else (X, I). The check costs two matrix-vector
   products; the pass runs (lax.cond) only when needed, which in float32 is
-  every few tens of steps."""
+  every few tens of steps. with_flag: also return whether it ran."""
   dtype = work_dtype(X)
   X = X.astype(dtype)
   C = X.shape[-1]
@@ -698,7 +698,8 @@ def polish_basis(X: jax.Array, r):
     return jnp.where(ok, X2, X), jnp.where(ok, L.T, eye)
 
   need = defect_estimate(X, r) > polish_tolerance(C, dtype)
-  return cond(need, do, lambda X, mask: (X, eye), X, mask)
+  X, R = cond(need, do, lambda X, mask: (X, eye), X, mask)
+  return (X, R, need) if with_flag else (X, R)
 
 
 def polish(U: jax.Array, S: jax.Array, V: jax.Array, r):
@@ -714,7 +715,10 @@ def polish(U: jax.Array, S: jax.Array, V: jax.Array, r):
   Returns:
     (U', S', V') in the working dtype.
   """
-  U, Ru = polish_basis(U, r)
-  V, Rv = polish_basis(V, r)
+  U, Ru, moved_u = polish_basis(U, r, with_flag=True)
+  V, Rv, moved_v = polish_basis(V, r, with_flag=True)
   S = S.astype(U.dtype)
-  return U, Ru @ S @ Rv.T, V
+  # The two C x C products only in the steps that ran a pass.
+  S = cond(moved_u | moved_v, lambda S, Ru, Rv: Ru @ S @ Rv.T,
+           lambda S, Ru, Rv: S, S, Ru, Rv)
+  return U, S, V
