@@ -63,19 +63,14 @@ def _build_step(method: str, n: int, r: int):
   return step, params, state, batch
 
 
-def _build_lenet_step(method: str):
-  """The LeNet5 benchmark's step (benchmarks/lenet.py: batch 128, the DLRT
-  paper's ranks held at their caps, XLA's convolution routine)."""
-  from benchmarks import lenet
-  step, params, state, batch = lenet.make_step(method, lenet.DEFAULT)
-  return step, params, state, batch
-
-
 def profile(method: str, n: int, r: int, *, steps: int = 10,
             model: str = "mlp") -> dict:
   """Wall ms per step (untraced) and op time per step by kind and category."""
-  step, params, state, batch = (_build_step(method, n, r) if model == "mlp"
-                                else _build_lenet_step(method))
+  if model == "mlp":
+    step, params, state, batch = _build_step(method, n, r)
+  else:   # benchmarks/lenet.py: batch 128, the DLRT paper's ranks, XLA convs
+    from benchmarks import lenet
+    step, params, state, batch = lenet.make_step(method, lenet.DEFAULT)
   res = common.time_steps(lambda c: step(c[0], c[1], batch), (params, state),
                           steps=steps, repeats=1)
   params, state = res.pop("carry")

@@ -438,3 +438,28 @@ def test_lower_inverse_matches_a_triangular_solve(k):
   ref = np.linalg.inv(np.asarray(L, np.float64))
   assert np.max(np.abs(np.asarray(inv) - ref)) <= 1e-5 * np.max(np.abs(ref))
   assert float(jnp.max(jnp.abs(jnp.triu(inv, 1)))) == 0.0
+
+
+def test_vmapped_with_batched_ranks():
+  """Under jax.vmap (seeds) the rank and mask are batched: the branches of
+  the first pass (64+ columns), of the eigen route's left vectors and of
+  GeoLoRA's S^-1 take them as operands, and each element equals its
+  unbatched call."""
+  X = jax.random.normal(jax.random.PRNGKey(20), (2, 300, 128))
+  r = jnp.array([100, 128])
+  Q = jax.jit(jax.vmap(linalg.orth))(X, r)
+  for i in range(2):
+    np.testing.assert_allclose(Q[i], linalg.orth(X[i], int(r[i])), atol=1e-5)
+  S = jax.random.normal(jax.random.PRNGKey(21), (2, 8, 8))
+  inv = jax.jit(jax.vmap(base.guarded_inverse))(S, jnp.array([3, 8]))
+  for i, ri in enumerate((3, 8)):
+    np.testing.assert_allclose(inv[i], base.guarded_inverse(S[i], ri), atol=1e-5)
+  cores = jnp.stack([jnp.diag(jnp.linspace(2.0, 0.5, 256)) + 1e-2 * jax.random.normal(
+      jax.random.PRNGKey(22 + i), (256, 256)) for i in range(2)])
+  trunc = lambda S, lo: base.truncate(S, tau=0.1, r_min=lo, r_max=128)
+  P, Qv, S_new, rn = jax.jit(jax.vmap(trunc))(cores, jnp.array([10, 128]))
+  for i, lo in enumerate((10, 128)):
+    ref = trunc(cores[i], lo)
+    assert int(rn[i]) == int(ref[3])
+    np.testing.assert_allclose(P[i] @ S_new[i][:128, :128] @ Qv[i].T,
+                               ref[0] @ ref[2][:128, :128] @ ref[1].T, atol=1e-4)

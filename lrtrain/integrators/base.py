@@ -382,12 +382,12 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
     Sinv, top = pinv(S[:H, :H])
     return jnp.pad(Sinv, ((0, C - H), (0, C - H))), top
 
-  def general(S):
+  def general(S, r):
     if H < 1:
       return pinv(S)
-    return linalg.cond(jnp.asarray(r) <= H, half, pinv, S)
+    return linalg.cond(r <= H, half, pinv, S)
 
-  def diagonal(S):
+  def diagonal(S, r):
     d = jnp.diagonal(S)
     a = jnp.abs(d)
     top = jnp.max(a)
@@ -395,7 +395,8 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
     return jnp.diag(inv), top
 
   is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
-  Sinv, top = linalg.cond(is_diag, diagonal, general, S)
+  # r is an operand, not closed over: under jax.vmap it is batched.
+  Sinv, top = linalg.cond(is_diag, diagonal, general, S, jnp.asarray(r))
   return jnp.where(top > 0, Sinv, jnp.diag(column_mask(r, C, S.dtype)))
 
 

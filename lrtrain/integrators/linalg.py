@@ -319,15 +319,17 @@ def _first_pass(X, mask, eps):
   scale = jnp.max(jnp.diagonal(G))
   Lg_inv, d2 = _shifted_factor(G, eps * scale, mask)
   plain = jnp.all(d2 >= UNSHIFTED_PIVOT * eps * scale)   # False on NaN
-  shifted = lambda G, Lg_inv, scale: _shifted_factor(
+  # (Everything a branch reads is an operand: under jax.vmap the mask and
+  # scale are batched, and `cond` rejects batched closed-over values.)
+  shifted = lambda G, Lg_inv, scale, mask: _shifted_factor(
       G, eps * (n + k) * scale, mask)[0]
   if k >= SHIFT_BRANCH_K:
     # The shifted factor only where it is used (a branch costs less than a
     # k x k factorization and triangular inverse from here on).
-    Linv = cond(plain, lambda G, Lg_inv, scale: Lg_inv, shifted, G, Lg_inv,
-                scale)
+    Linv = cond(plain, lambda G, Lg_inv, scale, mask: Lg_inv, shifted,
+                G, Lg_inv, scale, mask)
   else:
-    Linv = jnp.where(plain, Lg_inv, shifted(G, Lg_inv, scale))
+    Linv = jnp.where(plain, Lg_inv, shifted(G, Lg_inv, scale, mask))
   return (X @ Linv.T) * mask[None, :]
 
 

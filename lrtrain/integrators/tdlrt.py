@@ -260,15 +260,29 @@ def truncate_node(x, moving, bounds, *, tau: float):
             for U, P in zip(Us, Ps)]
   # Bound the rounding drift of the factors (they stay the first blocks of
   # the next augmented bases): U_i = U_i' R_i, S <- S x_i R_i.
-  Rs = []
+  Rs, moved = [], []
   for i, (U, P) in enumerate(zip(Us_new, Ps)):
     if P is None:
       Rs.append(None)
       continue
-    U2, R = linalg.polish_basis(U, rn[i])
+    U2, R, ran = linalg.polish_basis(U, rn[i], with_flag=True)
     Us_new[i] = U2.astype(U.dtype)
     Rs.append(R.astype(jnp.float32))
-  S_new = tr.ModeMaps(Rs).first(S_new.astype(jnp.float32))
+    moved.append(ran)
+  # The mode products with R only in the steps where a pass ran (R = I
+  # otherwise), as in `linalg.polish`.
+  modes = [i for i, R in enumerate(Rs) if R is not None]
+
+  def apply(S, *Rk):
+    maps = [None] * len(Rs)
+    for i, R in zip(modes, Rk):
+      maps[i] = R
+    return tr.ModeMaps(maps).first(S)
+
+  S_new = S_new.astype(jnp.float32)
+  if modes:
+    S_new = linalg.cond(jnp.any(jnp.stack(moved)), apply, lambda S, *Rk: S,
+                        S_new, *[Rs[i] for i in modes])
   return rebuild(x, S_new.astype(dt), Us_new, rn), Ps
 
 
