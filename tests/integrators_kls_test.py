@@ -369,3 +369,54 @@ def test_shared_nodes_take_the_two_pass_step():
   once = lambda p, b: (jnp.sum(fz.apply(p["w"], b["x"])), {})
   (x, y), = kls._single_inputs(once, p, b)
   assert x.shape == (3, 5) and y.shape == (3, 6)
+
+
+@pytest.mark.parametrize("method", ["kls", "geolora"])
+@pytest.mark.parametrize("rank", [3, 5])
+def test_pass_at_half_width_without_a_branch(method, rank, monkeypatch):
+  """With r_max <= C / 2 the forward + backward runs at half width outside
+  a branch (`base.at_active_width` given the rank bound); a rank above
+  C / 2 (rank 5 in capacity 8: a state no step of these settings leaves,
+  which `init` refuses) takes the full-width pass. Both agree with the
+  branching form to rounding in float64, with a convolution in the model
+  (which keeps the branching form at full width on the CPU)."""
+  with jax.enable_x64(True):
+    f64 = jnp.float64
+    ks = jax.random.split(jax.random.PRNGKey(0), 5)
+    fc = lambda r: lowrank.resize(lowrank.init(ks[0], 16, 12, r, dtype=f64), 8)
+    p = {"fc": fc(rank), "conv": jax.random.normal(ks[1], (3, 3, 1, 2), f64)}
+
+    def loss(q, b):
+      h = jax.lax.conv_general_dilated(
+          b["img"], q["conv"], (1, 1), "SAME",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x = jnp.concatenate([b["x"], h.reshape(h.shape[0], -1)[:, :4]], 1)
+      return jnp.mean(jnp.square(fz.apply(q["fc"], x) - b["y"])), {}
+
+    b = {"x": jax.random.normal(ks[2], (6, 8), f64),
+         "img": jax.random.normal(ks[3], (6, 4, 4, 1), f64),
+         "y": jax.random.normal(ks[4], (6, 16), f64)}
+    integ = integrators.build(method, optax.sgd(0.1, momentum=0.9), tau=0.2,
+                              r_min=1, r_max=4)
+    st0 = integ.init({**p, "fc": fc(3)})     # same shapes, room for init
+    orig = base.at_active_width
+    bounds = []
+
+    def spy(fn, params, bound=None):
+      bounds.append(bound)
+      return orig(fn, params, bound)
+
+    def run(at):
+      monkeypatch.setattr(base, "at_active_width", at)
+      q, s = p, st0
+      step = jax.jit(lambda q, s: integ.step(loss, q, s, b))
+      for _ in range(3):
+        q, s, _ = step(q, s)
+      return q
+
+    new = run(spy)
+    old = run(lambda fn, params, bound=None: orig(fn, params, None))
+    assert bounds and all(bd is not None for bd in bounds)
+    assert int(new["fc"].rank) <= 4
+    for a, c in zip(jax.tree.leaves(new), jax.tree.leaves(old)):
+      np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-12)

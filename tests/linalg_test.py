@@ -463,3 +463,14 @@ def test_vmapped_with_batched_ranks():
     assert int(rn[i]) == int(ref[3])
     np.testing.assert_allclose(P[i] @ S_new[i][:128, :128] @ Qv[i].T,
                                ref[0] @ ref[2][:128, :128] @ ref[1].T, atol=1e-4)
+
+
+def test_zero_pad_equals_pad():
+  X = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
+  np.testing.assert_array_equal(linalg.zero_pad(X, (5, 7)),
+                                jnp.pad(X, ((0, 0), (0, 4))))
+  np.testing.assert_array_equal(linalg.zero_pad(X, (6, 3)),
+                                jnp.pad(X, ((0, 1), (0, 0))))
+  assert linalg.zero_pad(X, (5, 3)) is X
+  v = jnp.arange(3.0)
+  np.testing.assert_array_equal(linalg.zero_pad(v, (5,)), [0, 1, 2, 0, 0])

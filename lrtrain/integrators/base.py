@@ -337,7 +337,7 @@ def kept_width(C: int, r_max, adaptive: bool = True) -> int:
 
 def pad_columns(X: jax.Array, C: int) -> jax.Array:
   """X (n, K) padded with zero columns to (n, C)."""
-  return jnp.pad(X, ((0, 0), (0, C - X.shape[-1])))
+  return linalg.zero_pad(X, X.shape[:-1] + (C,))
 
 
 def rank_bounds(f, r_min: int, r_max: int) -> tuple[int, int]:
@@ -380,7 +380,7 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
 
   def half(S):
     Sinv, top = pinv(S[:H, :H])
-    return jnp.pad(Sinv, ((0, C - H), (0, C - H))), top
+    return linalg.zero_pad(Sinv, (C, C)), top
 
   def general(S, r):
     if H < 1:
@@ -441,10 +441,7 @@ def pad_to(tree, like):
   """Every leaf of `tree` zero-padded (at the end of each axis) to the shape
   of the matching leaf of `like` (arrays or ShapeDtypeStructs)."""
   def pad(a, l):
-    a = jnp.asarray(a)
-    if a.shape == tuple(l.shape):
-      return a
-    return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, l.shape)])
+    return linalg.zero_pad(a, l.shape)
   return jax.tree.map(pad, tree, like)
 
 
@@ -472,17 +469,42 @@ def _has_conv(jaxpr) -> bool:
   return False
 
 
-def at_active_width(fn, params: Params):
+def at_active_width(fn, params: Params, bound=None):
   """fn(params), computed on `half_width(params)` when every LowRank rank
   fits in half its capacity (the products of the pass then cost half) and
   zero-padded back to the full shapes; else on params itself. fn's outputs
   must depend on a node's columns >= rank only through zeros (true of
-  losses and gradients: those columns are zero). lax.cond: both versions
-  are compiled, one runs."""
+  losses and gradients: those columns are zero).
+
+  bound(node), where given, is a static upper bound on the rank a step
+  leaves in the node (the integrator's r_max clamp). Where every bound fits
+  in half the capacity, the half-width pass runs unconditionally and the
+  full-width one only in a branch taken when a rank still exceeds half (a
+  run that starts above its r_max); else lax.cond picks one of the two.
+  """
   static_ok, ok = fits_half(params)
   if not static_ok:
     return fn(params)
+  nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
+           if _is_lowrank(x)]
+  settled = bound is not None and all(
+      int(bound(x)) <= x.capacity // 2 for x in nodes)
   full, like = jax.make_jaxpr(fn, return_shape=True)(params)
+  leaves = jax.tree.leaves(params)
+
+  # fn's closure (a batch, possibly vmapped with the params) becomes
+  # explicit operands: the branch then stays one under jax.vmap
+  # (linalg.cond).
+  def run(closed):
+    return lambda consts, leaves: jcore.jaxpr_as_fun(
+        jcore.ClosedJaxpr(closed.jaxpr, consts))(*leaves)
+
+  if settled:
+    out = jax.tree.leaves(pad_to(fn(half_width(params)), like))
+    out = linalg.cond(ok, lambda o, consts, leaves: list(o),
+                      lambda o, consts, leaves: run(full)(consts, leaves),
+                      out, full.consts, leaves)
+    return jax.tree.unflatten(jax.tree.structure(like), out)
   if lapack.on_cpu() and _has_conv(full.jaxpr):
     # XLA's CPU backend compiles a convolution inside a conditional branch
     # without its fast convolution routine (10-14x slower for LeNet5's
@@ -490,12 +512,7 @@ def at_active_width(fn, params: Params):
     # costs less than the half-width one inside it.
     return fn(params)
   half = jax.make_jaxpr(lambda p: pad_to(fn(half_width(p)), like))(params)
-  # fn's closure (a batch, possibly vmapped with the params) becomes
-  # explicit operands: the branch then stays one under jax.vmap
-  # (linalg.cond).
-  def branch(closed, i):
-    return lambda consts, leaves: jcore.jaxpr_as_fun(
-        jcore.ClosedJaxpr(closed.jaxpr, consts[i]))(*leaves)
-  out = linalg.cond(ok, branch(half, 0), branch(full, 1),
-                    (half.consts, full.consts), jax.tree.leaves(params))
+  out = linalg.cond(ok, lambda c, l: run(half)(c[0], l),
+                    lambda c, l: run(full)(c[1], l),
+                    (half.consts, full.consts), leaves)
   return jax.tree.unflatten(jax.tree.structure(like), out)

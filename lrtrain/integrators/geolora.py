@@ -144,9 +144,9 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
           # assembled from the n x r products with the new blocks only.
           Uh, Un = linalg.extend(U, d[0].astype(wd), r, with_block=True)
           Vh, Vn = linalg.extend(V, d[1].astype(wd), r, with_block=True)
-          A = jnp.roll(jnp.pad(Un.T @ K1, ((0, C - Un.shape[1]), (0, 0))), r,
+          A = jnp.roll(linalg.zero_pad(Un.T @ K1, (C, K1.shape[1])), r,
                        axis=0)                   # rows r..: U_new^T K1
-          B = jnp.roll(jnp.pad(Vn.T @ L1, ((0, C - Vn.shape[1]), (0, 0))), r,
+          B = jnp.roll(linalg.zero_pad(Vn.T @ L1, (C, L1.shape[1])), r,
                        axis=0)                   # rows r..: V_new^T L1
           nm = 1.0 - cm
           S_hat = (S1 + (A * nm[:, None]) * cm[None, :]
@@ -263,11 +263,16 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     buckets.require_room(params, "geolora")
     return GeoLoRAState(tx.init(opt_tree(params)), jnp.zeros((), jnp.int32))
 
+  # The rank a step leaves in a node: at most its r_max clamp (inside a
+  # truncation window the ranks are the augmented 2r).
+  bound = (None if not adaptive or truncation_delay
+           else lambda p: base.rank_bounds(p, r_min, r_max)[1])
+
   def step(loss_fn, params, state, batch):
     # One forward + backward at the active width (r <= C / 2 after resize).
     (loss, aux), grads = base.at_active_width(
         lambda p: base.value_and_grad(loss_fn, base.stop_frozen(p), batch),
-        params)
+        params, bound)
     new, state = _core_step(params, grads, state, tx, **kw)
     return new, state, {"loss": loss, **aux, **base.rank_aux(new)}
 

@@ -229,7 +229,7 @@ def _one_pass_core_gradient(x, dy, a, b, Qb, Pb, r):
   C = a.shape[-1]
 
   def place(Z):          # Z (N, H) -> (N, C) with Z's columns at r ..
-    return jnp.roll(jnp.pad(Z, ((0, 0), (0, C - Z.shape[1]))), r, axis=1)
+    return jnp.roll(linalg.zero_pad(Z, (Z.shape[0], C)), r, axis=1)
 
   A = flat(a).astype(wd) + place(flat(dy).astype(wd) @ Qb)
   B = flat(b).astype(wd) + place(flat(x).astype(wd) @ Pb)
@@ -342,6 +342,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
   tr.check_rule(transport_rule, "kls")
   tx_s = base.with_weight_decay(tx, weight_decay)
   tx_kl = tx if kl_tx is None else kl_tx
+  # The rank a step leaves in a node: at most its r_max clamp.
+  bound = (lambda p: base.rank_bounds(p, r_min, r_max)[1]) if adaptive else None
 
   def init(params):
     base.require_nodes(params, (fz.LowRank,), "kls")
@@ -376,7 +378,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
       return ((loss, aux),) + g, kl0
 
     ((loss, aux), g_kl, g_st, g_probes), kl0 = base.at_active_width(
-        kl_pass, params)
+        kl_pass, params, bound)
     upd, kl_state = tx_kl.update(g_kl, state.kl, kl0)
     kl1 = optax.apply_updates(kl0, upd)
 

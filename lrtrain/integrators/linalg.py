@@ -154,6 +154,21 @@ def work_dtype(*xs) -> jnp.dtype:
   return jnp.dtype(jnp.float32)
 
 
+def zero_pad(X: jax.Array, shape) -> jax.Array:
+  """X zero-padded at the end of each axis to `shape`.
+
+  Written as an update of a zero array: XLA's CPU backend runs that as one
+  loop fusion split over its threads, where a standalone pad runs on one
+  (n x C factor buffers: 4096 x 64 -> 4096 x 128 0.16 vs 0.63 ms, 800 x 250
+  -> 800 x 500 0.11 vs 0.25 ms).
+  """
+  X = jnp.asarray(X)
+  shape = tuple(shape)
+  if X.shape == shape:
+    return X
+  return jnp.zeros(shape, X.dtype).at[tuple(slice(0, s) for s in X.shape)].set(X)
+
+
 def column_mask(r, C: int, dtype=jnp.float32) -> jax.Array:
   """(C,) ones on the first r entries (r may be traced)."""
   return (jnp.arange(C) < r).astype(dtype)
@@ -530,7 +545,7 @@ def _extend_robust(U, D, r):
                  U, Dh, mask)
   else:
     Q, ok = _orthonormalize(U, Dh, mask, dtype)
-  Q = jnp.pad(Q, ((0, 0), (0, C - H)))
+  Q = zero_pad(Q, (Q.shape[0], C))
   # Move the new block behind U's r columns.
   Uh = U + jnp.roll(Q, r, axis=1)
   return cond(ok, lambda Uh, U, D, r: Uh,

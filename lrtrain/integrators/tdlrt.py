@@ -118,7 +118,7 @@ def _mode_svd(core: jax.Array, i: int):
   M = tk.unfold(core.astype(jnp.float32), i)
   C, k = M.shape
   if k < C:
-    M = jnp.pad(M, ((0, 0), (0, C - k)))
+    M = linalg.zero_pad(M, (M.shape[0], C))
   P, s, Rt = linalg.svd(M, full_matrices=False)
   return P, s, Rt.T[:k]
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from lrtrain.factorizations import tucker as tk
+from lrtrain.integrators import linalg
 
 SECOND_MOMENT_FIELDS = ("nu",)
 SECOND_RULES = ("squares", "squares_fresh", "squares_mean", "root")
@@ -71,7 +72,7 @@ class Congruence(NamedTuple):
     if self.B is not None:
       Y = Y @ self.B.astype(jnp.float32).T
     if self.padded:
-      Y = jnp.pad(Y, [(0, a - b) for a, b in zip(X.shape, Y.shape)])
+      Y = linalg.zero_pad(Y, X.shape)
     return Y.astype(X.dtype)
 
   def second(self, v: jax.Array, rule: str = DEFAULT_RULE) -> jax.Array:
