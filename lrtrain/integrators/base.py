@@ -476,19 +476,23 @@ def at_active_width(fn, params: Params, bound=None):
   must depend on a node's columns >= rank only through zeros (true of
   losses and gradients: those columns are zero).
 
-  bound(node), where given, is a static upper bound on the rank a step
-  leaves in the node (the integrator's r_max clamp). Where every bound fits
-  in half the capacity, the half-width pass runs unconditionally and the
-  full-width one only in a branch taken when a rank still exceeds half (a
-  run that starts above its r_max); else lax.cond picks one of the two.
+  On the CPU a pass with a convolution is not put inside a branch: XLA's
+  CPU backend compiles a convolution there without its fast routine
+  (10-14x slower for LeNet5's shapes, benchmarks/README.md). Such a pass
+  runs at full width, unless bound(node), a static upper bound on the rank
+  a step leaves in the node (the integrator's r_max clamp), fits in half
+  the capacity for every node: then the half-width pass runs outside a
+  branch and the full-width one only in a branch taken where a rank still
+  exceeds half (a state a step of these settings does not leave, e.g. a
+  checkpoint of a run with a larger r_max); LeNet5's adaptive KLS step at
+  ranks 10 / 25 / 250: median 66.7 vs 71.7 ms alternated in one process.
+  Without a convolution lax.cond picks one of the two passes (passing the
+  half pass's outputs through a branch copies them: GeoLoRA at n = 4096,
+  r = 64, median 81.1 with that form vs 79.6 ms with this one).
   """
   static_ok, ok = fits_half(params)
   if not static_ok:
     return fn(params)
-  nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
-           if _is_lowrank(x)]
-  settled = bound is not None and all(
-      int(bound(x)) <= x.capacity // 2 for x in nodes)
   full, like = jax.make_jaxpr(fn, return_shape=True)(params)
   leaves = jax.tree.leaves(params)
 
@@ -499,18 +503,16 @@ def at_active_width(fn, params: Params, bound=None):
     return lambda consts, leaves: jcore.jaxpr_as_fun(
         jcore.ClosedJaxpr(closed.jaxpr, consts))(*leaves)
 
-  if settled:
+  if lapack.on_cpu() and _has_conv(full.jaxpr):
+    nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
+             if _is_lowrank(x)]
+    if bound is None or any(int(bound(x)) > x.capacity // 2 for x in nodes):
+      return fn(params)
     out = jax.tree.leaves(pad_to(fn(half_width(params)), like))
     out = linalg.cond(ok, lambda o, consts, leaves: list(o),
                       lambda o, consts, leaves: run(full)(consts, leaves),
                       out, full.consts, leaves)
     return jax.tree.unflatten(jax.tree.structure(like), out)
-  if lapack.on_cpu() and _has_conv(full.jaxpr):
-    # XLA's CPU backend compiles a convolution inside a conditional branch
-    # without its fast convolution routine (10-14x slower for LeNet5's
-    # shapes, benchmarks/README.md): the full-width pass outside a branch
-    # costs less than the half-width one inside it.
-    return fn(params)
   half = jax.make_jaxpr(lambda p: pad_to(fn(half_width(p)), like))(params)
   out = linalg.cond(ok, lambda c, l: run(half)(c[0], l),
                     lambda c, l: run(full)(c[1], l),

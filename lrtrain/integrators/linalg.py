@@ -282,10 +282,9 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False):
   about 1 / sqrt(0.1 s / max ||x_i||^2)).
   """
   k = X.shape[-1]
-  G = X.T @ X
-  active = mask[:, None] * mask[None, :]
-  off = jnp.max(jnp.abs((G - jnp.eye(k, dtype=G.dtype)) * active))
-  G = G * active
+  active = (mask[:, None] * mask[None, :]) > 0
+  G = jnp.where(active, X.T @ X, 0.0)
+  off = jnp.max(jnp.abs(G - jnp.eye(k, dtype=G.dtype) * active))
   scale = jnp.max(jnp.diagonal(G))
   n = X.shape[0]
   shift = eps * (n + k) * scale
@@ -294,7 +293,7 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False):
   elif not always_shift:
     shift = jnp.where(off > NEAR, shift, 0.0)
   Linv, d2 = _shifted_factor(G, shift, mask)
-  Q = (X @ Linv.T) * mask[None, :]
+  Q = X @ (Linv.T * mask[None, :])      # the mask on the k x k factor
   if never_shift:
     # Unshifted, on the output of a shifted pass: the pivots bound its
     # smallest Gram eigenvalue, sigma_min^2 / (sigma_min^2 + s) for the
@@ -330,7 +329,7 @@ def _first_pass(X, mask, eps):
   and needs two more (the third pass of `_two_passes`).
   Returns Q (inactive columns zero)."""
   n, k = X.shape
-  G = (X.T @ X) * (mask[:, None] * mask[None, :])
+  G = jnp.where((mask[:, None] * mask[None, :]) > 0, X.T @ X, 0.0)
   scale = jnp.max(jnp.diagonal(G))
   Lg_inv, d2 = _shifted_factor(G, eps * scale, mask)
   plain = jnp.all(d2 >= UNSHIFTED_PIVOT * eps * scale)   # False on NaN
@@ -345,7 +344,7 @@ def _first_pass(X, mask, eps):
                 G, Lg_inv, scale, mask)
   else:
     Linv = jnp.where(plain, Lg_inv, shifted(G, Lg_inv, scale, mask))
-  return (X @ Linv.T) * mask[None, :]
+  return X @ (Linv.T * mask[None, :])
 
 
 def _more_passes(U, Q, mask, eps, max_passes):
@@ -420,7 +419,9 @@ def _two_passes(U, X, mask, eps):
   blocks) costs its branches and loop even when they do little; here the
   common case costs its products.
   """
-  X = _project(U, X * mask[None, :])
+  # X's inactive columns need no zeroing: the passes read them only
+  # through the masked Gram matrix and factor (mask a column prefix).
+  X = _project(U, X)
   Q1 = _first_pass(X, mask, eps)
   # The second pass runs unshifted and decides the rank from its pivots
   # (`pivot_floor`): a block whose smallest singular value sank below the
