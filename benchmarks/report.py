@@ -108,7 +108,8 @@ def tables(res) -> str:
     ours = {r["method"]: r["ms"] for r in res.get("lenet", []) if r["impl"] == impl}
     out.append("\n### LeNet5 beside PyTorch (CPU, batch 128, `lenet_torch.py`)\n")
     out.append("PyTorch in its own venv, run after lrtrain's rows in the same "
-               "benchmark run; the DLRT scheme is three passes (K, L, S) with "
+               "benchmark run (minutes apart; the alternated rounds below "
+               "decide the targets); the DLRT scheme is three passes (K, L, S) with "
                "Householder QR of [K | U] and an SVD of the 2r x 2r core, ranks "
                "held at 10 / 25 / 250 like lrtrain's rows.\n")
     out.append(f"| PyTorch | ms/step | lrtrain ({impl}) | ms/step | PyTorch / lrtrain |"
@@ -120,6 +121,21 @@ def tables(res) -> str:
         if mine in ours:
           out.append(f"| {t['method']} | {t['ms']:.2f} | {mine} | {ours[mine]:.2f} | "
                      f"{t['ms'] / ours[mine]:.2f} |")
+  if res.get("lenet_paired"):
+    out.append("\n### LeNet5 beside PyTorch, alternated rounds "
+               "(`lenet_torch.paired`)\n")
+    out.append("Each round times PyTorch's rows and then lrtrain's (XLA's "
+               "convolution routine) back to back; the targets against "
+               "PyTorch take the median of the rounds' ratios.\n")
+    out.append("| round | torch dense | torch DLRT | dense | kls_adaptive | "
+               "geolora | dense / torch | DLRT / kls_adaptive | DLRT / geolora |"
+               "\n|---|---|---|---|---|---|---|---|---|")
+    for x in res["lenet_paired"]:
+      out.append(f"| {x['round']} | {x['torch_dense']:.2f} | "
+                 f"{x['torch_dlrt_adaptive']:.2f} | {x['dense']:.2f} | "
+                 f"{x['kls_adaptive']:.2f} | {x['geolora']:.2f} | "
+                 f"{x['dense_over_torch']:.2f} | {x['dlrt_over_kls']:.2f} | "
+                 f"{x['dlrt_over_geolora']:.2f} |")
   a = res.get("adaptive")
   if a:
     out.append("\n### Rank-adaptive run (digits MLP, KLS, "
