@@ -412,13 +412,23 @@ def float_mask(tree: Params) -> Params:
 # --------------------------------------------------------------------------
 
 
-def times_core(X: jax.Array, S: jax.Array) -> jax.Array:
+def times_core(X: jax.Array, S: jax.Array, Y: jax.Array | None = None):
   """X @ S, as a column scaling when S is diagonal (what every truncation
-  leaves): n C instead of n C^2 work (lax.cond on the check)."""
+  leaves): n C instead of n C^2 work (lax.cond on the check). With Y also
+  Y @ S^T, returned as the pair (X S, Y S^T), under the same check and
+  branch (each branch costs XLA's CPU runtime a dispatch of its own)."""
   is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
-  return linalg.cond(is_diag,
-                     lambda X, S: X * jnp.diagonal(S)[None, :].astype(X.dtype),
-                     lambda X, S: X @ S.astype(X.dtype), X, S)
+
+  def scale(X, Y, S):
+    d = jnp.diagonal(S)[None, :]
+    return X * d.astype(X.dtype), None if Y is None else Y * d.astype(Y.dtype)
+
+  def product(X, Y, S):
+    return (X @ S.astype(X.dtype),
+            None if Y is None else Y @ S.T.astype(Y.dtype))
+
+  XS, YS = linalg.cond(is_diag, scale, product, X, Y, S)
+  return XS if Y is None else (XS, YS)
 
 
 def _is_lowrank(x) -> bool:

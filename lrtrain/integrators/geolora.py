@@ -72,7 +72,7 @@ def opt_tree(params):
   """LowRank -> (K, L, S) = (U S, V S^T, S); other trainable leaves as they
   are; frozen leaves -> None. The tree the optimizer state lives on."""
   return jax.tree.map(
-      lambda x: (base.times_core(x.U, x.S), base.times_core(x.V, x.S.T), x.S)
+      lambda x: base.times_core(x.U, x.S, x.V) + (x.S,)
       if _is_lr(x) else base.trainable(x),
       params, is_leaf=fz.is_factor)
 
@@ -84,7 +84,7 @@ def grad_tree(params, grads):
       return base.trainable(g) if fz.is_factor(p) else (
           None if not base.is_float(p) else g)
     Sinv = base.guarded_inverse(p.S, p.rank).astype(g.U.dtype)
-    return (base.times_core(g.U, Sinv.T), base.times_core(g.V, Sinv), g.S)
+    return base.times_core(g.U, Sinv.T, g.V) + (g.S,)   # g_U S^-T, g_V S^-1
   return jax.tree.map(fix, params, grads, is_leaf=fz.is_factor)
 
 

@@ -253,8 +253,7 @@ def _lr_nodes(params) -> list:
 def kl_tree(params):
   """LowRank nodes -> (K, L) = (U S, V S^T); everything else -> None."""
   return jax.tree.map(
-      lambda x: (base.times_core(x.U, x.S), base.times_core(x.V, x.S.T))
-      if _is_lr(x) else None, params,
+      lambda x: base.times_core(x.U, x.S, x.V) if _is_lr(x) else None, params,
       is_leaf=fz.is_factor)
 
 
