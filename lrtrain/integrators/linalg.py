@@ -61,6 +61,7 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lrtrain import lapack
@@ -218,11 +219,13 @@ def walsh(n: int, k: int, dtype) -> jax.Array:
 
   Entry (i, j) is (-1)^popcount(i & (j + 1)) / sqrt(n): spread over all
   rows, mutually orthogonal when n is a power of two, and never aligned
-  with coordinate axes (which an identity-like basis may contain)."""
-  i = lax.broadcasted_iota(jnp.int32, (n, k), 0)
-  j = lax.broadcasted_iota(jnp.int32, (n, k), 1) + 1
-  parity = lax.population_count(i & j) & 1
-  return ((1 - 2 * parity).astype(dtype)) / jnp.sqrt(jnp.asarray(n, dtype))
+  with coordinate axes (which an identity-like basis may contain). Formed
+  when traced (a constant of the compiled step: computed inside it, the
+  500 x 250 block of LeNet5's fc1 cost 0.45 ms a step)."""
+  i = np.arange(n, dtype=np.int64)[:, None]
+  j = np.arange(1, k + 1, dtype=np.int64)[None, :]
+  parity = (np.bitwise_count(i & j) & 1).astype(np.float64)
+  return jnp.asarray((1.0 - 2.0 * parity) / np.sqrt(n), dtype)
 
 
 def _project(U, X):
