@@ -195,6 +195,22 @@ def test_guarded_inverse_diagonal_path_matches_svd_path():
                              atol=1e-5)
 
 
+def test_gradient_scalings_by_the_inverse_core():
+  """(X S^+T, Y S^+) from `times_core_inverse` (one branch: column scalings
+  for a diagonal core) equal the products with `guarded_inverse` for a
+  diagonal core with a dropped value, an all-zero core and a general one."""
+  ks = jax.random.split(jax.random.PRNGKey(5), 3)
+  X = jax.random.normal(ks[0], (7, 4))
+  Y = jax.random.normal(ks[1], (5, 4))
+  Q = jnp.linalg.qr(jax.random.normal(ks[2], (4, 4)))[0]
+  d = jnp.diag(jnp.array([3.0, -1.5, 1e-9, 0.0]))
+  for S, r in ((d, 3), (jnp.zeros((4, 4)), 2), (Q @ d @ Q.T, 4)):
+    A, B = jax.jit(base.times_core_inverse)(X, S, Y, r)
+    Sinv = base.guarded_inverse(S, r)
+    np.testing.assert_allclose(A, X @ Sinv.T, atol=1e-5)
+    np.testing.assert_allclose(B, Y @ Sinv, atol=1e-5)
+
+
 def test_guarded_inverse_of_a_general_core_in_the_first_half():
   """A non-diagonal core whose active block fits in C / 2 (what a polished
   basis leaves in a settled run) is inverted on that block: the

@@ -358,6 +358,35 @@ def stop_frozen(params: Params) -> Params:
       params, frozen_mask(params))
 
 
+def _diagonal_pinv(d: jax.Array, rel_eps: float):
+  """The pseudo-inverse of diag(d) as a vector (entries below rel_eps * max
+  dropped) and max |d|."""
+  a = jnp.abs(d)
+  top = jnp.max(a)
+  return jnp.where(a > rel_eps * top, 1.0 / jnp.where(a > 0, d, 1.0), 0.0), top
+
+
+def times_core_inverse(X: jax.Array, S: jax.Array, Y: jax.Array, r,
+                       rel_eps: float = 1e-6):
+  """(X S^+T, Y S^+) with S^+ = `guarded_inverse(S, r, rel_eps)`: column
+  scalings when S is diagonal, under one check and one branch (GeoLoRA's
+  gradient scalings g_U S^-T, g_V S^-1)."""
+  C = S.shape[-1]
+  S = S.astype(linalg.work_dtype(S))
+
+  def scale(X, Y, S, r):
+    inv, top = _diagonal_pinv(jnp.diagonal(S), rel_eps)
+    inv = jnp.where(top > 0, inv, column_mask(r, C, inv.dtype))[None, :]
+    return X * inv.astype(X.dtype), Y * inv.astype(Y.dtype)
+
+  def general(X, Y, S, r):
+    Sinv = guarded_inverse(S, r, rel_eps)
+    return X @ Sinv.T.astype(X.dtype), Y @ Sinv.astype(Y.dtype)
+
+  is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
+  return linalg.cond(is_diag, scale, general, X, Y, S, jnp.asarray(r))
+
+
 def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
   """Pseudo-inverse of a (C, C) core: singular values below rel_eps * max
   are dropped; an all-zero core (adapter start) gets the identity on its
@@ -388,10 +417,7 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
     return linalg.cond(r <= H, half, pinv, S)
 
   def diagonal(S, r):
-    d = jnp.diagonal(S)
-    a = jnp.abs(d)
-    top = jnp.max(a)
-    inv = jnp.where(a > rel_eps * top, 1.0 / jnp.where(a > 0, d, 1.0), 0.0)
+    inv, top = _diagonal_pinv(jnp.diagonal(S), rel_eps)
     return jnp.diag(inv), top
 
   is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))

@@ -83,8 +83,7 @@ def grad_tree(params, grads):
     if not _is_lr(p):
       return base.trainable(g) if fz.is_factor(p) else (
           None if not base.is_float(p) else g)
-    Sinv = base.guarded_inverse(p.S, p.rank).astype(g.U.dtype)
-    return base.times_core(g.U, Sinv.T, g.V) + (g.S,)   # g_U S^-T, g_V S^-1
+    return base.times_core_inverse(g.U, p.S, g.V, p.rank) + (g.S,)
   return jax.tree.map(fix, params, grads, is_leaf=fz.is_factor)
 
 
