@@ -358,12 +358,18 @@ def stop_frozen(params: Params) -> Params:
       params, frozen_mask(params))
 
 
-def _diagonal_pinv(d: jax.Array, rel_eps: float):
-  """The pseudo-inverse of diag(d) as a vector (entries below rel_eps * max
-  dropped) and max |d|."""
+def is_diagonal(S: jax.Array) -> jax.Array:
+  """Whether S is diagonal (exactly: what every truncation leaves)."""
+  return jnp.all(S == jnp.diag(jnp.diagonal(S)))
+
+
+def _diagonal_pinv(d: jax.Array, r, rel_eps: float) -> jax.Array:
+  """The pseudo-inverse of diag(d) as a vector: entries below rel_eps * max
+  dropped; all-zero d (an adapter's start) gets ones on its first r."""
   a = jnp.abs(d)
   top = jnp.max(a)
-  return jnp.where(a > rel_eps * top, 1.0 / jnp.where(a > 0, d, 1.0), 0.0), top
+  inv = jnp.where(a > rel_eps * top, 1.0 / jnp.where(a > 0, d, 1.0), 0.0)
+  return jnp.where(top > 0, inv, column_mask(r, d.shape[-1], d.dtype))
 
 
 def times_core_inverse(X: jax.Array, S: jax.Array, Y: jax.Array, r,
@@ -371,20 +377,17 @@ def times_core_inverse(X: jax.Array, S: jax.Array, Y: jax.Array, r,
   """(X S^+T, Y S^+) with S^+ = `guarded_inverse(S, r, rel_eps)`: column
   scalings when S is diagonal, under one check and one branch (GeoLoRA's
   gradient scalings g_U S^-T, g_V S^-1)."""
-  C = S.shape[-1]
   S = S.astype(linalg.work_dtype(S))
 
   def scale(X, Y, S, r):
-    inv, top = _diagonal_pinv(jnp.diagonal(S), rel_eps)
-    inv = jnp.where(top > 0, inv, column_mask(r, C, inv.dtype))[None, :]
+    inv = _diagonal_pinv(jnp.diagonal(S), r, rel_eps)[None, :]
     return X * inv.astype(X.dtype), Y * inv.astype(Y.dtype)
 
   def general(X, Y, S, r):
     Sinv = guarded_inverse(S, r, rel_eps)
     return X @ Sinv.T.astype(X.dtype), Y @ Sinv.astype(Y.dtype)
 
-  is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
-  return linalg.cond(is_diag, scale, general, X, Y, S, jnp.asarray(r))
+  return linalg.cond(is_diagonal(S), scale, general, X, Y, S, jnp.asarray(r))
 
 
 def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
@@ -405,25 +408,21 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
   def pinv(S):
     A, s, Bt = linalg.svd(S)
     inv = jnp.where(s > rel_eps * s[0], 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-    return (Bt.T * inv[None, :]) @ A.T, s[0]
+    return (Bt.T * inv[None, :]) @ A.T
 
   def half(S):
-    Sinv, top = pinv(S[:H, :H])
-    return linalg.zero_pad(Sinv, (C, C)), top
+    return linalg.zero_pad(pinv(S[:H, :H]), (C, C))
 
-  def general(S, r):
+  def general(S, r):      # not diagonal, so not all zero
     if H < 1:
       return pinv(S)
     return linalg.cond(r <= H, half, pinv, S)
 
   def diagonal(S, r):
-    inv, top = _diagonal_pinv(jnp.diagonal(S), rel_eps)
-    return jnp.diag(inv), top
+    return jnp.diag(_diagonal_pinv(jnp.diagonal(S), r, rel_eps))
 
-  is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
   # r is an operand, not closed over: under jax.vmap it is batched.
-  Sinv, top = linalg.cond(is_diag, diagonal, general, S, jnp.asarray(r))
-  return jnp.where(top > 0, Sinv, jnp.diag(column_mask(r, C, S.dtype)))
+  return linalg.cond(is_diagonal(S), diagonal, general, S, jnp.asarray(r))
 
 
 def float_mask(tree: Params) -> Params:
@@ -438,23 +437,20 @@ def float_mask(tree: Params) -> Params:
 # --------------------------------------------------------------------------
 
 
-def times_core(X: jax.Array, S: jax.Array, Y: jax.Array | None = None):
-  """X @ S, as a column scaling when S is diagonal (what every truncation
-  leaves): n C instead of n C^2 work (lax.cond on the check). With Y also
-  Y @ S^T, returned as the pair (X S, Y S^T), under the same check and
-  branch (each branch costs XLA's CPU runtime a dispatch of its own)."""
-  is_diag = jnp.all(S == jnp.diag(jnp.diagonal(S)))
+def times_core(X: jax.Array, S: jax.Array, Y: jax.Array):
+  """(X S, Y S^T) (a factorization's K = U S and L = V S^T), as column
+  scalings when S is diagonal (what every truncation leaves): n C instead
+  of n C^2 work. One check and one branch for both (each branch costs
+  XLA's CPU runtime a dispatch of its own)."""
 
   def scale(X, Y, S):
     d = jnp.diagonal(S)[None, :]
-    return X * d.astype(X.dtype), None if Y is None else Y * d.astype(Y.dtype)
+    return X * d.astype(X.dtype), Y * d.astype(Y.dtype)
 
   def product(X, Y, S):
-    return (X @ S.astype(X.dtype),
-            None if Y is None else Y @ S.T.astype(Y.dtype))
+    return X @ S.astype(X.dtype), Y @ S.T.astype(Y.dtype)
 
-  XS, YS = linalg.cond(is_diag, scale, product, X, Y, S)
-  return XS if Y is None else (XS, YS)
+  return linalg.cond(is_diagonal(S), scale, product, X, Y, S)
 
 
 def _is_lowrank(x) -> bool:
@@ -476,9 +472,7 @@ def half_width(params: Params) -> Params:
 def pad_to(tree, like):
   """Every leaf of `tree` zero-padded (at the end of each axis) to the shape
   of the matching leaf of `like` (arrays or ShapeDtypeStructs)."""
-  def pad(a, l):
-    return linalg.zero_pad(a, l.shape)
-  return jax.tree.map(pad, tree, like)
+  return jax.tree.map(lambda a, l: linalg.zero_pad(a, l.shape), tree, like)
 
 
 def fits_half(params: Params):

@@ -228,6 +228,12 @@ def walsh(n: int, k: int, dtype) -> jax.Array:
   return jnp.asarray((1.0 - 2.0 * parity) / np.sqrt(n), dtype)
 
 
+def _masked_gram(X, mask):
+  """X^T X on the active block (mask, 0 / 1, marks X's active columns),
+  zero elsewhere whatever the inactive columns hold."""
+  return jnp.where((mask[:, None] * mask[None, :]) > 0, X.T @ X, 0.0)
+
+
 def _project(U, X):
   """X - U (U^T X); U None means no projection."""
   return X if U is None else X - U @ (U.T @ X)
@@ -285,9 +291,8 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False):
   about 1 / sqrt(0.1 s / max ||x_i||^2)).
   """
   k = X.shape[-1]
-  active = (mask[:, None] * mask[None, :]) > 0
-  G = jnp.where(active, X.T @ X, 0.0)
-  off = jnp.max(jnp.abs(G - jnp.eye(k, dtype=G.dtype) * active))
+  G = _masked_gram(X, mask)
+  off = jnp.max(jnp.abs(G - jnp.diag(mask).astype(G.dtype)))
   scale = jnp.max(jnp.diagonal(G))
   n = X.shape[0]
   shift = eps * (n + k) * scale
@@ -332,7 +337,7 @@ def _first_pass(X, mask, eps):
   and needs two more (the third pass of `_two_passes`).
   Returns Q (inactive columns zero)."""
   n, k = X.shape
-  G = jnp.where((mask[:, None] * mask[None, :]) > 0, X.T @ X, 0.0)
+  G = _masked_gram(X, mask)
   scale = jnp.max(jnp.diagonal(G))
   Lg_inv, d2 = _shifted_factor(G, eps * scale, mask)
   plain = jnp.all(d2 >= UNSHIFTED_PIVOT * eps * scale)   # False on NaN
@@ -712,9 +717,8 @@ def polish_basis(X: jax.Array, r, *, with_flag: bool = False):
   eye = jnp.eye(C, dtype=dtype)
 
   def do(X, mask):
-    L, Linv = _cholesky(X.T @ X * mask[:, None] * mask[None, :]
-                        + jnp.diag(1.0 - mask))
-    X2 = (X @ Linv.T) * mask[None, :]
+    L, Linv = _cholesky(_masked_gram(X, mask) + jnp.diag(1.0 - mask))
+    X2 = X @ (Linv.T * mask[None, :])
     ok = jnp.all(jnp.isfinite(X2))
     return jnp.where(ok, X2, X), jnp.where(ok, L.T, eye)
 
