@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import common
+from lrtrain import factorizations as fz
 from lrtrain import integrators, models
 from lrtrain.factorizations import conv
+from lrtrain.integrators import base, linalg
 
 BATCH = 128
 DEFAULT = conv.resolve("auto")   # outside vmapped seeds: "xla"
@@ -81,6 +83,71 @@ def bench(method: str, impl: str, *, steps: int, repeats: int) -> dict:
                           steps=steps, repeats=repeats)
   res.pop("carry")
   return dict(method=method, impl=impl, **res)
+
+
+def _timed(fn, *args, steps: int, repeats: int) -> float:
+  """Median ms of the jitted fn(*args) (`common.time_steps`)."""
+  f = jax.jit(fn)
+  return common.time_steps(lambda _: f(*args), None, steps=steps,
+                           repeats=repeats)["ms"]
+
+
+def critical_path(impl: str = DEFAULT, *, steps: int = 20,
+                  repeats: int = 3) -> dict:
+  """A lower bound on the rank-adaptive steps (KLS and GeoLoRA, ranks held
+  at the caps) from the parts of a step that must run one after the other,
+  each timed alone with the whole machine (jitted, median ms):
+
+    forward    the loss at the active width (the step's pass begins with it);
+    extension  the basis extension of the widest layer (fc1: 500 x 800 at
+               rank 250 in capacity 500), the longer of its two sides (the
+               step can run the two side by side; `linalg.extend` of the
+               layer's bases by random directions);
+    truncation that layer's core truncation (`base.truncate` of a 500 x 500
+               core: the eigensolver, the kept left vectors).
+
+  The extension needs fc1's gradient, hence the forward pass, and the
+  truncation needs the extended core, so no step of either method runs
+  below `bound` = forward + extension + truncation. The rest of the step
+  (the backward pass, `pass` = forward + backward is timed too, the new
+  bases, the moment maps, the smaller layers) can overlap that chain only
+  where it does not depend on it: the convolutions' backward pass beside
+  the single-threaded eigensolver, for instance.
+  """
+  model, params, integ = build("geolora", impl)
+  params, _, _ = integ.resize(params, None)
+  kx, ky = jax.random.split(jax.random.PRNGKey(1))
+  batch = {"x": jax.random.normal(kx, (BATCH, 28, 28, 1)),
+           "y": jax.random.randint(ky, (BATCH,), 0, 10)}
+
+  def loss_fn(p, b):
+    logits = model.apply({"params": p}, b["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, b["y"]).mean(), {}
+
+  timed = lambda fn, *a: _timed(fn, *a, steps=steps, repeats=repeats)
+  out = dict(impl=impl)
+  out["forward"] = timed(lambda p: loss_fn(base.half_width(p), batch)[0],
+                         params)
+  out["pass"] = timed(lambda p: base.value_and_grad(
+      loss_fn, base.half_width(p), batch), params)
+  nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
+           if isinstance(x, fz.LowRank)]
+  node = max(nodes, key=lambda x: x.capacity * sum(x.shape))
+  C, r = node.capacity, node.rank
+  sides = []
+  for i, Ub in enumerate((node.U, node.V)):
+    D = jax.random.normal(jax.random.PRNGKey(2 + i), Ub.shape, Ub.dtype)
+    sides.append(timed(lambda U, D, r: linalg.extend(U, D, r, with_block=True),
+                       Ub, D, r))
+  out["extension"] = max(sides)
+  lo, hi = base.rank_bounds(node, HELD, 0)
+  core = jax.random.normal(jax.random.PRNGKey(4), (C, C), node.S.dtype)
+  out["truncation"] = timed(lambda S: base.truncate(S, tau=0.1, r_min=lo,
+                                                    r_max=hi), core)
+  out["bound"] = out["forward"] + out["extension"] + out["truncation"]
+  out["layer"] = f"{node.shape[0]} x {node.shape[1]}, rank {int(r)}, C {C}"
+  return out
 
 
 def run(*, steps: int, repeats: int, impls=("xla", "im2col"), log=print,

@@ -61,7 +61,10 @@ def paired(*, rounds: int = 3, steps: int = 30, repeats: int = 3,
   """PyTorch's rows and lrtrain's LeNet5 rows (XLA's convolution routine)
   timed in alternation, `rounds` times: the ratios of each round come from
   timings taken minutes apart, which a machine whose speed drifts over a
-  full run (`run.py` times the sections one after another) needs."""
+  full run (`run.py` times the sections one after another) needs. Each
+  round also times the chain of parts that a rank-adaptive step runs one
+  after the other (`lenet.critical_path`): DLRT / bound is the most any
+  step of KLS or GeoLoRA could reach against PyTorch in that round."""
   from benchmarks import lenet
   out = []
   for i in range(rounds):
@@ -71,10 +74,15 @@ def paired(*, rounds: int = 3, steps: int = 30, repeats: int = 3,
       return out
     ours = {m: lenet.bench(m, lenet.DEFAULT, steps=steps, repeats=repeats)["ms"]
             for m in ("dense", "kls_adaptive", "geolora")}
+    cp = lenet.critical_path(lenet.DEFAULT)
     row = dict(round=i, **theirs, **ours,
+               **{f"bound_{k}": cp[k] for k in ("forward", "pass",
+                                                "extension", "truncation")},
+               bound=cp["bound"],
                dense_over_torch=ours["dense"] / theirs["torch_dense"],
                dlrt_over_kls=theirs["torch_dlrt_adaptive"] / ours["kls_adaptive"],
-               dlrt_over_geolora=theirs["torch_dlrt_adaptive"] / ours["geolora"])
+               dlrt_over_geolora=theirs["torch_dlrt_adaptive"] / ours["geolora"],
+               dlrt_over_bound=theirs["torch_dlrt_adaptive"] / cp["bound"])
     log(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                  for k, v in row.items()))
     out.append(row)

@@ -70,8 +70,11 @@ def tables(res) -> str:
   out.append("### Targets\n")
   out.append("| target | measured | met |\n|---|---|---|")
   for t in res["targets"]:
-    out.append(f"| {t['target']} | {_fmt(t['value'])} | "
-               f"{'yes' if t['met'] else 'no'} |")
+    met = "yes" if t["met"] else "no"
+    if not t["met"] and t.get("reach") is not None:
+      met += (f" (critical-path bound: at most {t['reach']:.2f}x"
+              + (", out of reach)" if t["reach"] < t["want"] else ")"))
+    out.append(f"| {t['target']} | {_fmt(t['value'])} | {met} |")
   out.append("\n### Step time vs width and rank (MLP, 3 hidden n x n layers, "
              "batch 256)\n")
   out.append("Median ms/step over 50 steps after warm-up (fewer for slow points: "
@@ -136,6 +139,26 @@ def tables(res) -> str:
                  f"{x['kls_adaptive']:.2f} | {x['geolora']:.2f} | "
                  f"{x['dense_over_torch']:.2f} | {x['dlrt_over_kls']:.2f} | "
                  f"{x['dlrt_over_geolora']:.2f} |")
+    bounded = [x for x in res["lenet_paired"] if "bound" in x]
+    if bounded:
+      out.append("\nThe chain a rank-adaptive step runs one part after the "
+                 "other, in the same rounds (`lenet.critical_path`, each part "
+                 "timed alone, ms): the forward pass at the active width, "
+                 "fc1's basis extension (the longer side), its core "
+                 "truncation (500 x 500). No KLS or GeoLoRA step runs below "
+                 "their sum (bound); DLRT / bound is the most either could "
+                 "reach against PyTorch in that round. The whole pass "
+                 "(forward + backward) for comparison.\n")
+      out.append("| round | forward | pass | extension | truncation | bound | "
+                 "kls_adaptive / bound | geolora / bound | DLRT / bound |"
+                 "\n|---|---|---|---|---|---|---|---|---|")
+      for x in bounded:
+        out.append(f"| {x['round']} | {x['bound_forward']:.2f} | "
+                   f"{x['bound_pass']:.2f} | "
+                   f"{x['bound_extension']:.2f} | {x['bound_truncation']:.2f} | "
+                   f"{x['bound']:.2f} | {x['kls_adaptive'] / x['bound']:.2f} | "
+                   f"{x['geolora'] / x['bound']:.2f} | "
+                   f"{x['dlrt_over_bound']:.2f} |")
   a = res.get("adaptive")
   if a:
     out.append("\n### Rank-adaptive run (digits MLP, KLS, "
