@@ -9,7 +9,11 @@ Random inputs of the real shapes: timing does not depend on the pixels.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +152,29 @@ def critical_path(impl: str = DEFAULT, *, steps: int = 20,
   out["bound"] = out["forward"] + out["extension"] + out["truncation"]
   out["layer"] = f"{node.shape[0]} x {node.shape[1]}, rank {int(r)}, C {C}"
   return out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_core(methods=("kls_adaptive", "geolora"), impl: str = DEFAULT, *,
+             steps: int = 20, repeats: int = 3) -> dict:
+  """ms per step of each method with the process pinned to one CPU (a
+  subprocess: XLA's CPU client sizes its thread pool from the CPUs the
+  process may use when it starts): the step's work in CPU time. On c
+  CPUs no step runs below 1 / c of it; {} where the platform cannot pin a
+  process (no os.sched_setaffinity)."""
+  if not hasattr(os, "sched_setaffinity"):
+    return {}
+  code = ("import json, os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+          "from benchmarks import lenet; print(json.dumps({m: lenet.bench("
+          f"m, {impl!r}, steps={steps}, repeats={repeats})['ms'] for m in "
+          f"{tuple(methods)!r}}}))")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, env=env, cwd=ROOT, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(*, steps: int, repeats: int, impls=("xla", "im2col"), log=print,

@@ -63,8 +63,11 @@ def paired(*, rounds: int = 3, steps: int = 30, repeats: int = 3,
   timings taken minutes apart, which a machine whose speed drifts over a
   full run (`run.py` times the sections one after another) needs. Each
   round also times the chain of parts that a rank-adaptive step runs one
-  after the other (`lenet.critical_path`): DLRT / bound is the most any
-  step of KLS or GeoLoRA could reach against PyTorch in that round."""
+  after the other (`lenet.critical_path`) and each rank-adaptive step
+  pinned to one CPU (`lenet.one_core`, its work): no step runs below its
+  chain nor below its work over the CPUs it has, and PyTorch's DLRT time
+  over the larger of the two is the most the method could reach against
+  it in that round."""
   from benchmarks import lenet
   out = []
   for i in range(rounds):
@@ -75,7 +78,16 @@ def paired(*, rounds: int = 3, steps: int = 30, repeats: int = 3,
     ours = {m: lenet.bench(m, lenet.DEFAULT, steps=steps, repeats=repeats)["ms"]
             for m in ("dense", "kls_adaptive", "geolora")}
     cp = lenet.critical_path(lenet.DEFAULT)
+    one = lenet.one_core(("kls_adaptive", "geolora"), lenet.DEFAULT,
+                         steps=steps, repeats=repeats)
+    cpus = len(os.sched_getaffinity(0)) if one else 0
+    # The most each method could reach in this round: no step runs below
+    # its chain (cp) nor below its one-CPU time over the CPUs it has.
+    reach = {m: theirs["torch_dlrt_adaptive"] / max(cp["bound"], one[m] / cpus)
+             for m in one}
     row = dict(round=i, **theirs, **ours,
+               **{f"{m}_one_cpu": v for m, v in one.items()}, cpus=cpus,
+               **{f"dlrt_over_bound_{m}": v for m, v in reach.items()},
                **{f"bound_{k}": cp[k] for k in ("forward", "pass",
                                                 "extension", "truncation")},
                bound=cp["bound"],
