@@ -172,9 +172,10 @@ def run(quick: bool, *, widths=WIDTHS, import_log: str = "",
     section("lenet", lambda: lenet.run(steps=3, repeats=1, impls=(lenet.DEFAULT,),
                                        methods=("dense", "kls_adaptive"),
                                        log=log))
-    # The full run times it inside each alternated round (lenet_paired).
-    section("lenet_critical_path", lambda: lenet.critical_path(steps=2,
-                                                               repeats=1))
+    # The full run times both inside each alternated round (lenet_paired).
+    section("lenet_critical_path", lambda: dict(
+        lenet.critical_path(steps=2, repeats=1),
+        one_cpu=lenet.one_core(("kls_adaptive",), steps=2, repeats=1)))
   else:
     # Slow points (large n and r) are timed over fewer steps: at most ~8 s
     # per repeat, at least 5 steps; each row records the count.
