@@ -27,6 +27,7 @@ from lrtrain.integrators import base, linalg
 
 BATCH = 128
 DEFAULT = conv.resolve("auto")   # outside vmapped seeds: "xla"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Ranks: the DLRT paper's caps for LeNet5, 10 / 25 / 250 (conv1, conv2,
 # fc1): rank 250 requested with clip_rank, which caps each layer at
@@ -61,13 +62,9 @@ def build(method: str, impl: str):
   return model, params, integ
 
 
-def make_step(method: str, impl: str):
-  """(step, params, state, batch): the jitted step (params and state
-  donated) and what it takes."""
-  model, params, integ = build(method, impl)
-  params, _, _ = integ.resize(params, None)
-  state = integ.init(params)
-
+def loss_and_batch(model):
+  """(loss_fn, batch): the softmax cross-entropy of `model` and a random
+  batch of the real shapes."""
   def loss_fn(p, batch):
     logits = model.apply({"params": p}, batch["x"])
     return optax.softmax_cross_entropy_with_integer_labels(
@@ -76,6 +73,16 @@ def make_step(method: str, impl: str):
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
   batch = {"x": jax.random.normal(kx, (BATCH, 28, 28, 1)),
            "y": jax.random.randint(ky, (BATCH,), 0, 10)}
+  return loss_fn, batch
+
+
+def make_step(method: str, impl: str):
+  """(step, params, state, batch): the jitted step (params and state
+  donated) and what it takes."""
+  model, params, integ = build(method, impl)
+  params, _, _ = integ.resize(params, None)
+  state = integ.init(params)
+  loss_fn, batch = loss_and_batch(model)
   step = jax.jit(lambda p, s, b: integ.step(loss_fn, p, s, b)[:2],
                  donate_argnums=(0, 1))
   return step, params, state, batch
@@ -120,15 +127,7 @@ def critical_path(impl: str = DEFAULT, *, steps: int = 20,
   """
   model, params, integ = build("geolora", impl)
   params, _, _ = integ.resize(params, None)
-  kx, ky = jax.random.split(jax.random.PRNGKey(1))
-  batch = {"x": jax.random.normal(kx, (BATCH, 28, 28, 1)),
-           "y": jax.random.randint(ky, (BATCH,), 0, 10)}
-
-  def loss_fn(p, b):
-    logits = model.apply({"params": p}, b["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, b["y"]).mean(), {}
-
+  loss_fn, batch = loss_and_batch(model)
   timed = lambda fn, *a: _timed(fn, *a, steps=steps, repeats=repeats)
   out = dict(impl=impl)
   out["forward"] = timed(lambda p: loss_fn(base.half_width(p), batch)[0],
@@ -152,9 +151,6 @@ def critical_path(impl: str = DEFAULT, *, steps: int = 20,
   out["bound"] = out["forward"] + out["extension"] + out["truncation"]
   out["layer"] = f"{node.shape[0]} x {node.shape[1]}, rank {int(r)}, C {C}"
   return out
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def one_core(methods=("kls_adaptive", "geolora"), impl: str = DEFAULT, *,
