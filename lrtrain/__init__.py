@@ -37,6 +37,44 @@ if ("ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                              + YNN_FLAG).strip()
 
+# XLA's CPU client allocates a step's buffers with malloc, from its worker
+# threads' arenas. With glibc's defaults an arena gives its free top back to
+# the kernel and hands requests its top cannot hold to mmap (one buffer holds
+# all of a program's temporaries: 56 MB in adaptive KLS's step at n = 4096,
+# r = 64), so every step faults its buffers in afresh: 10,700-14,400 page
+# faults and 23-35 ms of kernel time in GeoLoRA's and adaptive KLS's 80 ms
+# steps there. A 64 MiB top pad (a thread arena's whole heap), a 1 GiB trim
+# threshold and no mmap for requests an arena can hold keep the pages (about
+# 50-1,000 faults per step); only requests above an arena's 64 MiB still get
+# their own mapping (the dense step's temporaries at n = 4096). Arenas take
+# the pad when they are created, so it is set here, before jax starts its
+# CPU threads; a process that sets glibc's malloc variables itself
+# (MALLOC_*_ or GLIBC_TUNABLES), or LRTRAIN_MALLOC=0, keeps glibc's choice.
+MALLOC_OPTIONS = ((-2, 64 << 20), (-1, 1 << 30), (-4, 0))
+# (mallopt's M_TOP_PAD, M_TRIM_THRESHOLD, M_MMAP_MAX)
+
+
+def _keep_pages() -> bool:
+  """Sets `MALLOC_OPTIONS` where glibc is the allocator and nothing has
+  chosen otherwise; whether it did."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if (os.environ.get("LRTRAIN_MALLOC") == "0" or "GLIBC_TUNABLES" in os.environ
+      or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
+      or not sys.platform.startswith("linux")):
+    return False
+  jax_bridge = sys.modules.get("jax._src.xla_bridge")
+  if jax_bridge is not None and jax_bridge.backends_are_initialized():
+    return False                        # the arenas exist: too late
+  try:
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):     # musl and other C libraries
+    return False
+  return all(mallopt(k, v) == 1 for k, v in MALLOC_OPTIONS)
+
+
+MALLOC_SET = _keep_pages()
+
 # Factorizations go through `lrtrain.lapack`, which keeps batched (vmapped)
 # ones from deadlocking jaxlib's CPU kernels (see there).
 
