@@ -327,6 +327,18 @@ def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
   return (P * mask[:K], Q * mask[:K], jnp.diag(sigma * mask), r_new)
 
 
+def truncated_factors(Uh: jax.Array, Vh: jax.Array, P: jax.Array,
+                      Q: jax.Array, S_new: jax.Array, r_new):
+  """The factors a truncation leaves, (U^ P, S_new, V^ Q) re-orthonormalized
+  where rounding has drifted them (`linalg.polish`), in the working dtype.
+  They are formed and polished at P's width K (`kept_width`: C / 2 in a
+  settled run, where the rounding check then reads half the columns and a
+  pass costs a quarter) and padded to Uh's C columns after."""
+  C, K = Uh.shape[-1], P.shape[-1]
+  U, S, V = linalg.polish(Uh @ P, S_new[:K, :K], Vh @ Q, r_new)
+  return pad_columns(U, C), linalg.zero_pad(S, (C, C)), pad_columns(V, C)
+
+
 def kept_width(C: int, r_max, adaptive: bool = True) -> int:
   """A static bound on the rank `truncate` keeps from a (C, C) core: r_max
   where it is a Python int and the rank rule applies, else C."""

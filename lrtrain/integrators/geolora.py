@@ -158,16 +158,17 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
           P, Q, S_new, r_new = base.truncate(S_hat, tau=tau, r_min=lo,
                                              r_max=hi, adaptive=adaptive,
                                              rank=r)
-          U_new = base.pad_columns(Uh @ P, C)   # P, Q: (C, K), K <= C
-          V_new = base.pad_columns(Vh @ Q, C)
+          # P, Q: (C, K), K <= C.
+          U_new, S_new, V_new = base.truncated_factors(Uh, Vh, P, Q, S_new,
+                                                       r_new)
           # P^T M = U_new^T U = P^T [I; 0]: the first r rows of P (M = I
           # on the active block without augmentation).
           PM, QN = (P * cm[:, None]).T, (Q * cm[:, None]).T
         else:          # augmented, the core kept whole until truncation
           U_new, V_new, S_new, r_new = Uh, Vh, S_hat, r_hat
           PM = QN = jnp.diag(cm)
+          U_new, S_new, V_new = linalg.polish(U_new, S_new, V_new, r_new)
         finals[i] = (PM, QN, PM, QN)
-        U_new, S_new, V_new = linalg.polish(U_new, S_new, V_new, r_new)
         dt = p.dtype
         return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
                           jnp.asarray(r_new, jnp.int32), p.W0)

@@ -456,8 +456,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         # P, Q: (C, K), K the most columns the rule can keep (C / 2 in a
         # settled run): the products and maps below run at that width.
         P, Q, S_new, r_new = base.truncate(S1, tau=tau, r_min=lo, r_max=hi)
-        U_new = base.pad_columns(Uh @ P, C)
-        V_new = base.pad_columns(Vh @ Q, C)
+        U_new, S_new, V_new = base.truncated_factors(Uh, Vh, P, Q, S_new,
+                                                     r_new)
         # U_new^T U = P^T U^^T U = P^T [I; 0]: P's first r rows.
         cm = base.column_mask(p.rank, C, wd)[:, None]
         to_old = ((P * cm).T, (Q * cm).T)
@@ -466,8 +466,6 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         S_new, r_new, U_new, V_new = S1, p.rank, Uh, Vh
         to_old = (M, N)
       finals[i] = (P, Q) + to_old
-      if adaptive:
-        U_new, S_new, V_new = linalg.polish(U_new, S_new, V_new, r_new)
       return fz.LowRank(U_new.astype(dt), S_new.astype(dt), V_new.astype(dt),
                         jnp.asarray(r_new, jnp.int32), p.W0)
 
