@@ -65,7 +65,10 @@ def tables(res) -> str:
   out.append(f"Run of {res['date']} on {m['platform']}, {m['cpus']} CPUs, "
              f"backend {m['backend']}, jax {m['jax']}; load average at start "
              f"{', '.join(f'{x:.1f}' for x in m['load_avg'])}; "
-             f"total wall {res['wall_seconds'] / 60:.1f} min. Matmul roofline "
+             f"total wall {res['wall_seconds'] / 60:.1f} min"
+             + {True: "; lrtrain's malloc settings held",
+                False: "; glibc's malloc defaults"}.get(m.get("malloc_kept"), "")
+             + ". Matmul roofline "
              f"(jitted float32 2048^3): {res['matmul_gflops']:.1f} GFLOP/s.\n")
   out.append("### Targets\n")
   out.append("| target | measured | met |\n|---|---|---|")

@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-import lrtrain  # noqa: F401  (sets single-threaded OpenBLAS before any LAPACK call)
+import lrtrain  # noqa: F401  (process defaults: one OpenBLAS thread, malloc settings)
 from benchmarks import adaptive, common, diagnostics_overhead, lenet, lenet_torch, width
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +32,9 @@ def machine() -> dict:
   return dict(platform=platform.platform(), python=sys.version.split()[0],
               jax=jax.__version__, backend=jax.default_backend(),
               devices=[str(d) for d in jax.devices()], cpus=os.cpu_count(),
-              load_avg=os.getloadavg())
+              load_avg=os.getloadavg(),
+              # lrtrain's glibc malloc settings (lrtrain/__init__.py) held.
+              malloc_kept=lrtrain.MALLOC_SET)
 
 
 def targets(res: dict) -> list[dict]:
