@@ -64,7 +64,8 @@ def _keep_pages() -> bool:
       or not sys.platform.startswith("linux")):
     return False
   jax_bridge = sys.modules.get("jax._src.xla_bridge")
-  if jax_bridge is not None and jax_bridge.backends_are_initialized():
+  if jax_bridge is not None and getattr(
+      jax_bridge, "backends_are_initialized", lambda: False)():
     return False                        # the arenas exist: too late
   try:
     mallopt = ctypes.CDLL("libc.so.6").mallopt
