@@ -49,7 +49,7 @@ if ("ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "")
 # their own mapping (the dense step's temporaries at n = 4096). Arenas take
 # the pad when they are created, so it is set here, before jax starts its
 # CPU threads; a process that sets glibc's malloc variables itself
-# (MALLOC_*_ or GLIBC_TUNABLES), or LRTRAIN_MALLOC=0, keeps glibc's choice.
+# (MALLOC_* or GLIBC_TUNABLES), or LRTRAIN_MALLOC=0, keeps glibc's choice.
 MALLOC_OPTIONS = ((-2, 64 << 20), (-1, 1 << 30), (-4, 0))
 # (mallopt's M_TOP_PAD, M_TRIM_THRESHOLD, M_MMAP_MAX)
 
@@ -60,7 +60,7 @@ def _keep_pages() -> bool:
   import ctypes  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   if (os.environ.get("LRTRAIN_MALLOC") == "0" or "GLIBC_TUNABLES" in os.environ
-      or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
+      or any(k.startswith("MALLOC_") for k in os.environ)
       or not sys.platform.startswith("linux")):
     return False
   jax_bridge = sys.modules.get("jax._src.xla_bridge")

@@ -36,6 +36,7 @@ def test_set_on_import_before_jax_computes():
 def test_left_alone_when_chosen_or_too_late():
   assert not _set(LRTRAIN_MALLOC="0")
   assert not _set(MALLOC_TOP_PAD_="131072")
+  assert not _set(MALLOC_ARENA_MAX="2")
   assert not _set(GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")
   # After the first computation the arenas exist: the pad would not reach
   # them, and the import changes nothing.
