@@ -36,9 +36,8 @@ POINTS = ((1024, 256), (4096, 64))
 
 
 def _time(fn, *args, steps=20, repeats=3):
-  res = common.time_steps(lambda c: (fn(*args), c)[1], 0, steps=steps,
-                          repeats=repeats, budget_s=4.0, min_steps=3)
-  return res["ms"]
+  return common.time_call(fn, *args, steps=steps, repeats=repeats,
+                          budget_s=4.0, min_steps=3)
 
 
 def point(n: int, r: int, *, steps: int = 20) -> dict:

@@ -92,6 +92,14 @@ class CompileCounter:
 _COUNTER: CompileCounter | None = None
 
 
+def time_call(fn: Callable, *args, steps: int, repeats: int = 3,
+              **kwargs) -> float:
+  """Median ms of the jitted fn(*args) (`time_steps`; kwargs go there)."""
+  f = jax.jit(fn)
+  return time_steps(lambda _: f(*args), None, steps=steps, repeats=repeats,
+                    **kwargs)["ms"]
+
+
 def compile_counter() -> CompileCounter:
   """The process-wide counter (listeners cannot be unregistered)."""
   global _COUNTER

@@ -96,13 +96,6 @@ def bench(method: str, impl: str, *, steps: int, repeats: int) -> dict:
   return dict(method=method, impl=impl, **res)
 
 
-def _timed(fn, *args, steps: int, repeats: int) -> float:
-  """Median ms of the jitted fn(*args) (`common.time_steps`)."""
-  f = jax.jit(fn)
-  return common.time_steps(lambda _: f(*args), None, steps=steps,
-                           repeats=repeats)["ms"]
-
-
 def critical_path(impl: str = DEFAULT, *, steps: int = 20,
                   repeats: int = 3) -> dict:
   """A lower bound on the rank-adaptive steps (KLS and GeoLoRA, ranks held
@@ -128,7 +121,8 @@ def critical_path(impl: str = DEFAULT, *, steps: int = 20,
   model, params, integ = build("geolora", impl)
   params, _, _ = integ.resize(params, None)
   loss_fn, batch = loss_and_batch(model)
-  timed = lambda fn, *a: _timed(fn, *a, steps=steps, repeats=repeats)
+  timed = lambda fn, *a: common.time_call(fn, *a, steps=steps,
+                                          repeats=repeats)
   out = dict(impl=impl)
   out["forward"] = timed(lambda p: loss_fn(base.half_width(p), batch)[0],
                          params)
