@@ -225,9 +225,12 @@ def flag_error(e: BaseException, spec: str | None) -> str:
   while e is not None and e not in chain:
     chain.append(e)
     e = e.__cause__ or e.__context__
-  if isinstance(chain[0], AttributeError):   # an override's unknown field
+  if isinstance(chain[0], (AttributeError, KeyError)):
+    # An override's unknown field (AttributeError), or an unknown group
+    # (a bare KeyError, told from get_config's own by the override naming it).
     for x in chain:
-      if isinstance(x, KeyError):
+      if isinstance(x, KeyError) and (isinstance(chain[0], AttributeError)
+                                      or _override_naming(x)):
         return _unknown_field(x)
   ours = [x for x in chain if isinstance(x, config_utils.ConfigError)]
   if ours:            # the innermost is get_config's own, without traceback
@@ -252,16 +255,29 @@ def flag_error(e: BaseException, spec: str | None) -> str:
   return config_utils.load_failure(path, root)
 
 
-def _unknown_field(e: KeyError) -> str:
-  """The --config.<path> override that named a field the config lacks."""
+def _missing_key(e: KeyError) -> tuple[str, str]:
+  """(key, hint) of ml_collections' KeyError (it may add a "Did you mean"
+  line)."""
   text = str(e.args[0]) if e.args else str(e)
-  key, _, hint = text.partition("\n")       # ml_collections may add a
-  key = key.strip("'\"")                      # "Did you mean" line
+  key, _, hint = text.partition("\n")
+  return key.strip("'\""), hint.strip()
+
+
+def _override_naming(e: KeyError) -> str | None:
+  """The --config.<path> flag on the command line whose path has the
+  missing key, if any."""
+  key = _missing_key(e)[0]
   flags_given = [a.split("=", 1)[0] for a in sys.argv[1:]
                  if a.startswith("--config.")]
   named = [f for f in flags_given if key in f[len("--config."):].split(".")]
-  where = named[0] if named else "a --config.<field> override"
-  hint = hint.strip() or ("--show_config lists the fields.")
+  return named[0] if named else None
+
+
+def _unknown_field(e: KeyError) -> str:
+  """The --config.<path> override that named a field the config lacks."""
+  key, hint = _missing_key(e)
+  where = _override_naming(e) or "a --config.<field> override"
+  hint = hint or "--show_config lists the fields."
   return f"{where}: the config has no field {key!r}. {hint}"
 
 

@@ -65,6 +65,7 @@ def test_unknown_config_argument(tmp_path):
     ("--config.integrator.taux=0.1",
      ("--config.integrator.taux", "no field 'taux'", 'Did you mean "tau"')),
     ("--config.dtype=bfloat16", ("--config.dtype", "no field 'dtype'")),
+    ("--config.optim.lr=0.1", ("--config.optim.lr", "no field 'optim'")),
 ])
 def test_unknown_override_field(override, words, tmp_path):
   r = main(*RUNLOCAL, "--workdir", str(tmp_path), override)
