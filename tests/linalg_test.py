@@ -474,3 +474,34 @@ def test_zero_pad_equals_pad():
   assert linalg.zero_pad(X, (5, 3)) is X
   v = jnp.arange(3.0)
   np.testing.assert_array_equal(linalg.zero_pad(v, (5,)), [0, 1, 2, 0, 0])
+
+
+@pytest.mark.parametrize("scale", [1e-4, 3e-2, 0.1])
+def test_orth_of_a_nearly_orthonormal_block(scale):
+  """A retraction's U + dU (one Cholesky QR pass): orthonormal to rounding,
+  Householder's basis, inactive columns zero."""
+  n, C, r = 300, 24, 20
+  U = _random_orthonormal(jax.random.PRNGKey(3), n, r, C)
+  dU = scale * jax.random.normal(jax.random.PRNGKey(4), (n, C)) / np.sqrt(n)
+  X = (U + dU) * base.column_mask(r, C)
+  Q = jax.jit(linalg.orth, static_argnums=1)(X, r)
+  with linalg.implementation("lapack"):
+    H = linalg.orth(X, r)
+  assert _orth_err(Q, r) < 2e-6
+  np.testing.assert_allclose(Q, H, atol=5e-6)
+  assert float(jnp.max(jnp.abs(Q[:, r:]))) == 0.0
+
+
+def test_orth_of_dependent_columns_with_small_pairwise_overlaps():
+  """Five unit columns summing to zero (pairwise overlaps -1/4, rank 4):
+  entrywise the Gram matrix is near the identity, but not in norm, so the
+  one-pass route is not taken and the result is still orthonormal."""
+  n = 40
+  E = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(5), (n, 5)))[0]
+  X = E - jnp.mean(E, axis=1, keepdims=True)     # columns sum to zero
+  X = X / jnp.linalg.norm(X, axis=0, keepdims=True)
+  assert float(jnp.max(jnp.abs(X.T @ X - jnp.eye(5)))) <= linalg.NEAR + 1e-6
+  Q = linalg.orth(X, 5)
+  assert _orth_err(Q, 5) < 1e-5
+  resid = X - Q @ (Q.T @ X)
+  assert float(jnp.linalg.norm(resid)) < 1e-5 * float(jnp.linalg.norm(X))

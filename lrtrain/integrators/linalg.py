@@ -11,7 +11,9 @@ eigensolvers of small matrices:
                     reorthogonalization) and orthonormalized by shifted
                     Cholesky QR, repeated until its Gram matrix is the
                     identity to working precision.
-  orth(X, r)        the same for X alone (retractions, fixed-rank bases).
+  orth(X, r)        the same for X alone (retractions, fixed-rank bases);
+                    one unshifted pass where X is already nearly
+                    orthonormal (a retraction's U + dU).
   core_svd(S, tau)  P, sigma, Q of a (C, C) core: from the eigenvectors
                     of S^T S (left vectors S Q orthonormalized, only for
                     the kept columns) from C = EIGH_MIN_C on where the
@@ -325,7 +327,7 @@ def pivot_floor(dtype) -> float:
   return float(jnp.finfo(dtype).eps) ** 0.5 / 4
 
 
-def _first_pass(X, mask, eps):
+def _first_pass(X, mask, eps, G=None):
   """The first Cholesky QR pass of `_two_passes`, shifted only where it
   must be: the Gram matrix is factored twice (k x k work), with a guard
   shift of u max_i ||x_i||^2 and with the full shift of `_cholesky_pass`;
@@ -335,9 +337,10 @@ def _first_pass(X, mask, eps):
   more pass finishes. The shifted factor leaves Q with condition up to
   1 / sqrt(u (n + k)) (44 at n + k = 4352 in float32), far from orthonormal,
   and needs two more (the third pass of `_two_passes`).
+  G: X's masked Gram matrix where the caller has it.
   Returns Q (inactive columns zero)."""
   n, k = X.shape
-  G = _masked_gram(X, mask)
+  G = _masked_gram(X, mask) if G is None else G
   scale = jnp.max(jnp.diagonal(G))
   Lg_inv, d2 = _shifted_factor(G, eps * scale, mask)
   plain = jnp.all(d2 >= UNSHIFTED_PIVOT * eps * scale)   # False on NaN
@@ -412,7 +415,7 @@ def _householder(X, r):
   return Q * d[None, :] * column_mask(r, X.shape[-1], X.dtype)
 
 
-def _two_passes(U, X, mask, eps):
+def _two_passes(U, X, mask, eps, G=None):
   """The common case of `_orthonormalize` without its loop: a Cholesky QR
   pass shifted where the block's condition needs it (`_first_pass`) and an
   unshifted one, each after projecting off U, and a third unshifted pass
@@ -425,12 +428,13 @@ def _two_passes(U, X, mask, eps):
   projection off U; otherwise the caller runs the general algorithm. The general one
   (`_orthonormalize`: a loop, and a Householder branch for rank-deficient
   blocks) costs its branches and loop even when they do little; here the
-  common case costs its products.
+  common case costs its products. G: X's masked Gram matrix where the
+  caller has it (U None only).
   """
   # X's inactive columns need no zeroing: the passes read them only
   # through the masked Gram matrix and factor (mask a column prefix).
   X = _project(U, X)
-  Q1 = _first_pass(X, mask, eps)
+  Q1 = _first_pass(X, mask, eps, G)
   # The second pass runs unshifted and decides the rank from its pivots
   # (`pivot_floor`): a block whose smallest singular value sank below the
   # shift leaves Q1 with a nearly singular Gram matrix. A third runs where
@@ -464,6 +468,11 @@ def orth(X: jax.Array, r) -> jax.Array:
   For a full-rank X this is the Q of X = Q R with diag(R) > 0 (the same Q
   as a sign-fixed Householder QR, to rounding). Returned in the working
   dtype (float64 for float64 X, else float32).
+
+  A nearly orthonormal X (a retraction's U + dU: ||X^T X - I||_F <= `NEAR`,
+  so its Gram matrix has eigenvalues in [0.75, 1.25]) takes one unshifted
+  Cholesky QR pass, orthonormal to about u (1 + d) / (1 - d); any other
+  the passes of `_two_passes`, both from the one Gram matrix.
   """
   dtype = work_dtype(X)
   X = X.astype(dtype)
@@ -471,7 +480,17 @@ def orth(X: jax.Array, r) -> jax.Array:
   if current() == "lapack":
     return _householder(X, r)
   mask = column_mask(r, C, dtype)
-  Q, ok = _two_passes(None, X, mask, jnp.finfo(dtype).eps)
+  eps = jnp.finfo(dtype).eps
+  G = _masked_gram(X, mask)
+  near = jnp.sqrt(jnp.sum(jnp.square(G - jnp.diag(mask)))) <= NEAR
+
+  def one(X, G, mask):
+    Linv, _ = _shifted_factor(G, 0.0, mask)
+    Q = X @ (Linv.T * mask[None, :])
+    return Q, jnp.all(jnp.isfinite(Q))
+
+  Q, ok = cond(near, one, lambda X, G, mask: _two_passes(None, X, mask, eps, G),
+               X, G, mask)
   return cond(~ok, lambda Q, X, r: _orth_robust(X, r), lambda Q, X, r: Q,
               Q, X, r)
 
