@@ -214,3 +214,21 @@ def test_registry_and_single_compile():
   assert len(traces) == 1
   assert int(aux["rank/w"]) == 4
   assert integ.resize(params, state)[2] is False
+
+
+@pytest.mark.parametrize("variant", ["approx_orth", "mean"])
+@pytest.mark.parametrize("C,r", [(8, 8), (32, 20)])
+def test_condition_core_eigen_route_matches_the_svd(variant, C, r, monkeypatch):
+  """A well-conditioned active core (kappa ~ 1.5, the steps after the
+  first) goes through the eigensolver of S^T S: the same conditioned core
+  as the SVD route to float32 rounding, zero outside the active block."""
+  key1, key2 = jax.random.split(jax.random.PRNGKey(7))
+  A = jnp.linalg.qr(jax.random.normal(key1, (r, r)))[0]
+  B = jnp.linalg.qr(jax.random.normal(key2, (r, r)))[0]
+  S = jnp.zeros((C, C)).at[:r, :r].set((A * jnp.linspace(2.0, 3.0, r)) @ B.T)
+  T = condlr.condition_core(S, r, variant, 0.1)
+  monkeypatch.setattr(condlr, "EIGEN_ROUTE_MIN", float("inf"))  # SVD only
+  T_svd = condlr.condition_core(S, r, variant, 0.1)
+  np.testing.assert_allclose(T, T_svd, atol=2e-5 * float(jnp.max(jnp.abs(S))))
+  assert float(jnp.sum(jnp.abs(T[r:])) + jnp.sum(jnp.abs(T[:, r:]))) == 0.0
+  assert _kappa(T, r) <= (1.0 if variant == "mean" else 1.1) + 1e-4

@@ -90,16 +90,6 @@ def tangent_project(U: jax.Array, G: jax.Array, rank) -> jax.Array:
   return (G - U @ (U.T @ G)) * mask
 
 
-def _masked_svd(S: jax.Array, rank):
-  """u, s, v^T of S restricted to its active block, the inactive block
-  replaced by _INACTIVE * I (see module docstring)."""
-  C = S.shape[-1]
-  m = base.column_mask(rank, C)
-  Sa = S.astype(jnp.float32) * m[:, None] * m[None, :] + jnp.diag(
-      (1.0 - m) * _INACTIVE)
-  return linalg.svd(Sa), m
-
-
 def grad_scale(S: jax.Array, rank, variant: str) -> jax.Array:
   """The factor c that multiplies the projected U, V gradients.
 
@@ -128,8 +118,23 @@ def grad_scale(S: jax.Array, rank, variant: str) -> jax.Array:
   return jnp.where(big > 0, small / jnp.where(big > 0, big, 1.0), 1.0)
 
 
+# Smallest ratio sigma_min^2 / sigma_max^2 of the active core for which
+# `condition_core` takes the eigenvectors of S^T S instead of the SVD.
+EIGEN_ROUTE_MIN = 0.25
+
+
 def condition_core(S: jax.Array, rank, variant: str, tau: float) -> jax.Array:
   """The S step of CondLR: make kappa(S) = 1 ("mean") or <= 1 + tau.
+
+  The new core is a function of the old one, S' = S g(S^T S) with
+  g(sigma^2) = sigma' / sigma for every singular value: sqrt(a) / sigma
+  ("mean"), clip(sigma, mu - e, mu + e) / sigma ("approx_orth"). Where the
+  active block is well conditioned (sigma_min^2 / sigma_max^2 >=
+  `EIGEN_ROUTE_MIN`, every step after the first once the cores are
+  conditioned) g comes from the symmetric eigensolver of S^T S (C = 256:
+  4.7 ms against 7.8 for the SVD, one thread); its rounding error is then
+  about u kappa^2 relative, and g is smooth, so (near-)equal values that
+  leave the eigenvectors undetermined do not matter. Elsewhere the SVD.
 
   Args:
     S: (C, C) core, zero outside its active block.
@@ -140,18 +145,39 @@ def condition_core(S: jax.Array, rank, variant: str, tau: float) -> jax.Array:
   Returns:
     (C, C) conditioned core, zero outside its active block, same dtype.
   """
-  (u, s, vt), m = _masked_svd(S, rank)
   C = S.shape[-1]
+  m = base.column_mask(rank, C)
   r = jnp.maximum(rank, 1).astype(jnp.float32)
-  if variant == "mean":
-    a = jnp.sum(jnp.square(S.astype(jnp.float32) * m[:, None] * m[None, :])) / r
-    S_new = jnp.sqrt(a) * (u @ vt)
-  else:
-    # The inactive block adds C - r singular values equal to _INACTIVE.
+  Sm = S.astype(jnp.float32) * m[:, None] * m[None, :]
+
+  def target(s, mu):
+    """sigma' for the values s of a core whose active values average mu."""
+    if variant == "mean":
+      return jnp.full_like(s, jnp.sqrt(jnp.sum(jnp.square(Sm)) / r))
+    e = mu * tau / (2.0 + tau)            # mu (kappa - 1) / (kappa + 1)
+    return jnp.clip(s, mu - e, mu + e)
+
+  # Ascending eigenvalues: the inactive block's zeros first, the active
+  # values the top r.
+  lam, W = lapack.eigh(Sm.T @ Sm)
+  active = jnp.arange(C) >= C - jnp.clip(rank, 1, C)
+  low = jnp.min(jnp.where(active, lam, jnp.inf))
+  well = (low >= EIGEN_ROUTE_MIN * lam[-1]) & (lam[-1] > 0)
+
+  def by_eigen(Sm, lam, W):
+    s = jnp.where(active, jnp.sqrt(jnp.maximum(lam, 0.0)), 1.0)
+    g = jnp.where(active, target(s, jnp.sum(jnp.where(active, s, 0.0)) / r)
+                  / s, 0.0)
+    return Sm @ ((W * g[None, :]) @ W.T)
+
+  def by_svd(Sm, lam, W):
+    # The inactive block replaced by _INACTIVE * I (module docstring): its
+    # C - r values are _INACTIVE.
+    u, s, vt = linalg.svd(Sm + jnp.diag((1.0 - m) * _INACTIVE))
     mu = (jnp.sum(s) - (C - r) * _INACTIVE) / r
-    kappa = 1.0 + tau
-    e = mu * (kappa - 1.0) / (kappa + 1.0)
-    S_new = (u * jnp.clip(s, mu - e, mu + e)[None, :]) @ vt
+    return (u * target(s, mu)[None, :]) @ vt
+
+  S_new = linalg.cond(well, by_eigen, by_svd, Sm, lam, W)
   return (S_new * m[:, None] * m[None, :]).astype(S.dtype)
 
 
