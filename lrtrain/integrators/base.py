@@ -265,10 +265,11 @@ def with_weight_decay(tx: optax.GradientTransformation,
 column_mask = linalg.column_mask
 
 
-def orth(X: jax.Array, r) -> jax.Array:
+def orth(X: jax.Array, r, *, near: bool = False) -> jax.Array:
   """Orthonormal basis of the first r columns of X (n, C), the Q of
-  X = Q R with diag(R) > 0, columns >= r zeroed (`linalg.orth`)."""
-  return linalg.orth(X, r)
+  X = Q R with diag(R) > 0, columns >= r zeroed (`linalg.orth`; near: X
+  is expected nearly orthonormal, a retraction's U + dU)."""
+  return linalg.orth(X, r, near=near)
 
 
 def augment(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):

@@ -238,8 +238,8 @@ def make(tx: optax.GradientTransformation, *, variant: str = "approx_orth",
       return p
     dt = p.dtype
     return dataclasses.replace(
-        p, U=base.orth(p.U, p.rank).astype(dt),
-        V=base.orth(p.V, p.rank).astype(dt),
+        p, U=base.orth(p.U, p.rank, near=True).astype(dt),
+        V=base.orth(p.V, p.rank, near=True).astype(dt),
         S=condition_core(p.S, p.rank, variant, kappa_tau))
 
   def step(loss_fn, params, state, batch):
