@@ -246,9 +246,18 @@ def main(argv=None):
   path = args.out or os.path.join(RESULTS, f"{name}.json")
   widths = tuple(int(w) for w in args.widths.split(",") if w) or WIDTHS
   ranks = tuple(int(r) for r in args.ranks.split(",") if r)
+  sections = tuple(x for x in args.sections.split(",") if x) or SECTIONS
+  unknown = [x for x in sections if x not in SECTIONS]
+  if unknown:
+    raise SystemExit(f"--sections: unknown section(s) {', '.join(unknown)}; "
+                     f"choose from {', '.join(SECTIONS)}")
+  if not args.quick and args.sections and set(sections) <= set(QUICK_ONLY):
+    raise SystemExit(f"--sections: {', '.join(sections)} runs only with "
+                     "--quick (the full run times it inside each round of "
+                     "lenet_paired)")
   res = run(args.quick, widths=widths, import_log=args.import_log,
             partial_path=path, ranks=ranks or (8, 32, 64, 128),
-            sections=tuple(x for x in args.sections.split(",") if x) or SECTIONS)
+            sections=sections)
   res["ranks_timed_now"] = list(ranks) or "default"
   with open(path, "w") as f:
     json.dump(res, f, indent=1, default=float)
