@@ -496,8 +496,9 @@ def test_orth_of_a_nearly_orthonormal_block(scale):
 
 def test_orth_of_dependent_columns_with_small_pairwise_overlaps():
   """Five unit columns summing to zero (pairwise overlaps -1/4, rank 4):
-  entrywise the Gram matrix is near the identity, but not in norm, so the
-  one-pass route is not taken and the result is still orthonormal."""
+  entrywise the Gram matrix is near the identity, in norm it is not (the
+  one-pass route's test reads the norm); the result is an orthonormal
+  basis holding X's span."""
   n = 40
   E = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(5), (n, 5)))[0]
   X = E - jnp.mean(E, axis=1, keepdims=True)     # columns sum to zero
