@@ -14,13 +14,19 @@ _GLIBC = sys.platform.startswith("linux") and bool(
 _REPORT = "import lrtrain; print(lrtrain.MALLOC_SET)"
 
 
-def _set(code: str = _REPORT, **env) -> bool:
+def _run(code: str, **env) -> list[str]:
+  """stdout words of `code` in a process without malloc variables of its
+  own (those of this process, if any, would make lrtrain step aside)."""
   base = {k: v for k, v in os.environ.items()
           if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES",
                                                    "LRTRAIN_MALLOC"))}
   r = subprocess.run([sys.executable, "-c", code], env=dict(base, **env),
                      capture_output=True, text=True, check=True)
-  return {"True": True, "False": False}[r.stdout.split()[-1]]
+  return r.stdout.split()
+
+
+def _set(code: str = _REPORT, **env) -> bool:
+  return {"True": True, "False": False}[_run(code, **env)[-1]]
 
 
 @pytest.mark.skipif(not _GLIBC, reason="glibc's mallopt only")
@@ -62,11 +68,6 @@ for _ in range(3):
   p, s, _ = jax.jit(lambda p, s: integ.step(loss, p, s, x))(p, s)
 print(float(np.asarray(p["w"].S).sum()).hex(), int(p["w"].rank), lrtrain.MALLOC_SET)
 """
-  def run(**env):
-    base = {k: v for k, v in os.environ.items() if k != "LRTRAIN_MALLOC"}
-    r = subprocess.run([sys.executable, "-c", code], env=dict(base, **env),
-                       capture_output=True, text=True, check=True)
-    return r.stdout.split()
-  on, off = run(), run(LRTRAIN_MALLOC="0")
+  on, off = _run(code), _run(code, LRTRAIN_MALLOC="0")
   assert on[:2] == off[:2]
-  assert off[2] == "False"
+  assert on[2] == str(_GLIBC) and off[2] == "False"

@@ -276,7 +276,8 @@ def _shifted_factor(G, shift, mask):
   return Linv, jnp.where(mask > 0, jnp.square(jnp.diagonal(L)), jnp.inf)
 
 
-def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False):
+def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False,
+                   G=None):
   """One Cholesky QR pass: X = Q R with R^T R = X^T X + s I.
 
   The shift s = u (n + k) max_i ||x_i||^2 makes the factorization succeed
@@ -290,10 +291,11 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False):
   entry of |X^T X - I| on the active block (how far X was from
   orthonormal), and `weak`, whether some column had no more than the shift
   left after elimination (numerically rank-deficient, or condition above
-  about 1 / sqrt(0.1 s / max ||x_i||^2)).
+  about 1 / sqrt(0.1 s / max ||x_i||^2)). G: X's masked Gram matrix where
+  the caller has it.
   """
   k = X.shape[-1]
-  G = _masked_gram(X, mask)
+  G = _masked_gram(X, mask) if G is None else G
   off = jnp.max(jnp.abs(G - jnp.diag(mask).astype(G.dtype)))
   scale = jnp.max(jnp.diagonal(G))
   n = X.shape[0]
@@ -489,9 +491,8 @@ def orth(X: jax.Array, r, *, near: bool = False) -> jax.Array:
     G = _masked_gram(X, mask)
 
     def one(X, G, mask):
-      Linv, _ = _shifted_factor(G, 0.0, mask)
-      Q = X @ (Linv.T * mask[None, :])
-      return Q, jnp.all(jnp.isfinite(Q))
+      Q, _, weak = _cholesky_pass(X, mask, eps, never_shift=True, G=G)
+      return Q, ~weak & jnp.all(jnp.isfinite(Q))
 
     Q, ok = cond(jnp.sqrt(jnp.sum(jnp.square(G - jnp.diag(mask)))) <= NEAR,
                  one, lambda X, G, mask: _two_passes(None, X, mask, eps, G),
