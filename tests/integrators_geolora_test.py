@@ -212,8 +212,8 @@ def test_gradient_scalings_by_the_inverse_core():
 
 
 def test_guarded_inverse_of_a_general_core_in_the_first_half():
-  """A non-diagonal core whose active block fits in C / 2 (what a polished
-  basis leaves in a settled run) is inverted on that block: the
+  """A non-diagonal core whose active block fits in C / 2 (what a polish
+  of a core with zero values leaves) is inverted on that block: the
   pseudo-inverse, zero outside it."""
   C, r = 8, 3
   A = jax.random.normal(jax.random.PRNGKey(4), (r, r)) + 3 * jnp.eye(r)

@@ -271,6 +271,87 @@ def test_polish_restores_orthonormality_and_keeps_W():
   assert bool(jnp.all(U3 == U)) and bool(jnp.all(S3 == S))
 
 
+def _drifted_truncation(key, n, C, K, r, drift):
+  """A truncation's factors U = U^ P, V = V^ Q (orthonormal U^, V^ and
+  P, Q, plus drift on U's active columns) and its values."""
+  ks = jax.random.split(key, 5)
+  Uh = _random_orthonormal(ks[0], n, C, C)
+  Vh = _random_orthonormal(ks[1], n + 5, C, C)
+  mask = base.column_mask(r, K)
+  P = jnp.linalg.qr(jax.random.normal(ks[2], (C, K)))[0] * mask
+  Q = jnp.linalg.qr(jax.random.normal(ks[3], (C, K)))[0] * mask
+  sigma = jnp.linspace(3.0, 0.5, K) * mask
+  U = Uh @ P + drift * jax.random.normal(ks[4], (n, K)) * mask
+  return Uh, Vh, U, Vh @ Q, sigma, P, Q
+
+
+def test_polish_diagonal_keeps_W_and_a_diagonal_core():
+  """A drifted truncation: orthonormal factors again, the core diagonal
+  with sigma's order, W kept, U' = U^ P' on the coordinates handed back
+  (the drift enters through U, so U^ P' matches it to the drift's
+  size), inactive columns zero."""
+  n, C, K, r = 60, 12, 8, 5
+  Uh, Vh, U, V, sigma, P, Q = _drifted_truncation(jax.random.PRNGKey(3), n,
+                                                  C, K, r, 1e-4)
+  U2, S2, V2, P2, Q2 = jax.jit(linalg.polish_diagonal)(U, sigma, V, r, P, Q)
+  assert _orth_err(U, r) > 1e-5
+  assert _orth_err(U2, r) < 1e-5 and _orth_err(V2, r) < 1e-5
+  S2 = np.asarray(S2)
+  np.testing.assert_array_equal(S2, np.diag(np.diagonal(S2)))
+  s2 = np.diagonal(S2)
+  assert np.all(np.diff(s2[:r]) <= 0) and np.all(s2[r:] == 0)
+  np.testing.assert_allclose(U2 @ S2 @ V2.T, U @ jnp.diag(sigma) @ V.T,
+                             atol=2e-5)
+  np.testing.assert_allclose(Uh @ P2, U2, atol=5e-4)
+  np.testing.assert_allclose(Vh @ Q2, V2, atol=1e-5)
+  assert not np.any(np.asarray(U2)[:, r:]) and not np.any(np.asarray(P2)[:, r:])
+  # The rotation is near the identity: distinct values keep their vectors.
+  assert np.max(np.abs(np.sum(np.asarray(U2)[:, :r] * np.asarray(U)[:, :r],
+                              axis=0) - 1)) < 1e-3
+
+
+def test_polish_diagonal_leaves_undrifted_factors_alone():
+  Uh, Vh, U, V, sigma, P, Q = _drifted_truncation(jax.random.PRNGKey(4), 60,
+                                                  12, 8, 5, 0.0)
+  out = jax.jit(linalg.polish_diagonal)(U, sigma, V, 5, P, Q)
+  for got, want in zip(out, (U, jnp.diag(sigma), V, P, Q)):
+    assert bool(jnp.all(got == want))
+
+
+def test_polish_diagonal_with_a_zero_value_polishes_triangular():
+  """A zero among the active values (the SVD's vectors for it are
+  arbitrary): the factors are polished as `polish` does, W kept, and the
+  core is the triangular R_U S R_V^T."""
+  n, C, K, r = 60, 12, 8, 5
+  Uh, Vh, U, V, sigma, P, Q = _drifted_truncation(jax.random.PRNGKey(5), n,
+                                                  C, K, r, 1e-4)
+  sigma = sigma.at[r - 1].set(0.0)
+  U2, S2, V2, P2, Q2 = jax.jit(linalg.polish_diagonal)(U, sigma, V, r, P, Q)
+  U3, S3, V3 = linalg.polish(U, jnp.diag(sigma), V, r)
+  np.testing.assert_allclose(S2, S3, atol=1e-6)
+  np.testing.assert_allclose(U2, U3, atol=1e-6)
+  assert _orth_err(U2, r) < 1e-5
+  assert bool(jnp.all(P2 == P)) and bool(jnp.all(Q2 == Q))
+  np.testing.assert_allclose(U2 @ S2 @ V2.T, U @ jnp.diag(sigma) @ V.T,
+                             atol=2e-5)
+
+
+def test_polish_diagonal_under_vmap_with_batched_ranks():
+  """Seeds vmapped with different ranks, one drifted and one not: each
+  element equals its unbatched polish."""
+  a = _drifted_truncation(jax.random.PRNGKey(6), 40, 10, 6, 4, 1e-4)
+  b = _drifted_truncation(jax.random.PRNGKey(7), 40, 10, 6, 4, 0.0)
+  b = b[:4] + (b[4] * base.column_mask(3, 6),) + b[5:]
+  stack = lambda i: jnp.stack([a[i], b[i]])
+  rs = jnp.array([4, 3])
+  got = jax.jit(jax.vmap(linalg.polish_diagonal))(
+      stack(2), stack(4), stack(3), rs, stack(5), stack(6))
+  for j, (x, r) in enumerate(((a, 4), (b, 3))):
+    want = linalg.polish_diagonal(x[2], x[4], x[3], r, x[5], x[6])
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g[j], w, atol=1e-6)
+
+
 def _mat_loss(p, b):
   return 0.5 * jnp.sum(jnp.square(fz.materialize(p["w"]) - b["A"])), {}
 
@@ -290,15 +371,57 @@ def test_orthonormal_after_10000_float32_steps(method):
     p, st = carry
     A = target + 0.3 * jax.random.normal(key, (n, m))
     p, st, aux = integ.step(_mat_loss, p, st, {"A": A})
-    return (p, st), aux["rank/w"]
+    return (p, st), (aux["rank/w"], base.is_diagonal(p["w"].S))
 
-  (p, st), ranks = jax.jit(lambda c, k: jax.lax.scan(body, c, k))(
+  (p, st), (ranks, diagonal) = jax.jit(lambda c, k: jax.lax.scan(body, c, k))(
       (p, st), jax.random.split(jax.random.PRNGKey(1), 10_000))
   f = p["w"]
   r = int(f.rank)
   assert len(set(np.asarray(ranks).tolist())) >= 1
   assert _orth_err(f.U, r) < 1e-5 and _orth_err(f.V, r) < 1e-5
   assert bool(jnp.all(jnp.isfinite(f.S)))
+  # Every truncation leaves a diagonal core, the polish passes included.
+  assert bool(jnp.all(diagonal))
+
+
+@pytest.mark.parametrize("method", ["kls", "geolora"])
+def test_polish_passes_keep_the_core_diagonal_and_the_run(method, monkeypatch):
+  """With the drift threshold so low that the polish pass runs in nearly
+  every step, the core stays diagonal, the bases orthonormal, and the run
+  (momentum SGD: the moments follow the polish's rotation) stays with the
+  same run at the default threshold."""
+  n, m = 16, 12
+  target = jax.random.normal(jax.random.PRNGKey(2), (n, m))
+  keys = jax.random.split(jax.random.PRNGKey(1), 40)
+
+  def run():
+    p = {"w": lowrank.init(jax.random.PRNGKey(0), n, m, 3)}
+    mod = kls if method == "kls" else geolora
+    integ = mod.make(optax.sgd(0.1, momentum=0.9), tau=0.05, r_min=1,
+                     r_max=6)
+    p, _, _ = integ.resize(p, None)
+    st = integ.init(p)
+
+    def body(carry, key):
+      p, st = carry
+      A = target + 0.1 * jax.random.normal(key, (n, m))
+      p, st, aux = integ.step(_mat_loss, p, st, {"A": A})
+      return (p, st), (base.is_diagonal(p["w"].S),
+                       linalg.defect_estimate(p["w"].U, p["w"].rank))
+
+    return jax.jit(lambda c, k: jax.lax.scan(body, c, k))((p, st), keys)
+
+  (p0, _), _ = run()
+  monkeypatch.setattr(linalg, "POLISH_TOL", 1e-3)
+  (p1, _), (diagonal, defect) = run()
+  assert bool(jnp.all(diagonal))
+  f = p1["w"]
+  assert int(f.rank) == int(p0["w"].rank)
+  assert _orth_err(f.U, int(f.rank)) < 1e-5
+  # The pass ran: the defect left after the steps is at rounding level.
+  assert float(jnp.max(defect)) < 1e-5
+  np.testing.assert_allclose(fz.materialize(f), fz.materialize(p0["w"]),
+                             atol=1e-4)
 
 
 def test_float64_stays_float64():

@@ -331,13 +331,21 @@ def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
 def truncated_factors(Uh: jax.Array, Vh: jax.Array, P: jax.Array,
                       Q: jax.Array, S_new: jax.Array, r_new):
   """The factors a truncation leaves, (U^ P, S_new, V^ Q) re-orthonormalized
-  where rounding has drifted them (`linalg.polish`), in the working dtype.
-  They are formed and polished at P's width K (`kept_width`: C / 2 in a
-  settled run, where the rounding check then reads half the columns and a
-  pass costs a quarter) and padded to Uh's C columns after."""
+  where rounding has drifted them (`linalg.polish_diagonal`: the core stays
+  diagonal), in the working dtype, and the coordinates (P, Q) with that
+  change applied, for the caller's moment maps (U = U^ P exactly as
+  returned). They are formed and polished at P's width K (`kept_width`:
+  C / 2 in a settled run, where the rounding check then reads half the
+  columns and a pass costs a quarter) and padded to Uh's C columns after.
+
+  Returns:
+    (U, S, V, P, Q): U, V (n, C), (m, C); S (C, C); P, Q (C, K).
+  """
   C, K = Uh.shape[-1], P.shape[-1]
-  U, S, V = linalg.polish(Uh @ P, S_new[:K, :K], Vh @ Q, r_new)
-  return pad_columns(U, C), linalg.zero_pad(S, (C, C)), pad_columns(V, C)
+  U, S, V, P, Q = linalg.polish_diagonal(Uh @ P, jnp.diagonal(S_new)[:K],
+                                         Vh @ Q, r_new, P, Q)
+  return (pad_columns(U, C), linalg.zero_pad(S, (C, C)), pad_columns(V, C),
+          P, Q)
 
 
 def kept_width(C: int, r_max, adaptive: bool = True) -> int:
@@ -409,8 +417,10 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
   active r x r block.
 
   A diagonal core (what every truncation leaves) is inverted entrywise; the
-  SVD runs only for a general core (lax.cond; `linalg.polish` leaves one
-  for a step), which saves one C x C SVD per layer and step in GeoLoRA.
+  SVD runs only for a general core (lax.cond; GeoLoRA's augmenting step of
+  a delayed truncation leaves one, and a polish of a core with zero
+  values), which saves one C x C SVD per layer
+  and step in GeoLoRA.
   Where the active block fits in C / 2 (r <= C / 2, a settled run) the SVD
   is of that block: an eighth of the C x C one's work.
   """

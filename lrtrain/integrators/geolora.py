@@ -159,8 +159,8 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
                                              r_max=hi, adaptive=adaptive,
                                              rank=r)
           # P, Q: (C, K), K <= C.
-          U_new, S_new, V_new = base.truncated_factors(Uh, Vh, P, Q, S_new,
-                                                       r_new)
+          U_new, S_new, V_new, P, Q = base.truncated_factors(
+              Uh, Vh, P, Q, S_new, r_new)
           # P^T M = U_new^T U = P^T [I; 0]: the first r rows of P (M = I
           # on the active block without augmentation).
           PM, QN = (P * cm[:, None]).T, (Q * cm[:, None]).T

@@ -456,8 +456,8 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
         # P, Q: (C, K), K the most columns the rule can keep (C / 2 in a
         # settled run): the products and maps below run at that width.
         P, Q, S_new, r_new = base.truncate(S1, tau=tau, r_min=lo, r_max=hi)
-        U_new, S_new, V_new = base.truncated_factors(Uh, Vh, P, Q, S_new,
-                                                     r_new)
+        U_new, S_new, V_new, P, Q = base.truncated_factors(
+            Uh, Vh, P, Q, S_new, r_new)
         # U_new^T U = P^T U^^T U = P^T [I; 0]: P's first r rows.
         cm = base.column_mask(p.rank, C, wd)[:, None]
         to_old = ((P * cm).T, (Q * cm).T)

@@ -774,3 +774,80 @@ def polish(U: jax.Array, S: jax.Array, V: jax.Array, r):
   S = cond(moved_u | moved_v, lambda S, Ru, Rv: Ru @ S @ Rv.T,
            lambda S, Ru, Rv: S, S, Ru, Rv)
   return U, S, V
+
+
+def polish_diagonal(U: jax.Array, sigma: jax.Array, V: jax.Array, r,
+                    P: jax.Array, Q: jax.Array):
+  """`polish` of truncated factors U diag(sigma) V^T that keeps the core
+  diagonal: where rounding has drifted U or V, U = U' R_U and V = V' R_V
+  (Cholesky QR), the small core R_U diag(sigma) R_V^T = A diag(sigma') B^T
+  is re-diagonalized (an SVD of the active r x r block, sign-fixed so that
+  A and B are near the identity) and the factors are U' A, sigma', V' B.
+  W = U diag(sigma) V^T is kept to rounding.
+
+  A triangular core (what `polish` leaves) sends the next step of the
+  rank-adaptive methods down their general-core paths: the products
+  K = U S and L = V S^T at n x C x C instead of column scalings, an SVD
+  for the inverse of S. A diagonal one keeps them on the scalings.
+
+  P, Q: the factors' coordinates in a larger basis (U = U^ P, V = V^ Q);
+  they come back with the same change applied (U' A = U^ P R_U^-1 A),
+  which is what a caller's moment maps need. Where no pass runs every
+  output is its input. Where the active values are not all positive
+  (sigma_r ~ 0: the SVD's vectors for zero values are arbitrary) the
+  triangular polish of `polish` runs instead, its core returned in sigma's
+  place as a (K, K) matrix: callers get a core, diagonal or not.
+
+  Args:
+    U, V: (n, K), (m, K) factors, columns >= r zero.
+    sigma: (K,) values, zero from r on.
+    r: active columns.
+    P, Q: (C, K) coordinates.
+
+  Returns:
+    (U', S', V', P', Q') in the working dtype; S' (K, K).
+  """
+  dtype = work_dtype(U, V)
+  U, V = U.astype(dtype), V.astype(dtype)
+  sigma = sigma.astype(dtype)
+  K = U.shape[-1]
+  mask = column_mask(r, K, dtype)
+  tol = polish_tolerance(K, dtype)
+  need = (defect_estimate(U, r) > tol) | (defect_estimate(V, r) > tol)
+
+  def factor(X, mask):
+    L, Linv = _cholesky(_masked_gram(X, mask) + jnp.diag(1.0 - mask))
+    return L, Linv.T * mask[None, :]    # R = L^T, and R^-1 on the active block
+
+  def run(U, sigma, V, P, Q, mask, r):
+    Lu, Ru_inv = factor(U, mask)
+    Lv, Rv_inv = factor(V, mask)
+    core = (Lu.T * sigma[None, :]) @ Lv   # R_U diag(sigma) R_V^T
+    A, s, Bt = svd(core)
+    B = Bt.T
+    d = jnp.sign(jnp.diagonal(A))
+    d = jnp.where(d == 0, 1.0, d) * mask
+    A, B, s = A * d[None, :], B * d[None, :], s * mask
+    Tu, Tv = Ru_inv @ A, Rv_inv @ B
+    U2, V2 = U @ Tu, V @ Tv
+    top = jnp.max(sigma)
+    ok = (jnp.all(jnp.where(mask > 0, sigma > K * jnp.finfo(dtype).eps * top,
+                            True))
+          & jnp.all(jnp.isfinite(U2)) & jnp.all(jnp.isfinite(V2)))
+
+    def triangular(U, sigma, V, P, Q, r, U2, s, V2, Tu, Tv):
+      U3, S3, V3 = polish(U, jnp.diag(sigma), V, r)
+      return U3, S3, V3, P, Q
+
+    def diagonal(U, sigma, V, P, Q, r, U2, s, V2, Tu, Tv):
+      return U2, jnp.diag(s), V2, P @ Tu, Q @ Tv
+
+    return cond(ok, diagonal, triangular, U, sigma, V, P, Q, r, U2, s, V2,
+                Tu, Tv)
+
+  def keep(U, sigma, V, P, Q, mask, r):
+    return U, jnp.diag(sigma), V, P, Q
+
+  # (r is an operand: under jax.vmap it may be batched.)
+  return cond(need, run, keep, U, sigma, V, P.astype(dtype), Q.astype(dtype),
+              mask, jnp.asarray(r, jnp.int32))
