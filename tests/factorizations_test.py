@@ -69,6 +69,57 @@ def test_lowrank_apply_equals_materialize_matmul(frozen_base):
   np.testing.assert_allclose(jax.jit(fz.apply)(f, x), fz.apply(f, x), atol=1e-6)
 
 
+def _thin_loss(USV, x):
+  U, S, V = USV
+  return jnp.sum(jnp.tanh(lowrank.apply(lowrank.LowRank(U, S, V, 6), x)))
+
+
+def test_thin_factors_keep_values_and_gradients():
+  """The reoriented gradient products give the plain form's values and
+  gradients (reverse and forward mode, under vmap), and the KLS backward's
+  batch_contract equals a^T b."""
+  f = lowrank.init(jax.random.PRNGKey(0), 40, 30, 6, capacity=8)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 30))
+  W = jax.random.normal(jax.random.PRNGKey(2), (30, 8))
+  np.testing.assert_array_equal(jax.jit(lowrank.thin)(W), W)
+  f = (f.U, f.S, f.V)
+  plain = lambda f, x: jnp.sum(jnp.tanh(((x @ f[2]) @ f[1].T) @ f[0].T))
+  got = jax.jit(jax.grad(_thin_loss))(f, x)
+  want = jax.jit(jax.grad(plain))(f, x)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  dv = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  _, t1 = jax.jvp(lambda x: _thin_loss(f, x), (x,), (dv,))
+  _, t2 = jax.jvp(lambda x: plain(f, x), (x,), (dv,))
+  np.testing.assert_allclose(t1, t2, rtol=1e-5)
+  xs = jnp.stack([x, 2 * x])
+  gv = jax.jit(jax.vmap(jax.grad(_thin_loss), in_axes=(None, 0)))(f, xs)
+  np.testing.assert_allclose(gv[2][1], jax.grad(plain)(f, 2 * x)[2],
+                             rtol=1e-5, atol=1e-6)
+  g = jax.random.normal(jax.random.PRNGKey(4), (16, 5))
+  np.testing.assert_allclose(lowrank.batch_contract(x, g), x.T @ g,
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_thin_factor_gradient_is_formed_in_the_short_orientation():
+  """On the CPU the gradient of x @ V for a thin V (d, k) is a (k, d)
+  product (transposed after), not the (d, k) product with a transposed
+  left operand that XLA's CPU backend runs at a third of the speed; a
+  factor wider than THIN_MAX_K keeps the plain form."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the reorientation is CPU-only")
+  d, b = 96, 32
+  for k, short in ((8, True), (lowrank.THIN_MAX_K + 8, False)):
+    x = jnp.ones((b, d))
+    V = jnp.ones((d, k))
+    hlo = jax.jit(jax.grad(lambda V: jnp.sum(jnp.tanh(x @ lowrank.thin(V))))
+                  ).lower(V).compile().as_text()
+    dots = [ln for ln in hlo.splitlines() if " dot(" in ln or "ynn_fusion" in ln
+            and "fusion(" in ln]
+    shapes = " ".join(dots)
+    assert (f"f32[{k},{d}]" in shapes) == short, shapes
+
+
 def test_frozen_base_starts_at_w0():
   W = jax.random.normal(jax.random.PRNGKey(5), (6, 8))
   f = lowrank.from_dense(W, 2, frozen_base=True)

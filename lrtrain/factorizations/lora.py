@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lrtrain import draws
+from lrtrain.factorizations import lowrank
 
 
 @jax.tree_util.register_dataclass
@@ -104,8 +105,10 @@ def unmerge(W: jax.Array, f: Lora) -> jax.Array:
 
 
 def apply(f: Lora, x: jax.Array) -> jax.Array:
-  """x (..., m) -> x W0^T + scale (x A^T) B^T, never forming B A."""
-  return x @ f.W0.T + f.scale * ((x @ f.A.T) @ f.B.T)
+  """x (..., m) -> x W0^T + scale (x A^T) B^T, never forming B A (B through
+  `lowrank.thin`; A's gradient is already formed in the short
+  orientation)."""
+  return x @ f.W0.T + f.scale * ((x @ f.A.T) @ lowrank.thin(f.B).T)
 
 
 def num_params(f: Lora, train: bool = True) -> jax.Array:

@@ -171,9 +171,48 @@ def materialize(f: LowRank) -> jax.Array:
   return W if f.W0 is None else W + f.W0
 
 
+# Widest factor `thin` and `batch_contract` reorient (measured, above).
+THIN_MAX_K = 64
+
+
+def thin(W: jax.Array) -> jax.Array:
+  """W (..., d, k), a factor with k << d, as it enters a product x @ W: the
+  same values, with the gradient x^T g formed in the orientation XLA's CPU
+  backend multiplies fast.
+
+  The gradient of x @ W with respect to W contracts the batch, x^T g
+  (d, k). XLA's CPU backend runs that product with its left operand
+  transposed at 57-62 GFLOP/s for batch 256, d = 4096, k = 64 (2 cores,
+  float32); as (g^T x)^T, the (k, d) product and one transposition, it
+  takes a third of the time (0.79 against 2.3 ms), bitwise the same values.
+  An optimization barrier on W^T keeps the transposition from being folded
+  back into the product (the barrier's transpose rule puts one on the
+  gradient). A low-rank layer's forward + backward at batch 256: n = 4096,
+  r = 64 7.5 -> 4.6 ms; n = 1024, r = 64 2.0 -> 1.2 ms; n = 4096, r = 256
+  19.6 -> 17.7 ms. In whole training steps the gain holds for k up to
+  `THIN_MAX_K` (n = 1024 and 4096 at k = 32 / 64: 8-17% faster steps for
+  every low-rank method) and is gone from k = 128 on (-3% to +4%), where
+  W is returned as it is, like dense square weights (their product is
+  fast either way) and everywhere off the CPU."""
+  if not lapack.on_cpu() or W.shape[-1] > THIN_MAX_K:
+    return W
+  return jnp.swapaxes(jax.lax.optimization_barrier(jnp.swapaxes(W, -1, -2)),
+                      -1, -2)
+
+
+def batch_contract(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a^T b (d, k) for a (B, d) and b (B, k), k << d: contracted over the
+  batch B in the fast orientation of `thin`, (b^T a)^T, where `thin`
+  uses it."""
+  if not lapack.on_cpu() or b.shape[-1] > THIN_MAX_K:
+    return a.T @ b
+  return jax.lax.optimization_barrier(b.T @ a).T
+
+
 def apply(f: LowRank, x: jax.Array) -> jax.Array:
-  """x (..., m) -> x W^T (..., n) without forming W: ((x V) S^T) U^T."""
-  y = ((x @ f.V) @ f.S.T) @ f.U.T
+  """x (..., m) -> x W^T (..., n) without forming W: ((x V) S^T) U^T (the
+  factors through `thin`)."""
+  y = ((x @ thin(f.V)) @ f.S.T) @ thin(f.U).T
   return y if f.W0 is None else y + x @ f.W0.T
 
 

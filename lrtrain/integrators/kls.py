@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import optax
 
 from lrtrain import factorizations as fz
+from lrtrain.factorizations import lowrank
 from lrtrain.integrators import base
 from lrtrain.integrators import buckets
 from lrtrain.integrators import linalg
@@ -122,8 +123,8 @@ def _kl_product_bwd(res, dy):
   x, xV, U, S, V, L, probes = res
   a = dy @ U
   flat = lambda t: t.reshape(-1, t.shape[-1])
-  g_K = flat(dy).T @ flat(xV)
-  g_L = flat(x).T @ flat(a)
+  g_K = lowrank.batch_contract(flat(dy), flat(xV))
+  g_L = lowrank.batch_contract(flat(x), flat(a))
   dx = (a @ S) @ V.T
   zero = jnp.zeros_like
   return (dx.astype(x.dtype), zero(U), zero(S), zero(V), g_K,
