@@ -418,9 +418,8 @@ def guarded_inverse(S: jax.Array, r, rel_eps: float = 1e-6) -> jax.Array:
 
   A diagonal core (what every truncation leaves) is inverted entrywise; the
   SVD runs only for a general core (lax.cond; GeoLoRA's augmenting step of
-  a delayed truncation leaves one, and a polish of a core with zero
-  values), which saves one C x C SVD per layer
-  and step in GeoLoRA.
+  a delayed truncation leaves one, and so does a polish of a core with
+  zero values), which saves one C x C SVD per layer and step in GeoLoRA.
   Where the active block fits in C / 2 (r <= C / 2, a settled run) the SVD
   is of that block: an eighth of the C x C one's work.
   """

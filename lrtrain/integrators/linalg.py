@@ -781,8 +781,9 @@ def polish_diagonal(U: jax.Array, sigma: jax.Array, V: jax.Array, r,
   """`polish` of truncated factors U diag(sigma) V^T that keeps the core
   diagonal: where rounding has drifted U or V, U = U' R_U and V = V' R_V
   (Cholesky QR), the small core R_U diag(sigma) R_V^T = A diag(sigma') B^T
-  is re-diagonalized (an SVD of the active r x r block, sign-fixed so that
-  A and B are near the identity) and the factors are U' A, sigma', V' B.
+  is re-diagonalized (an SVD of that K x K core, zero outside its active
+  r x r block; the signs fixed so that A and B are near the identity) and
+  the factors are U' A, sigma', V' B.
   W = U diag(sigma) V^T is kept to rounding.
 
   A triangular core (what `polish` leaves) sends the next step of the
