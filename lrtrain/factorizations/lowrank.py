@@ -175,6 +175,12 @@ def materialize(f: LowRank) -> jax.Array:
 THIN_MAX_K = 64
 
 
+def _reoriented(k: int) -> bool:
+  """Whether `thin` and `batch_contract` reorient a product with a factor
+  of k columns (traced on the CPU, k <= THIN_MAX_K)."""
+  return lapack.on_cpu() and k <= THIN_MAX_K
+
+
 def thin(W: jax.Array) -> jax.Array:
   """W (..., d, k), a factor with k << d, as it enters a product x @ W: the
   same values, with the gradient x^T g formed in the orientation XLA's CPU
@@ -194,7 +200,7 @@ def thin(W: jax.Array) -> jax.Array:
   every low-rank method) and is gone from k = 128 on (-3% to +4%), where
   W is returned as it is, like dense square weights (their product is
   fast either way) and everywhere off the CPU."""
-  if not lapack.on_cpu() or W.shape[-1] > THIN_MAX_K:
+  if not _reoriented(W.shape[-1]):
     return W
   return jnp.swapaxes(jax.lax.optimization_barrier(jnp.swapaxes(W, -1, -2)),
                       -1, -2)
@@ -204,7 +210,7 @@ def batch_contract(a: jax.Array, b: jax.Array) -> jax.Array:
   """a^T b (d, k) for a (B, d) and b (B, k), k << d: contracted over the
   batch B in the fast orientation of `thin`, (b^T a)^T, where `thin`
   uses it."""
-  if not lapack.on_cpu() or b.shape[-1] > THIN_MAX_K:
+  if not _reoriented(b.shape[-1]):
     return a.T @ b
   return jax.lax.optimization_barrier(b.T @ a).T
 
