@@ -1,5 +1,7 @@
 """Tests of the pure-functional factorizations (LowRank, Lora, Tucker, conv)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,55 +71,79 @@ def test_lowrank_apply_equals_materialize_matmul(frozen_base):
   np.testing.assert_allclose(jax.jit(fz.apply)(f, x), fz.apply(f, x), atol=1e-6)
 
 
-def _thin_loss(USV, x):
+def _factored_loss(USV, x):
   U, S, V = USV
   return jnp.sum(jnp.tanh(lowrank.apply(lowrank.LowRank(U, S, V, 6), x)))
 
 
-def test_thin_factors_keep_values_and_gradients():
-  """The reoriented gradient products give the plain form's values and
-  gradients (reverse and forward mode, under vmap), and the KLS backward's
-  batch_contract equals a^T b."""
+def _plain_loss(USV, x):
+  U, S, V = USV
+  return jnp.sum(jnp.tanh(((x @ V) @ S.T) @ U.T))
+
+
+def test_factor_products_keep_values_and_derivatives():
+  """`times` / `times_t` (through `apply`) give the plain products' values
+  and derivatives: reverse mode, forward mode in the factors and the input,
+  forward over reverse (Hessian-vector products), under vmap and with
+  leading batch axes; `batch_contract` equals a^T b."""
   f = lowrank.init(jax.random.PRNGKey(0), 40, 30, 6, capacity=8)
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 30))
-  W = jax.random.normal(jax.random.PRNGKey(2), (30, 8))
-  np.testing.assert_array_equal(jax.jit(lowrank.thin)(W), W)
   f = (f.U, f.S, f.V)
-  plain = lambda f, x: jnp.sum(jnp.tanh(((x @ f[2]) @ f[1].T) @ f[0].T))
-  got = jax.jit(jax.grad(_thin_loss))(f, x)
-  want = jax.jit(jax.grad(plain))(f, x)
-  for a, b in zip(got, want):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  dv = jax.random.normal(jax.random.PRNGKey(3), x.shape)
-  _, t1 = jax.jvp(lambda x: _thin_loss(f, x), (x,), (dv,))
-  _, t2 = jax.jvp(lambda x: plain(f, x), (x,), (dv,))
-  np.testing.assert_allclose(t1, t2, rtol=1e-5)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(jax.jit(_factored_loss)(f, x),
+                                jax.jit(_plain_loss)(f, x))
+  got = jax.jit(jax.grad(_factored_loss, argnums=(0, 1)))(f, x)
+  want = jax.jit(jax.grad(_plain_loss, argnums=(0, 1)))(f, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    close(a, b)
+  df = jax.tree.map(lambda a: jax.random.normal(jax.random.PRNGKey(3), a.shape), f)
+  dx = jax.random.normal(jax.random.PRNGKey(4), x.shape)
+  t1 = jax.jvp(_factored_loss, (f, x), (df, dx))[1]
+  t2 = jax.jvp(_plain_loss, (f, x), (df, dx))[1]
+  close(t1, t2)
+  hvp = lambda loss: jax.jvp(jax.grad(loss), (f, x), (df, dx))[1]
+  for a, b in zip(hvp(_factored_loss), hvp(_plain_loss)):
+    close(a, b)
   xs = jnp.stack([x, 2 * x])
-  gv = jax.jit(jax.vmap(jax.grad(_thin_loss), in_axes=(None, 0)))(f, xs)
-  np.testing.assert_allclose(gv[2][1], jax.grad(plain)(f, 2 * x)[2],
-                             rtol=1e-5, atol=1e-6)
-  g = jax.random.normal(jax.random.PRNGKey(4), (16, 5))
-  np.testing.assert_allclose(lowrank.batch_contract(x, g), x.T @ g,
-                             rtol=1e-6, atol=1e-6)
+  gv = jax.jit(jax.vmap(jax.grad(_factored_loss), in_axes=(None, 0)))(f, xs)
+  close(gv[2][1], jax.grad(_plain_loss)(f, 2 * x)[2])
+  x3 = x.reshape(4, 4, 30)                 # leading axes (tokens)
+  for a, b in zip(jax.grad(_factored_loss)(f, x3), jax.grad(_plain_loss)(f, x)):
+    close(a, b)
+  g = jax.random.normal(jax.random.PRNGKey(5), (16, 5))
+  close(lowrank.batch_contract(x, g), x.T @ g)
 
 
-def test_thin_factor_gradient_is_formed_in_the_short_orientation():
-  """On the CPU the gradient of x @ V for a thin V (d, k) is a (k, d)
-  product (transposed after), not the (d, k) product with a transposed
-  left operand that XLA's CPU backend runs at a third of the speed; a
-  factor wider than THIN_MAX_K keeps the plain form."""
+def test_factor_gradient_is_a_row_major_short_product():
+  """On the CPU the gradients of x @ V and z @ U^T with respect to the
+  factors (d, k) are (k, d) products contracting the second axis of their
+  left operand (the form XLA's CPU backend runs in its fast dot library),
+  never a product contracting the first axis of a left operand, which is
+  what the plain form compiles to (and factors wider than REORIENT_MAX_K
+  keep)."""
   if jax.default_backend() != "cpu":
     pytest.skip("the reorientation is CPU-only")
-  d, b = 96, 32
-  for k, short in ((8, True), (lowrank.THIN_MAX_K + 8, False)):
-    x = jnp.ones((b, d))
-    V = jnp.ones((d, k))
-    hlo = jax.jit(jax.grad(lambda V: jnp.sum(jnp.tanh(x @ lowrank.thin(V))))
-                  ).lower(V).compile().as_text()
-    dots = [ln for ln in hlo.splitlines() if " dot(" in ln or "ynn_fusion" in ln
-            and "fusion(" in ln]
-    shapes = " ".join(dots)
-    assert (f"f32[{k},{d}]" in shapes) == short, shapes
+  d, b, k = 96, 32, 8
+  x = jnp.ones((b, d))
+  V = jnp.ones((d, k))
+  z = jnp.ones((b, k))
+
+  def weight_gradient(fn, W):
+    hlo = jax.jit(jax.grad(lambda W: jnp.sum(jnp.tanh(fn(W))))
+                  ).lower(W).compile().as_text()
+    (line,) = [ln for ln in hlo.splitlines() if " dot(" in ln and any(
+        f"f32[{a},{c}]" in ln.split("=")[1][:20] for a, c in ((k, d), (d, k)))]
+    return line
+
+  for fn in (lambda V: lowrank.times(x, V), lambda V: lowrank.times_t(z, V)):
+    line = weight_gradient(fn, V)
+    assert f"f32[{k},{d}]" in line and "lhs_contracting_dims={1}" in line, line
+  for fn in (lambda V: x @ V, lambda V: z @ V.T):
+    assert "lhs_contracting_dims={0}" in weight_gradient(fn, V)
+  k = lowrank.REORIENT_MAX_K + 8           # wider factors: the plain form
+  V, z = jnp.ones((d, k)), jnp.ones((b, k))
+  for fn in (lambda V: lowrank.times(x, V), lambda V: lowrank.times_t(z, V)):
+    assert "lhs_contracting_dims={0}" in weight_gradient(fn, V)
 
 
 def test_frozen_base_starts_at_w0():

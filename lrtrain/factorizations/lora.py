@@ -106,9 +106,8 @@ def unmerge(W: jax.Array, f: Lora) -> jax.Array:
 
 def apply(f: Lora, x: jax.Array) -> jax.Array:
   """x (..., m) -> x W0^T + scale (x A^T) B^T, never forming B A (B through
-  `lowrank.thin`; A's gradient is already formed in the short
-  orientation)."""
-  return x @ f.W0.T + f.scale * ((x @ f.A.T) @ lowrank.thin(f.B).T)
+  `lowrank.times_t`; A's gradient g^T x is already a (r, m) product)."""
+  return x @ f.W0.T + f.scale * lowrank.times_t(x @ f.A.T, f.B)
 
 
 def num_params(f: Lora, train: bool = True) -> jax.Array:

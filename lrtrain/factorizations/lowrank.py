@@ -23,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from lrtrain import draws, lapack
 
@@ -171,54 +172,123 @@ def materialize(f: LowRank) -> jax.Array:
   return W if f.W0 is None else W + f.W0
 
 
-# Widest factor `thin` and `batch_contract` reorient (measured, above).
-THIN_MAX_K = 64
+# Weight gradients in the orientation XLA's CPU backend multiplies fast.
+#
+# The gradient of x @ W for a factor W (d, k), k << d, contracts the batch:
+# x^T g (d, k). XLA's CPU backend runs a product whose left operand is
+# contracted over its rows outside its fast dot library (YNNPACK), and
+# algebraic simplification folds any transposition of an operand back into
+# the product's dimension numbers. An optimization barrier stops the fold,
+# so the gradient is formed as g^T (k, B), a transposition of the short
+# operand, times x (B, d): a row-major (k, d) product, transposed after.
+# Batch 256, 2 cores, float32, jitted alone: d = 4096, k = 64 2.38 ms as
+# x^T g, 0.84 ms this way; k = 256 4.41 -> 3.97 ms. In whole training
+# steps the gain holds for factors of at most `REORIENT_MAX_K` columns
+# (below); at k = 256 the CondLR step was 5-8% slower and the others
+# unchanged, so wider factors keep the plain form.
+
+# Widest factor whose gradient products are reoriented.
+REORIENT_MAX_K = 64
 
 
 def _reoriented(k: int) -> bool:
-  """Whether `thin` and `batch_contract` reorient a product with a factor
-  of k columns (traced on the CPU, k <= THIN_MAX_K)."""
-  return lapack.on_cpu() and k <= THIN_MAX_K
+  """Whether products with a factor of k columns are reoriented (traced on
+  the CPU, k <= REORIENT_MAX_K)."""
+  return lapack.on_cpu() and k <= REORIENT_MAX_K
 
 
-def thin(W: jax.Array) -> jax.Array:
-  """W (..., d, k), a factor with k << d, as it enters a product x @ W: the
-  same values, with the gradient x^T g formed in the orientation XLA's CPU
-  backend multiplies fast.
+def _t(a: jax.Array) -> jax.Array:
+  return jnp.swapaxes(a, -1, -2)
 
-  The gradient of x @ W with respect to W contracts the batch, x^T g
-  (d, k). XLA's CPU backend runs that product with its left operand
-  transposed at 57-62 GFLOP/s for batch 256, d = 4096, k = 64 (2 cores,
-  float32); as (g^T x)^T, the (k, d) product and one transposition, it
-  takes a third of the time (0.79 against 2.3 ms), bitwise the same values.
-  An optimization barrier on W^T keeps the transposition from being folded
-  back into the product (the barrier's transpose rule puts one on the
-  gradient). A low-rank layer's forward + backward at batch 256: n = 4096,
-  r = 64 7.5 -> 4.6 ms; n = 1024, r = 64 2.0 -> 1.2 ms; n = 4096, r = 256
-  19.6 -> 17.7 ms. In whole training steps the gain holds for k up to
-  `THIN_MAX_K` (n = 1024 and 4096 at k = 32 / 64: 8-17% faster steps for
-  every low-rank method) and is gone from k = 128 on (-3% to +4%), where
-  W is returned as it is, like dense square weights (their product is
-  fast either way) and everywhere off the CPU."""
-  if not _reoriented(W.shape[-1]):
-    return W
-  return jnp.swapaxes(jax.lax.optimization_barrier(jnp.swapaxes(W, -1, -2)),
-                      -1, -2)
+
+def _kept(a: jax.Array) -> jax.Array:
+  """a^T materialized: the barrier keeps XLA from folding the transposition
+  into the product that reads it."""
+  return _t(jax.lax.optimization_barrier(_t(a)))
+
+
+def _flat(a: jax.Array) -> jax.Array:
+  return a.reshape(-1, a.shape[-1])
+
+
+def _sum(terms, like):
+  return sum(terms) if terms else jnp.zeros_like(like)
+
+
+@jax.custom_jvp
+def _times(x, W):
+  return x @ W
+
+
+def _times_jvp(primals, tangents):
+  # The factor's term is written so that its transpose (reverse mode) is
+  # the (k, d) product of the cotangent's materialized transpose with x.
+  x, W = primals
+  dx, dW = tangents
+  y = x @ W
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(dx @ W)
+  if not isinstance(dW, SymbolicZero):
+    t = _kept(_flat(x) @ _kept(dW))
+    terms.append(t.reshape(y.shape))
+  return y, _sum(terms, y)
+
+
+_times.defjvp(_times_jvp, symbolic_zeros=True)
+
+
+@jax.custom_jvp
+def _times_t(z, W):
+  return z @ _t(W)
+
+
+def _times_t_jvp(primals, tangents):
+  # z (B, k) is the short operand here: its materialized transpose times
+  # the cotangent gives W's gradient as a (k, d) product.
+  z, W = primals
+  dz, dW = tangents
+  y = z @ _t(W)
+  terms = []
+  if not isinstance(dz, SymbolicZero):
+    terms.append(dz @ _t(W))
+  if not isinstance(dW, SymbolicZero):
+    zk = _kept(_flat(z))
+    t = zk @ jax.lax.optimization_barrier(_t(dW))
+    terms.append(t.reshape(y.shape))
+  return y, _sum(terms, y)
+
+
+_times_t.defjvp(_times_t_jvp, symbolic_zeros=True)
+
+
+def times(x: jax.Array, W: jax.Array) -> jax.Array:
+  """x (..., d) @ W (d, k) for a factor W, with W's gradient formed in the
+  fast orientation on the CPU (module comment above) where `_reoriented`;
+  the plain product elsewhere. Values and derivatives (reverse, forward mode, vmap) are
+  those of x @ W."""
+  return _times(x, W) if _reoriented(W.shape[-1]) else x @ W
+
+
+def times_t(z: jax.Array, W: jax.Array) -> jax.Array:
+  """z (..., k) @ W^T for a factor W (d, k), as `times`."""
+  return _times_t(z, W) if _reoriented(W.shape[-1]) else z @ _t(W)
 
 
 def batch_contract(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a^T b (d, k) for a (B, d) and b (B, k), k << d: contracted over the
-  batch B in the fast orientation of `thin`, (b^T a)^T, where `thin`
-  uses it."""
+  """a^T b (d, k) for a (B, d) and b (B, k), k << d, contracted over the
+  batch B: as (b^T a)^T with b^T materialized where `_reoriented` (module
+  comment above)."""
   if not _reoriented(b.shape[-1]):
     return a.T @ b
-  return jax.lax.optimization_barrier(b.T @ a).T
+  bt = jax.lax.optimization_barrier(b.T)
+  return jax.lax.optimization_barrier(bt @ a).T
 
 
 def apply(f: LowRank, x: jax.Array) -> jax.Array:
   """x (..., m) -> x W^T (..., n) without forming W: ((x V) S^T) U^T (the
-  factors through `thin`)."""
-  y = ((x @ thin(f.V)) @ f.S.T) @ thin(f.U).T
+  factors' products through `times` and `times_t`)."""
+  y = times_t(times(x, f.V) @ f.S.T, f.U)
   return y if f.W0 is None else y + x @ f.W0.T
 
 
