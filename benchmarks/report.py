@@ -22,6 +22,13 @@ README = os.path.join(HERE, "README.md")
 BEGIN, END = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
 
 
+def _rates(row) -> str:
+  """'before / after' GFLOP/s of the floor's rate ('-' for rows of runs
+  that measured it once per shape)."""
+  g = row.get("floor_gflops")
+  return "-" if not g else f"{g[0]:.0f} / {g[1]:.0f}"
+
+
 def _fmt(v):
   if v is None:
     return "-"
@@ -89,15 +96,18 @@ def tables(res) -> str:
   out.append("Floor: the analytic FLOP count (`width.step_flops`: forward and "
              "backward matmuls, QR 4 n k^2 and SVD 22 k^3 at the augmented width "
              "k) at the jitted rate of the step's dominant product shape "
-             "(`width.matmul_rate`, measured in the same run).\n")
-  out.append("| n | r | method | ms/step | floor ms | step / floor | steps | spread | "
-             "x dense | roofline | bytes / analytic |\n"
-             "|---|---|---|---|---|---|---|---|---|---|---|")
+             "(`width.matmul_rate`, measured right before and right after the "
+             "point's steps: the mean of the two rates; floor GFLOP/s column: "
+             "before / after).\n")
+  out.append("| n | r | method | ms/step | floor ms | step / floor | floor GFLOP/s | "
+             "steps | spread | x dense | roofline | bytes / analytic |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in res["width"]:
     fl = r.get("floor_ms")
     out.append(f"| {r['n']} | {r['r'] or '-'} | {r['method']} | {r['ms']:.2f} | "
                f"{'-' if fl is None else f'{fl:.2f}'} | "
                f"{'-' if fl is None else format(r['ms'] / fl, '.2f')} | "
+               f"{_rates(r)} | "
                f"{r.get('steps', '-')} | "
                f"{_spread(r)} | {r['ratio']:.2f} | "
                f"{r['roofline_fraction']:.2f} | "

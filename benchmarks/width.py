@@ -138,27 +138,26 @@ def floor_width(method: str, n: int, r: int) -> int:
   return r
 
 
-_RATES: dict = {}
-
-
 def matmul_rate(n: int, k: int) -> float:
   """Jitted float32 rate in FLOP/s of a linear layer's three products at
-  (BATCH, n) x (n, k): forward x W, backward g W^T and x^T g (cached)."""
-  if (n, k) not in _RATES:
-    key = jax.random.PRNGKey(0)
-    x = jax.random.normal(key, (BATCH, n))
-    w = jax.random.normal(key, (n, k))
-    g = jax.random.normal(key, (BATCH, k))
-    ms = common.time_call(lambda x, w, g: (x @ w, g @ w.T, x.T @ g), x, w, g,
-                          steps=30, repeats=1)
-    _RATES[(n, k)] = 3 * 2 * BATCH * n * k / (ms * 1e-3)
-  return _RATES[(n, k)]
+  (BATCH, n) x (n, k): forward x W, backward g W^T and x^T g, measured now
+  (`bench_point` measures it right before and right after each point's
+  steps, so the floor and the step see the host at the same speed)."""
+  key = jax.random.PRNGKey(0)
+  x = jax.random.normal(key, (BATCH, n))
+  w = jax.random.normal(key, (n, k))
+  g = jax.random.normal(key, (BATCH, k))
+  ms = common.time_call(lambda x, w, g: (x @ w, g @ w.T, x.T @ g), x, w, g,
+                        steps=30, repeats=1)
+  return 3 * 2 * BATCH * n * k / (ms * 1e-3)
 
 
-def floor_ms(method: str, n: int, r: int) -> float:
-  """The analytic floor: `step_flops` at the measured rate of the step's
-  dominant product shape (`floor_width`)."""
-  return step_flops(method, n, r) / matmul_rate(n, floor_width(method, n, r)) * 1e3
+def floor_ms(method: str, n: int, r: int, rate: float | None = None) -> float:
+  """The analytic floor: `step_flops` at the rate (FLOP/s) of the step's
+  dominant product shape (`floor_width`; measured now unless given)."""
+  if rate is None:
+    rate = matmul_rate(n, floor_width(method, n, r))
+  return step_flops(method, n, r) / rate * 1e3
 
 
 def trainable_bytes(params, state) -> int:
@@ -193,12 +192,16 @@ def bench_point(method: str, n: int, r: int, *, steps: int, repeats: int,
     p, s = carry
     return step(p, s, batch)
 
+  k = floor_width(method, n, r)
+  before = matmul_rate(n, k)
   res = common.time_steps(run, (params, state), steps=steps, repeats=repeats,
                           budget_s=budget_s)
+  after = matmul_rate(n, k)
   p, s = res.pop("carry")
   flops = step_flops(method, n, r)
-  fl = floor_ms(method, n, r)
+  fl = floor_ms(method, n, r, rate=(before + after) / 2)
   out = dict(method=method, n=n, r=r, **res, flops=flops, floor_ms=fl,
+             floor_gflops=[before / 1e9, after / 1e9],
              step_over_floor=res["ms"] / fl,
              gflops=flops / (res["ms"] * 1e-3) / 1e9,
              bytes=trainable_bytes(p, s),
