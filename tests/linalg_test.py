@@ -53,6 +53,32 @@ def test_orth_ill_conditioned_full_rank():
   assert float(jnp.linalg.norm(resid)) < 1e-5 * float(jnp.linalg.norm(X))
 
 
+@pytest.mark.parametrize("k", [linalg.HALVES_MIN_K, linalg.HALVES_MIN_K + 1])
+def test_gram_and_triangular_product_by_halves(k):
+  """From HALVES_MIN_K columns on (odd widths too): the Gram matrix is
+  X^T X to rounding and exactly symmetric, the product with an upper
+  triangular factor is X T to rounding, and a Cholesky QR of an
+  ill-conditioned block that goes through them is orthonormal and spans
+  the block."""
+  n = 2 * k + 3
+  X = jax.random.normal(jax.random.PRNGKey(0), (n, k))
+  T = jnp.triu(jax.random.normal(jax.random.PRNGKey(1), (k, k)))
+  G = np.asarray(linalg._gram(X))
+  np.testing.assert_array_equal(G, G.T)
+  X64, T64 = np.asarray(X, np.float64), np.asarray(T, np.float64)
+  u = np.finfo(np.float32).eps          # the products' rounding bounds
+  x, t = np.max(np.abs(X64)), np.max(np.abs(T64))
+  assert np.max(np.abs(G - X64.T @ X64)) < n * u * x * x
+  assert np.max(np.abs(linalg._times_upper(X, T) - X64 @ T64)) < k * u * x * t
+  A = jnp.linalg.qr(X)[0]
+  B = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(2), (k, k)))[0]
+  Y = (A * jnp.logspace(0, -3, k)[None, :]) @ B
+  Q = linalg.orth(Y, k)
+  assert _orth_err(Q, k) < 1e-5
+  resid = Y - Q @ (Q.T @ Y)
+  assert float(jnp.linalg.norm(resid)) < 1e-5 * float(jnp.linalg.norm(Y))
+
+
 def test_extend_keeps_U_exactly_and_spans_D():
   n, C, r = 100, 16, 6
   U = _random_orthonormal(jax.random.PRNGKey(0), n, r, C)

@@ -230,10 +230,43 @@ def walsh(n: int, k: int, dtype) -> jax.Array:
   return jnp.asarray((1.0 - 2.0 * parity) / np.sqrt(n), dtype)
 
 
+# Narrowest block whose Gram matrix and triangular product go by halves
+# (three block products of k / 2 instead of one of k: a quarter fewer
+# FLOPs, at the smaller products' rate). Whole steps, alternated step by
+# step (2 cores): k = 256, n = 4096: fixed-rank KLS 5%, adaptive KLS 5%,
+# GeoLoRA 2%, CondLR 1% faster; n = 1024: 4%, 2%, 5%, 0.5%; k = 128 (fixed-
+# rank KLS, n = 4096) 3% slower, LeNet5's k = 250 unchanged.
+HALVES_MIN_K = 256
+
+
+def _gram(X):
+  """X^T X; from HALVES_MIN_K columns on by halves, the upper right block
+  taken from the lower left (three of the four block products)."""
+  k = X.shape[-1]
+  if k < HALVES_MIN_K:
+    return X.T @ X
+  h = k // 2
+  X1, X2 = X[:, :h], X[:, h:]
+  G11, G21, G22 = X1.T @ X1, X2.T @ X1, X2.T @ X2
+  return jnp.block([[G11, G21.T], [G21, G22]])
+
+
+def _times_upper(X, T):
+  """X T for an upper-triangular T (k, k); from HALVES_MIN_K columns on
+  by halves (three of the four block products)."""
+  k = X.shape[-1]
+  if k < HALVES_MIN_K:
+    return X @ T
+  h = k // 2
+  X1, X2 = X[:, :h], X[:, h:]
+  return jnp.concatenate([X1 @ T[:h, :h], X1 @ T[:h, h:] + X2 @ T[h:, h:]],
+                         axis=-1)
+
+
 def _masked_gram(X, mask):
   """X^T X on the active block (mask, 0 / 1, marks X's active columns),
   zero elsewhere whatever the inactive columns hold."""
-  return jnp.where((mask[:, None] * mask[None, :]) > 0, X.T @ X, 0.0)
+  return jnp.where((mask[:, None] * mask[None, :]) > 0, _gram(X), 0.0)
 
 
 def _project(U, X):
@@ -305,7 +338,7 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False,
   elif not always_shift:
     shift = jnp.where(off > NEAR, shift, 0.0)
   Linv, d2 = _shifted_factor(G, shift, mask)
-  Q = X @ (Linv.T * mask[None, :])      # the mask on the k x k factor
+  Q = _times_upper(X, Linv.T * mask[None, :])   # the mask on the k x k factor
   if never_shift:
     # Unshifted, on the output of a shifted pass: the pivots bound its
     # smallest Gram eigenvalue, sigma_min^2 / (sigma_min^2 + s) for the
@@ -357,7 +390,7 @@ def _first_pass(X, mask, eps, G=None):
                 G, Lg_inv, scale, mask)
   else:
     Linv = jnp.where(plain, Lg_inv, shifted(G, Lg_inv, scale, mask))
-  return X @ (Linv.T * mask[None, :])
+  return _times_upper(X, Linv.T * mask[None, :])
 
 
 def _more_passes(U, Q, mask, eps, max_passes):
