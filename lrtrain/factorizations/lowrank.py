@@ -202,8 +202,10 @@ def _t(a: jax.Array) -> jax.Array:
 
 
 def _kept(a: jax.Array) -> jax.Array:
-  """a^T materialized: the barrier keeps XLA from folding the transposition
-  into the product that reads it."""
+  """a, read through its transposition held as an array: the barrier on
+  a^T keeps XLA from folding the transposition into the product that
+  reads the result (and, by the barrier's transpose rule, likewise for the
+  cotangent in reverse mode)."""
   return _t(jax.lax.optimization_barrier(_t(a)))
 
 
@@ -265,8 +267,8 @@ _times_t.defjvp(_times_t_jvp, symbolic_zeros=True)
 def times(x: jax.Array, W: jax.Array) -> jax.Array:
   """x (..., d) @ W (d, k) for a factor W, with W's gradient formed in the
   fast orientation on the CPU (module comment above) where `_reoriented`;
-  the plain product elsewhere. Values and derivatives (reverse, forward mode, vmap) are
-  those of x @ W."""
+  the plain product elsewhere. Values and derivatives (reverse, forward
+  mode, vmap) are those of x @ W."""
   return _times(x, W) if _reoriented(W.shape[-1]) else x @ W
 
 
