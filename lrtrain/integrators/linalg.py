@@ -787,7 +787,7 @@ def polish_basis(X: jax.Array, r, *, with_flag: bool = False):
 
   def do(X, mask):
     L, R_inv = _polish_factor(X, mask)
-    X2 = X @ R_inv
+    X2 = _times_upper(X, R_inv)
     ok = jnp.all(jnp.isfinite(X2))
     return jnp.where(ok, X2, X), jnp.where(ok, L.T, eye)
 
