@@ -199,8 +199,11 @@ class Conv(nn.Module):
 
   Dense kernels are (kh, kw, c_in, c_out); LowRank, Lora and SLTrain
   kernels factor the (c_out, kh * kw * c_in) matrix: with the 'xla'
-  routine the kernel is formed and run through lax.conv_general_dilated,
-  with 'im2col' the factors are applied to the patches in sequence; Tucker
+  routine a LowRank kernel whose factors are cheaper to convolve with
+  (`lowrank.convolve_through_factors`) runs as a convolution with V's
+  filters and a channel mix by S^T U^T, any other kernel is formed and run
+  through lax.conv_general_dilated; with 'im2col' the factors are applied to
+  the patches in sequence; Tucker
   kernels go through `tucker.conv` (channel projections around a small
   core convolution).
 
@@ -246,10 +249,18 @@ class Conv(nn.Module):
       kernel = _factor_param(self, lambda k: matrix_node(
           k, spec, c_out, fan_in, name=name, dtype=self.dtype))
       if conv_lib.resolve(self.impl) == "xla":
-        # One convolution with the formed kernel: kernel-sized work, where
-        # patches cost b h' w' kh kw c_in per layer.
-        w = lowrank.matrix_to_conv_kernel(fz.materialize(kernel), kh, kw)
-        y = conv_lib.conv2d(x, w, strides, padding, "xla")
+        if lowrank.convolve_through_factors(kernel):
+          # Convolve with V's C filters, then mix the C channels into c_out
+          # by S^T U^T: C (kh kw c_in + C + c_out) work per output pixel
+          # instead of c_out kh kw c_in.
+          v = lowrank.matrix_to_conv_kernel(kernel.V.T, kh, kw)
+          z = conv_lib.conv2d(x, v, strides, padding, "xla")
+          y = lowrank.times_t(z @ kernel.S.T, kernel.U)
+        else:
+          # One convolution with the formed kernel: kernel-sized work, where
+          # patches cost b h' w' kh kw c_in per layer.
+          w = lowrank.matrix_to_conv_kernel(fz.materialize(kernel), kh, kw)
+          y = conv_lib.conv2d(x, w, strides, padding, "xla")
       else:
         y = fz.apply(kernel, conv_lib.im2col(x, kh, kw, strides, padding))
     if self.use_bias:

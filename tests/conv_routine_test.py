@@ -2,6 +2,7 @@
 rank-adaptive steps run: "auto" is XLA's convolution, and on the CPU no
 convolution sits inside the half-width branch of `base.at_active_width`."""
 
+import dataclasses
 import os
 
 import jax
@@ -10,8 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from lrtrain import integrators, models
-from lrtrain.factorizations import conv
+from lrtrain import factorizations as fz
+from lrtrain import integrators, layers, models
+from lrtrain.factorizations import conv, lowrank
 from lrtrain.integrators import base, kls
 
 
@@ -62,6 +64,62 @@ def test_factored_conv_routines_agree(impl):
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_which_factored_convolutions_run_through_factors():
+  """The cost rule: V's filters and a channel mix where they cost at most
+  CONV_FACTORED_MAX of the formed kernel's convolution; never with a
+  frozen base or for other factorizations."""
+  key = jax.random.PRNGKey(0)
+  conv2 = lowrank.init(key, 50, 500, 25, capacity=25)     # 0.56 of formed
+  conv1 = lowrank.init(key, 20, 25, 10, capacity=10)      # 0.92
+  assert lowrank.convolve_through_factors(conv2)
+  assert not lowrank.convolve_through_factors(conv1)
+  wide = lowrank.init(key, 50, 500, 25, capacity=50)      # 1.2
+  assert not lowrank.convolve_through_factors(wide)
+  based = dataclasses.replace(conv2, W0=jnp.zeros((50, 500)))
+  assert not lowrank.convolve_through_factors(based)
+  assert not lowrank.convolve_through_factors(jnp.zeros((50, 500)))
+
+
+@pytest.mark.parametrize("strides,padding", [((1, 1), "VALID"),
+                                             ((2, 2), "SAME")])
+def test_convolution_through_factors_equals_the_formed_kernel(strides, padding):
+  """A LowRank conv layer run through its factors: the formed kernel's
+  outputs and gradients (factors and input), also vmapped over kernels."""
+  layer = layers.Conv(48, (3, 3), strides=strides, padding=padding,
+                      factor=layers.FactorSpec(kind="lowrank", rank=6),
+                      impl="xla", use_bias=False)
+  kx, kp, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+  x = jax.random.normal(kx, (2, 9, 9, 16))
+  kernel = layer.init(kp, x)["params"]["kernel"]
+  # A full core (not the init's diagonal one): S and S^T differ.
+  kernel = dataclasses.replace(kernel, S=jax.random.normal(kg, kernel.S.shape))
+  assert lowrank.convolve_through_factors(kernel)
+  y = layer.apply({"params": {"kernel": kernel}}, x)
+  g = jax.random.normal(kg, y.shape)
+
+  def formed(f, x):
+    w = lowrank.matrix_to_conv_kernel(fz.materialize(f), 3, 3)
+    return conv.conv2d(x, w, strides, padding, "xla")
+
+  def ours(f, x):
+    return layer.apply({"params": {"kernel": f}}, x)
+
+  def grads(fn, f, x):
+    def loss(usv, x):
+      return jnp.vdot(fn(dataclasses.replace(f, U=usv[0], S=usv[1],
+                                             V=usv[2]), x), g)
+    return jax.grad(loss, argnums=(0, 1))((f.U, f.S, f.V), x)
+
+  np.testing.assert_allclose(y, formed(kernel, x), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads(ours, kernel, x)),
+                  jax.tree.leaves(grads(formed, kernel, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+  two = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), kernel)
+  np.testing.assert_allclose(jax.vmap(ours, (0, None))(two, x),
+                             jax.vmap(formed, (0, None))(two, x),
+                             rtol=1e-5, atol=1e-4)
 
 
 def _step_prims(integ, impl="auto"):
