@@ -146,6 +146,48 @@ def test_straight_line_path_is_taken_and_equals_the_general_one():
   assert not bool(ok)
 
 
+@pytest.mark.parametrize("case", ["common", "scaled", "rank2", "2r>C",
+                                  "complete", "float64"])
+def test_extend_factor_is_the_new_blocks_coordinates_of_D(case):
+  """with_factor: T = block^T D on D's active columns, to rounding, on every
+  path: the passes' triangular factors in the common case (full-rank and
+  badly scaled blocks), the product where the general algorithm runs (a
+  rank-deficient block, 2r > C) or where the block completes U to a basis
+  of the whole space; columns from r on do not matter (inactive)."""
+  with jax.enable_x64(case == "float64"):
+    _check_extend_factor(case)
+
+
+def _check_extend_factor(case):
+  n, C, r, dtype = 200, 16, 6, jnp.float32
+  if case == "2r>C":
+    r = 11
+  if case == "complete":
+    n, C, r = 32, 32, 16
+  if case == "float64":
+    dtype = jnp.float64
+  key = jax.random.PRNGKey(21)
+  U = _random_orthonormal(key, n, r, C).astype(dtype)
+  D = jax.random.normal(jax.random.PRNGKey(22), (n, C), dtype)
+  if case == "scaled":
+    D = D * jnp.logspace(0, -2.5, C, dtype=dtype)[None, :] @ jax.random.normal(
+        jax.random.PRNGKey(23), (C, C), dtype)
+  if case == "rank2":
+    D = jax.random.normal(key, (n, 2), dtype) @ jax.random.normal(
+        jax.random.PRNGKey(24), (2, C), dtype)
+  D = D + 3.0 * U @ jax.random.normal(jax.random.PRNGKey(25), (C, C), dtype)
+  D = D * base.column_mask(r, C, dtype)
+  Uh, block, T = linalg.extend(U, D, r, with_block=True, with_factor=True)
+  assert T.shape == (C // 2, C) and T.dtype == dtype
+  ref = np.asarray(block, np.float64).T @ np.asarray(D, np.float64)
+  tol = (1e-5 if dtype == jnp.float32 else 1e-12) * np.abs(ref).max()
+  np.testing.assert_allclose(np.asarray(T)[:, :r], ref[:, :r], atol=tol)
+  # The plain call's basis is the same.
+  np.testing.assert_array_equal(Uh, linalg.extend(U, D, r))
+  with pytest.raises(ValueError, match="with_factor needs with_block"):
+    linalg.extend(U, D, r, with_factor=True)
+
+
 def test_extend_when_2r_exceeds_capacity():
   n, C, r = 60, 8, 6
   U = _random_orthonormal(jax.random.PRNGKey(5), n, r, C)

@@ -132,20 +132,22 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
         U, V = p.U.astype(wd), p.V.astype(wd)
         S1 = q[2].astype(wd) * cm[:, None] * cm[None, :]
         if augment:
-          # K1 and L1 enter only through products that the masks below (on
-          # S^) and in extend cut to the active columns: no n x C mask here.
-          K1, L1 = q[0].astype(wd), q[1].astype(wd)
           # U^ = [U | U_new]: U is kept as U^'s first block (linalg.extend),
           # so M = U^^T U = [I; 0] and N = V^^T V = [I; 0] exactly and the
           # Galerkin core
           #   S^ = U^^T [U S1 V^T + (I - U U^T) K1 V^T + U L1^T (I - V V^T)] V^
-          # is the block matrix [[S1, L1^T V_new], [U_new^T K1, 0]],
-          # assembled from the n x r products with the new blocks only.
-          Uh, Un = linalg.extend(U, d[0].astype(wd), r, with_block=True)
-          Vh, Vn = linalg.extend(V, d[1].astype(wd), r, with_block=True)
-          A = jnp.roll(linalg.zero_pad(Un.T @ K1, (C, K1.shape[1])), r,
+          # is the block matrix [[S1, L1^T V_new], [U_new^T K1, 0]].
+          # U_new ⟂ U, so U_new^T K1 = U_new^T (U S + d_K) = U_new^T d_K:
+          # the new block's coordinates of d_K, which the extension's
+          # Cholesky passes leave as their triangular factors (the block
+          # is the Q of d_K's projection off U); likewise V_new^T L1.
+          Uh, _, Tu = linalg.extend(U, d[0].astype(wd), r, with_block=True,
+                                     with_factor=True)
+          Vh, _, Tv = linalg.extend(V, d[1].astype(wd), r, with_block=True,
+                                     with_factor=True)
+          A = jnp.roll(linalg.zero_pad(Tu, (C, C)), r,
                        axis=0)                   # rows r..: U_new^T K1
-          B = jnp.roll(linalg.zero_pad(Vn.T @ L1, (C, L1.shape[1])), r,
+          B = jnp.roll(linalg.zero_pad(Tv, (C, C)), r,
                        axis=0)                   # rows r..: V_new^T L1
           nm = 1.0 - cm
           S_hat = (S1 + (A * nm[:, None]) * cm[None, :]

@@ -303,14 +303,16 @@ def lower_inverse(L: jax.Array) -> jax.Array:
 
 def _shifted_factor(G, shift, mask):
   """L^-1 for L L^T = G + shift I on the active block (a unit diagonal on
-  inactive columns), and the squared pivots diag(L)^2 of the active
-  columns (inf elsewhere)."""
+  inactive columns), the squared pivots diag(L)^2 of the active columns
+  (inf elsewhere), and R = L^T on the active block, zero elsewhere (the
+  pass's triangular factor: X = Q R on the active columns)."""
   L, Linv = _cholesky(G + jnp.diag(shift * mask + (1.0 - mask)))
-  return Linv, jnp.where(mask > 0, jnp.square(jnp.diagonal(L)), jnp.inf)
+  return (Linv, jnp.where(mask > 0, jnp.square(jnp.diagonal(L)), jnp.inf),
+          L.T * (mask[:, None] * mask[None, :]))
 
 
 def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False,
-                   G=None):
+                   G=None, with_factor=False):
   """One Cholesky QR pass: X = Q R with R^T R = X^T X + s I.
 
   The shift s = u (n + k) max_i ||x_i||^2 makes the factorization succeed
@@ -325,7 +327,8 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False,
   orthonormal), and `weak`, whether some column had no more than the shift
   left after elimination (numerically rank-deficient, or condition above
   about 1 / sqrt(0.1 s / max ||x_i||^2)). G: X's masked Gram matrix where
-  the caller has it.
+  the caller has it. with_factor: also return R (k, k), upper triangular,
+  with X = Q R on the active columns (zero outside the active block).
   """
   k = X.shape[-1]
   G = _masked_gram(X, mask) if G is None else G
@@ -337,7 +340,7 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False,
     shift = jnp.zeros_like(shift)
   elif not always_shift:
     shift = jnp.where(off > NEAR, shift, 0.0)
-  Linv, d2 = _shifted_factor(G, shift, mask)
+  Linv, d2, R = _shifted_factor(G, shift, mask)
   Q = _times_upper(X, Linv.T * mask[None, :])   # the mask on the k x k factor
   if never_shift:
     # Unshifted, on the output of a shifted pass: the pivots bound its
@@ -348,7 +351,7 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False,
     weak = ~jnp.all(d2 > pivot_floor(X.dtype))
   else:
     weak = jnp.any(d2 <= 1.1 * shift)
-  return Q, off, weak
+  return (Q, off, weak, R) if with_factor else (Q, off, weak)
 
 
 def pivot_floor(dtype) -> float:
@@ -362,7 +365,7 @@ def pivot_floor(dtype) -> float:
   return float(jnp.finfo(dtype).eps) ** 0.5 / 4
 
 
-def _first_pass(X, mask, eps, G=None):
+def _first_pass(X, mask, eps, G=None, with_factor=False):
   """The first Cholesky QR pass of `_two_passes`, shifted only where it
   must be: the Gram matrix is factored twice (k x k work), with a guard
   shift of u max_i ||x_i||^2 and with the full shift of `_cholesky_pass`;
@@ -373,24 +376,27 @@ def _first_pass(X, mask, eps, G=None):
   1 / sqrt(u (n + k)) (44 at n + k = 4352 in float32), far from orthonormal,
   and needs two more (the third pass of `_two_passes`).
   G: X's masked Gram matrix where the caller has it.
-  Returns Q (inactive columns zero)."""
+  Returns Q (inactive columns zero); with_factor also R, X = Q R on the
+  active columns (`_shifted_factor`)."""
   n, k = X.shape
   G = _masked_gram(X, mask) if G is None else G
   scale = jnp.max(jnp.diagonal(G))
-  Lg_inv, d2 = _shifted_factor(G, eps * scale, mask)
+  Lg_inv, d2, Rg = _shifted_factor(G, eps * scale, mask)
   plain = jnp.all(d2 >= UNSHIFTED_PIVOT * eps * scale)   # False on NaN
   # (Everything a branch reads is an operand: under jax.vmap the mask and
   # scale are batched, and `cond` rejects batched closed-over values.)
-  shifted = lambda G, Lg_inv, scale, mask: _shifted_factor(
-      G, eps * (n + k) * scale, mask)[0]
+  shifted = lambda G, Lg_inv, Rg, scale, mask: _shifted_factor(
+      G, eps * (n + k) * scale, mask)[::2]
   if k >= SHIFT_BRANCH_K:
     # The shifted factor only where it is used (a branch costs less than a
     # k x k factorization and triangular inverse from here on).
-    Linv = cond(plain, lambda G, Lg_inv, scale, mask: Lg_inv, shifted,
-                G, Lg_inv, scale, mask)
+    Linv, R = cond(plain, lambda G, Lg_inv, Rg, scale, mask: (Lg_inv, Rg),
+                   shifted, G, Lg_inv, Rg, scale, mask)
   else:
-    Linv = jnp.where(plain, Lg_inv, shifted(G, Lg_inv, scale, mask))
-  return _times_upper(X, Linv.T * mask[None, :])
+    Ls_inv, Rs = shifted(G, Lg_inv, Rg, scale, mask)
+    Linv, R = jnp.where(plain, Lg_inv, Ls_inv), jnp.where(plain, Rg, Rs)
+  Q = _times_upper(X, Linv.T * mask[None, :])
+  return (Q, R) if with_factor else Q
 
 
 def _more_passes(U, Q, mask, eps, max_passes):
@@ -450,7 +456,7 @@ def _householder(X, r):
   return Q * d[None, :] * column_mask(r, X.shape[-1], X.dtype)
 
 
-def _two_passes(U, X, mask, eps, G=None):
+def _two_passes(U, X, mask, eps, G=None, with_factor=False):
   """The common case of `_orthonormalize` without its loop: a Cholesky QR
   pass shifted where the block's condition needs it (`_first_pass`) and an
   unshifted one, each after projecting off U, and a third unshifted pass
@@ -464,28 +470,35 @@ def _two_passes(U, X, mask, eps, G=None):
   (`_orthonormalize`: a loop, and a Householder branch for rank-deficient
   blocks) costs its branches and loop even when they do little; here the
   common case costs its products. G: X's masked Gram matrix where the
-  caller has it (U None only).
+  caller has it (U None only). with_factor: also R = Q^T X' (k, k) for X'
+  the projection of X off U (upper triangular, zero outside the active
+  block), the product of the passes' factors: the first pass leaves
+  X' = Q1 R1, the second Q1 - U U^T Q1 = Q2 R2, the third Q2 = Q R3, and
+  Q ⟂ U, so Q^T X' = R3 R2 R1 to rounding (without a product with X').
   """
   # X's inactive columns need no zeroing: the passes read them only
   # through the masked Gram matrix and factor (mask a column prefix).
   X = _project(U, X)
-  Q1 = _first_pass(X, mask, eps, G)
+  Q1, R1 = _first_pass(X, mask, eps, G, with_factor=True)
   # The second pass runs unshifted and decides the rank from its pivots
   # (`pivot_floor`): a block whose smallest singular value sank below the
   # shift leaves Q1 with a nearly singular Gram matrix. A third runs where
   # the second's input was far from orthonormal (an ill-conditioned block:
   # rank near the batch size leaves defects of 0.5 - 0.7 after the shifted
   # pass).
-  Q, off, weak = _cholesky_pass(_project(U, Q1), mask, eps, never_shift=True)
+  Q, off, weak, R2 = _cholesky_pass(_project(U, Q1), mask, eps,
+                                    never_shift=True, with_factor=True)
+  R = R2 @ R1 if with_factor else R2
 
-  def third(Q, off, mask):
-    Q, off, _ = _cholesky_pass(Q, mask, eps, never_shift=True)
-    return Q, off
+  def third(Q, off, R, mask):
+    Q, off, _, R3 = _cholesky_pass(Q, mask, eps, never_shift=True,
+                                   with_factor=True)
+    return Q, off, R3 @ R if with_factor else R
 
-  Q, off = cond(off > NEAR, third, lambda Q, off, mask: (Q, off),
-                Q, off, mask)
+  Q, off, R = cond(off > NEAR, third, lambda Q, off, R, mask: (Q, off, R),
+                   Q, off, R, mask)
   ok = ~weak & (off <= NEAR) & jnp.all(jnp.isfinite(Q))
-  return Q, ok
+  return (Q, ok, R) if with_factor else (Q, ok)
 
 
 def _orth_robust(X, r):
@@ -536,7 +549,8 @@ def orth(X: jax.Array, r, *, near: bool = False) -> jax.Array:
               Q, X, r)
 
 
-def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
+def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False,
+           with_factor: bool = False):
   """Orthonormal basis [U[:, :r] | Q] of span[U[:, :r] | D[:, :r]] in C
   columns, with the first r columns equal to U's exactly.
 
@@ -550,7 +564,14 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
 
   with_block=True also returns the new block alone, (n, C // 2) with its
   columns first (products with it cost half of those with U^), so that
-  U^[:, r + j] = block[:, j].
+  U^[:, r + j] = block[:, j]. with_factor=True (with with_block) also
+  returns T = block^T D (C // 2, C), the new directions' coordinates of
+  D's columns: in the common case (r <= C / 2) the product of the
+  Cholesky passes' triangular factors (`_two_passes`) in its first r
+  columns, which is block^T D there to rounding since block ⟂ U, without
+  an n-row product (columns from r on are then zero: D's inactive
+  columns); formed as that product where the block does not come from
+  D's projection.
 
   The common case (r <= C / 2, which `resize` keeps, and a full-rank new
   block) runs without the general algorithm's loop on the first C / 2
@@ -564,10 +585,15 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
   U = U.astype(dtype)
   D = D.astype(dtype)
   H = max(C // 2, 1)
+  if with_factor and not with_block:
+    raise ValueError("extend: with_factor needs with_block")
   if current() == "lapack" or C != 2 * H:
     Uh = (_householder_extend(U, D, r) if current() == "lapack"
           else _extend_robust(U, D, r))
-    return (Uh, jnp.roll(Uh, -r, axis=1)[:, :H]) if with_block else Uh
+    if not with_block:
+      return Uh
+    block = jnp.roll(Uh, -r, axis=1)[:, :H]
+    return (Uh, block, block.T @ D) if with_factor else (Uh, block)
   Dh = D[:, :H]
   if n <= C:
     # Where 2r >= n the new block completes U to a basis of the whole
@@ -577,22 +603,29 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False):
     # algorithm. Fixed, well-spread columns (`walsh`) span the same
     # complement.
     Dh = jnp.where(2 * r >= n, walsh(n, H, dtype), Dh)
-  Q, ok = _two_passes(U[:, :H], Dh, column_mask(r, H, dtype),
-                      jnp.finfo(dtype).eps)
+  Q, ok, T = _two_passes(U[:, :H], Dh, column_mask(r, H, dtype),
+                         jnp.finfo(dtype).eps, with_factor=True)
 
-  def place(Q, U, D, r):
+  def place(Q, T, U, D, r):
     # U's columns from r on are zero (the contract), so writing Q there is
     # U + [0 | Q | 0]: one pass over the block.
     r = jnp.asarray(r, jnp.int32)
-    return lax.dynamic_update_slice(U, Q, (jnp.zeros((), jnp.int32), r)), Q
+    return (lax.dynamic_update_slice(U, Q, (jnp.zeros((), jnp.int32), r)), Q,
+            zero_pad(T, (H, C)))
 
-  def general(Q, U, D, r):
+  def general(Q, T, U, D, r):
     Uh = _extend_robust(U, D, r)
     block = jnp.roll(Uh, -r, axis=1)[:, :H]
-    return Uh, block * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :]
+    block = block * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :]
+    return Uh, block, block.T @ D
 
-  Uh, Q = cond(~ok | (r > H), general, place, Q, U, D, r)
-  return (Uh, Q) if with_block else Uh
+  Uh, Q, T = cond(~ok | (r > H), general, place, Q, T, U, D, r)
+  if n <= C:
+    # The block may span fixed columns rather than D's projection.
+    T = Q.T @ D
+  if not with_block:
+    return Uh
+  return (Uh, Q, T) if with_factor else (Uh, Q)
 
 
 def _extend_robust(U, D, r):
