@@ -603,24 +603,25 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False,
     # algorithm. Fixed, well-spread columns (`walsh`) span the same
     # complement.
     Dh = jnp.where(2 * r >= n, walsh(n, H, dtype), Dh)
-  Q, ok, T = _two_passes(U[:, :H], Dh, column_mask(r, H, dtype),
-                         jnp.finfo(dtype).eps, with_factor=True)
+  Q, ok, *T = _two_passes(U[:, :H], Dh, column_mask(r, H, dtype),
+                          jnp.finfo(dtype).eps, with_factor=with_factor)
+  T = T[0] if with_factor else None      # (None: no factor work at all)
 
   def place(Q, T, U, D, r):
     # U's columns from r on are zero (the contract), so writing Q there is
     # U + [0 | Q | 0]: one pass over the block.
     r = jnp.asarray(r, jnp.int32)
     return (lax.dynamic_update_slice(U, Q, (jnp.zeros((), jnp.int32), r)), Q,
-            zero_pad(T, (H, C)))
+            None if T is None else zero_pad(T, (H, C)))
 
   def general(Q, T, U, D, r):
     Uh = _extend_robust(U, D, r)
     block = jnp.roll(Uh, -r, axis=1)[:, :H]
     block = block * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :]
-    return Uh, block, block.T @ D
+    return Uh, block, None if T is None else block.T @ D
 
   Uh, Q, T = cond(~ok | (r > H), general, place, Q, T, U, D, r)
-  if n <= C:
+  if with_factor and n <= C:
     # The block may span fixed columns rather than D's projection.
     T = Q.T @ D
   if not with_block:
