@@ -250,12 +250,10 @@ class Conv(nn.Module):
           k, spec, c_out, fan_in, name=name, dtype=self.dtype))
       if conv_lib.resolve(self.impl) == "xla":
         if lowrank.convolve_through_factors(kernel):
-          # Convolve with V's C filters, then mix the C channels into c_out
-          # by S^T U^T: C (kh kw c_in + C + c_out) work per output pixel
-          # instead of c_out kh kw c_in.
+          # V's C filters, then the channel mix S^T U^T.
           v = lowrank.matrix_to_conv_kernel(kernel.V.T, kh, kw)
-          z = conv_lib.conv2d(x, v, strides, padding, "xla")
-          y = lowrank.times_t(z @ kernel.S.T, kernel.U)
+          y = lowrank.mix(kernel, conv_lib.conv2d(x, v, strides, padding,
+                                                  "xla"))
         else:
           # One convolution with the formed kernel: kernel-sized work, where
           # patches cost b h' w' kh kw c_in per layer.

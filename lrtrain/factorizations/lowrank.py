@@ -287,10 +287,16 @@ def batch_contract(a: jax.Array, b: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(bt @ a).T
 
 
+def mix(f: LowRank, z: jax.Array) -> jax.Array:
+  """z (..., C) in V's coordinates -> (z S^T) U^T (..., n): the rest of
+  `apply` once x V is known (a factored convolution's channel mix)."""
+  return times_t(z @ f.S.T, f.U)
+
+
 def apply(f: LowRank, x: jax.Array) -> jax.Array:
   """x (..., m) -> x W^T (..., n) without forming W: ((x V) S^T) U^T (the
   factors' products through `times` and `times_t`)."""
-  y = times_t(times(x, f.V) @ f.S.T, f.U)
+  y = mix(f, times(x, f.V))
   return y if f.W0 is None else y + x @ f.W0.T
 
 

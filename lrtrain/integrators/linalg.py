@@ -488,12 +488,12 @@ def _two_passes(U, X, mask, eps, G=None, with_factor=False):
   # pass).
   Q, off, weak, R2 = _cholesky_pass(_project(U, Q1), mask, eps,
                                     never_shift=True, with_factor=True)
-  R = R2 @ R1 if with_factor else R2
+  R = R2 @ R1 if with_factor else None
 
   def third(Q, off, R, mask):
     Q, off, _, R3 = _cholesky_pass(Q, mask, eps, never_shift=True,
                                    with_factor=True)
-    return Q, off, R3 @ R if with_factor else R
+    return Q, off, None if R is None else R3 @ R
 
   Q, off, R = cond(off > NEAR, third, lambda Q, off, R, mask: (Q, off, R),
                    Q, off, R, mask)
