@@ -79,3 +79,39 @@ def test_padded_block_maps_like_the_square_map(rule):
                              tr.Congruence(None, B).first(tall), rtol=1e-6)
   with pytest.raises(ValueError, match="padded"):
     block.then(full)
+
+
+@pytest.mark.parametrize("rule", tr.SECOND_RULES)
+@pytest.mark.parametrize("j", [2, 3, 5])
+def test_maps_with_zero_columns_contract_only_the_old_active_block(rule, j):
+  """Congruence(..., inner=j) for maps whose columns from j on are zero
+  (a truncation's coordinates of an old basis of rank j) equals the plain
+  map, traced j included, on both sides and on one; where j fits in half
+  the contracted axis the product does not read the other half (NaN
+  there stays out of the result)."""
+  import jax
+  rng = np.random.default_rng(1)
+  C, K = 6, 3
+  A = np.zeros((K, C), np.float32)
+  B = np.zeros((K, C), np.float32)
+  A[:, :j] = rng.normal(size=(K, j))
+  B[:, :j] = rng.normal(size=(K, j))
+  A, B = jnp.asarray(A), jnp.asarray(B)
+  X = jnp.asarray(rng.uniform(0.1, 1.0, size=(C, C)).astype(np.float32))
+  tall = jnp.asarray(rng.uniform(0.1, 1.0, size=(9, C)).astype(np.float32))
+  for M, Y in ((lambda **k: tr.Congruence(A, B, padded=True, **k), X),
+               (lambda **k: tr.Congruence(None, B, padded=True, **k), tall)):
+    plain = M()
+    inner = jax.jit(lambda Y, j: (M(inner=j).first(Y), M(inner=j).second(Y, rule)))
+    got = inner(Y, j)
+    np.testing.assert_allclose(got[0], plain.first(Y), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got[1], plain.second(Y, rule), rtol=1e-6,
+                               atol=1e-7)
+    if j <= C // 2 and rule != "squares":
+      # ('squares' keeps unreached coordinates' old values, NaN included.)
+      poisoned = Y.at[:, C // 2:].set(jnp.nan)
+      if M().A is not None:
+        poisoned = poisoned.at[C // 2:, :].set(jnp.nan)
+      assert np.isfinite(np.asarray(inner(poisoned, j)[0])).all()
+      assert np.isfinite(np.asarray(inner(poisoned, j)[1])).all()
+      assert not np.isfinite(np.asarray(M().first(poisoned))).all()

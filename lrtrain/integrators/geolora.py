@@ -177,10 +177,13 @@ def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
 
       new = base.map_nodes(fix, _is_lr, params, moved, upd)
       # K = W V and L = W^T U follow V and U; S maps like S1: P^T M S1 N^T Q.
+      # The maps' columns from the old rank on are zero (P's rows there are
+      # masked): the products contract only the old active block.
       maps = aligned_maps(params, lambda i, p: (
-          tr.Congruence(None, finals[i][3], padded=True),
-          tr.Congruence(None, finals[i][2], padded=True),
-          tr.Congruence(finals[i][0], finals[i][1], padded=True)), others=True)
+          tr.Congruence(None, finals[i][3], padded=True, inner=p.rank),
+          tr.Congruence(None, finals[i][2], padded=True, inner=p.rank),
+          tr.Congruence(finals[i][0], finals[i][1], padded=True,
+                        inner=p.rank)), others=True)
       return new, tr.transport(opt, like, maps, enabled=transport,
                                second_rule=transport_rule)
     return run

@@ -484,8 +484,10 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     kl_state = tr.transport(
         kl_state, kl0,
         aligned_maps(params, lambda i, p: (
-            tr.Congruence(None, finals[i][3], padded=True),
-            tr.Congruence(None, finals[i][2], padded=True)),
+            tr.Congruence(None, finals[i][3], padded=True,
+                          inner=p.rank if adaptive else None),
+            tr.Congruence(None, finals[i][2], padded=True,
+                          inner=p.rank if adaptive else None)),
             others=False),
         enabled=transport, second_rule=transport_rule)
 

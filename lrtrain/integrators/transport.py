@@ -59,18 +59,27 @@ class Congruence(NamedTuple):
       its first p rows / q columns (a truncation that keeps at most p of k
       directions maps with a p x k block, half the products of the k x k
       map when p = k / 2).
+    inner: None, or a (traced) int j: A's and B's columns from j on are
+      zero (a truncation's coordinates of the old basis, which span only
+      its j active directions). Where j fits in the first half of the
+      contracted axis the products read only that half of X and of the
+      maps (half their work: the moments of an n x C factor whose old rank
+      was at most C / 2); a branch decides inside the step.
   """
   A: jax.Array | None = None
   B: jax.Array | None = None
   padded: bool = False
+  inner: Any = None
 
   def first(self, X: jax.Array) -> jax.Array:
     """Map a first moment (or the parameter itself)."""
     Y = X.astype(jnp.float32)
-    if self.A is not None:
-      Y = self.A.astype(jnp.float32) @ Y
-    if self.B is not None:
-      Y = Y @ self.B.astype(jnp.float32).T
+    A = None if self.A is None else self.A.astype(jnp.float32)
+    B = None if self.B is None else self.B.astype(jnp.float32)
+    if self.inner is None:
+      Y = _congruence(Y, A, B, None)
+    else:
+      Y = _congruence_inner(Y, A, B, self.inner)
     if self.padded:
       Y = linalg.zero_pad(Y, X.shape)
     return Y.astype(X.dtype)
@@ -88,7 +97,8 @@ class Congruence(NamedTuple):
       tiny and Adam's next step there huge; measured worse (see tests).
     """
     return _second(v, rule, self.first,
-                   lambda sq: Congruence(*sq, padded=self.padded).first,
+                   lambda sq: Congruence(*sq, padded=self.padded,
+                                         inner=self.inner).first,
                    (self.A, self.B), keep_unmapped=v.ndim == 2,
                    padded=self.padded)
 
@@ -99,6 +109,30 @@ class Congruence(NamedTuple):
       raise ValueError("Congruence.then: compose the square maps, not padded blocks")
     mul = lambda x, y: y if x is None else (x if y is None else x @ y)
     return Congruence(mul(other.A, self.A), mul(other.B, self.B))
+
+
+def _congruence(Y, A, B, h):
+  """A Y B^T (None: identity), contracting only the first h rows / columns
+  of Y (all where h is None)."""
+  if A is not None:
+    Y = (A if h is None else A[:, :h]) @ (Y if h is None else Y[:h])
+  if B is not None:
+    Y = (Y if h is None else Y[:, :h]) @ (B if h is None else B[:, :h]).T
+  return Y
+
+
+def _congruence_inner(Y, A, B, j):
+  """`_congruence` for maps whose columns from j on are zero: on the first
+  halves of the contracted axes where j fits there (a branch), else in
+  full (also where the two sides contract axes of different or odd
+  lengths)."""
+  sizes = {m.shape[1] for m in (A, B) if m is not None}
+  if len(sizes) != 1 or next(iter(sizes)) % 2:
+    return _congruence(Y, A, B, None)
+  h = next(iter(sizes)) // 2
+  return linalg.cond(jnp.asarray(j) <= h,
+                     lambda Y, A, B: _congruence(Y, A, B, h),
+                     lambda Y, A, B: _congruence(Y, A, B, None), Y, A, B)
 
 
 class ModeMaps:
