@@ -315,8 +315,15 @@ def test_command_line_mesh_matches_one_device(tmp_path):
   assert out["mesh"]["mesh"] == {"data": 4, "model": 2}
   assert out["one"]["mesh"] == {"data": 1, "model": 1}
   assert out["mesh"]["devices"] == 8
+  # A mesh changes only the order of the step's sums: the test loss agrees
+  # to rounding, and the accuracy may move by one of the 359 test examples
+  # (one device's own spread under reordering, benchmarks/README.md; seen
+  # here on some hosts: 0.3760 against 0.3788, losses 1.98381 / 1.98391).
+  assert out["mesh"]["test/loss"] == pytest.approx(
+      out["one"]["test/loss"], rel=1e-3)
   assert out["mesh"]["test/accuracy"] == pytest.approx(
-      out["one"]["test/accuracy"], abs=1e-3)
+      out["one"]["test/accuracy"], abs=1.01 / 359)
+  assert out["mesh"]["ranks"] == out["one"]["ranks"]
 
 
 @pytest.mark.tier2
