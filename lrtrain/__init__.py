@@ -21,17 +21,19 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,individual_dot"
 
 
-def _jaxlib_knows_ynn_flag() -> bool:
+def jaxlib_release() -> tuple[int, ...] | None:
+  """(major, minor) of the installed jaxlib, read without importing it;
+  None where it is not installed. XLA flags are tied to a release: XLA
+  stops at a flag it does not know."""
   from importlib import metadata  # pylint: disable=g-import-not-at-top
   try:
     version = metadata.version("jaxlib")
   except metadata.PackageNotFoundError:
-    return False
-  major_minor = tuple(int(v) for v in version.split(".")[:2] if v.isdigit())
-  return major_minor == (0, 10)
+    return None
+  return tuple(int(v) for v in version.split(".")[:2] if v.isdigit())
 
 
-YNN_FLAG_KNOWN = _jaxlib_knows_ynn_flag()
+YNN_FLAG_KNOWN = jaxlib_release() == (0, 10)
 if ("ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "")
     and os.environ.get("LRTRAIN_YNN_CONV") != "1" and YNN_FLAG_KNOWN):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "

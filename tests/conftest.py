@@ -28,15 +28,20 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import lrtrain  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # The suite compiles about as long as it runs: LLVM's optimization passes
 # and XLA's MLIR fusion emitters dominate the compilation of its many small
 # programs, and they buy the tests nothing (cold cache, 2 cores: 860 s with
-# XLA's defaults, 651 s at optimization level 0). Programs compiled this way
-# compute the same operations; the benchmarks and training runs keep XLA's
-# defaults. LRTRAIN_TEST_XLA_FLAGS replaces these flags ('' for none).
+# XLA's defaults, 651 s at optimization level 0, 485 s also without the
+# fusion emitters). Programs compiled this way compute the same operations;
+# the benchmarks and training runs keep XLA's defaults. Set for the jaxlib
+# release they were measured with (XLA stops at a flag it does not know);
+# LRTRAIN_TEST_XLA_FLAGS replaces them ('' for none).
 TEST_XLA_FLAGS = os.environ.get(
     "LRTRAIN_TEST_XLA_FLAGS",
-    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+    if lrtrain.jaxlib_release() == (0, 10) else "")
 os.environ["XLA_FLAGS"] = " ".join(
     f for f in (os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS) if f)
 
