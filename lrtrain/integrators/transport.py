@@ -113,11 +113,11 @@ class Congruence(NamedTuple):
 
 def _congruence(Y, A, B, h):
   """A Y B^T (None: identity), contracting only the first h rows / columns
-  of Y (all where h is None)."""
+  of Y (all where h is None: the slices are then the whole arrays)."""
   if A is not None:
-    Y = (A if h is None else A[:, :h]) @ (Y if h is None else Y[:h])
+    Y = A[:, :h] @ Y[:h]
   if B is not None:
-    Y = (Y if h is None else Y[:, :h]) @ (B if h is None else B[:, :h]).T
+    Y = Y[:, :h] @ B[:, :h].T
   return Y
 
 
