@@ -28,7 +28,8 @@ def block(tree):
 
 def time_steps(step: Callable, carry, *, steps: int, warmup: int = 3,
                repeats: int = 3, budget_s: float | None = None,
-               min_steps: int = 5) -> dict:
+               min_steps: int = 5, beside: dict | None = None,
+               every: int = 5) -> dict:
   """Median ms/step of `carry = step(carry)` over `steps` steps, `repeats` times.
 
   Each step is timed individually (dispatch + wait), so the median ignores
@@ -37,11 +38,20 @@ def time_steps(step: Callable, carry, *, steps: int, warmup: int = 3,
   max(min_steps, budget_s / t_step) per repeat, and one warm-up step is
   used after the compiling one; the count used is returned.
 
+  With `beside` ({name: fn}, each fn() returning arrays), after every
+  `every` steps each fn is called three times and timed: the median of
+  those `every` steps and of each fn's three calls form one block, so a
+  ratio to the step is taken at the speed the host had for both (a shared
+  host's speed drifts by tens of percent within seconds).
+
   Returns:
     {"ms": median over repeats of the per-repeat medians, "ms_min", "ms_max",
-     "steps": timed steps per repeat, "carry": the final carry}.
+     "steps": timed steps per repeat, "carry": the final carry}; with
+    `beside` also "blocks": [(step ms, {name: fn ms}), ...].
   """
   carry = block(step(carry))            # compiles
+  for fn in (beside or {}).values():
+    block(fn())
   t_warm = 0.0
   for _ in range(max(warmup - 1, 1)):
     t0 = time.perf_counter()
@@ -51,16 +61,31 @@ def time_steps(step: Callable, carry, *, steps: int, warmup: int = 3,
       break
   if budget_s is not None:
     steps = int(min(steps, max(min_steps, budget_s // max(t_warm, 1e-9))))
-  medians = []
+  medians, blocks, pending = [], [], []
+
+  def timed(fn):
+    t0 = time.perf_counter()
+    block(fn())
+    return time.perf_counter() - t0
+
   for _ in range(repeats):
     times = []
-    for _ in range(steps):
+    for i in range(steps):
       t0 = time.perf_counter()
       carry = block(step(carry))
       times.append(time.perf_counter() - t0)
+      pending.append(times[-1])
+      if beside and (len(pending) == every or i == steps - 1):
+        blocks.append((statistics.median(pending) * 1e3, {
+            k: statistics.median(timed(fn) for _ in range(3)) * 1e3
+            for k, fn in beside.items()}))
+        pending = []
     medians.append(statistics.median(times) * 1e3)
-  return {"ms": statistics.median(medians), "ms_min": min(medians),
-          "ms_max": max(medians), "steps": steps, "carry": carry}
+  out = {"ms": statistics.median(medians), "ms_min": min(medians),
+         "ms_max": max(medians), "steps": steps, "carry": carry}
+  if beside:
+    out["blocks"] = blocks
+  return out
 
 
 class CompileCounter:

@@ -23,10 +23,15 @@ BEGIN, END = "<!-- BEGIN RESULTS -->", "<!-- END RESULTS -->"
 
 
 def _rates(row) -> str:
-  """'before / after' GFLOP/s of the floor's rate ('-' for rows of runs
-  that measured it once per shape)."""
+  """The floor's rate in GFLOP/s: 'median (min-max)' over the point's
+  blocks of steps; 'before / after' for runs that measured it around the
+  point's steps; '-' for runs that measured it once per shape."""
   g = row.get("floor_gflops")
-  return "-" if not g else f"{g[0]:.0f} / {g[1]:.0f}"
+  if not g:
+    return "-"
+  if len(g) == 3:
+    return f"{g[1]:.0f} ({g[0]:.0f}-{g[2]:.0f})"
+  return f"{g[0]:.0f} / {g[1]:.0f}"
 
 
 def _fmt(v):
@@ -96,18 +101,26 @@ def tables(res) -> str:
   out.append("Floor: the analytic FLOP count (`width.step_flops`: forward and "
              "backward matmuls, QR 4 n k^2 and SVD 22 k^3 at the augmented width "
              "k) at the jitted rate of the step's dominant product shape "
-             "(`width.matmul_rate`, measured right before and right after the "
-             "point's steps: the mean of the two rates; floor GFLOP/s column: "
-             "before / after).\n")
+             "(`width.matmul_rate`'s three products, timed after every five of "
+             "the point's steps; step / floor is the median over those blocks "
+             "of the block's ratio, floor ms the median floor; floor GFLOP/s "
+             "column: median (min-max) over the blocks). Own shapes: each part of the count at the rate "
+             "of its own product shape (`width.floor_shapes_ms`; the "
+             "rank-adaptive methods' pass at width r, their QR, SVD and core "
+             "gradient at 2r; the same as the floor for the other methods).\n")
   out.append("| n | r | method | ms/step | floor ms | step / floor | floor GFLOP/s | "
+             "floor ms (own shapes) | step / floor (own shapes) | "
              "steps | spread | x dense | roofline | bytes / analytic |\n"
-             "|---|---|---|---|---|---|---|---|---|---|---|---|")
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in res["width"]:
     fl = r.get("floor_ms")
+    fs = r.get("floor_shapes_ms")
     out.append(f"| {r['n']} | {r['r'] or '-'} | {r['method']} | {r['ms']:.2f} | "
                f"{'-' if fl is None else f'{fl:.2f}'} | "
                f"{'-' if fl is None else format(r['ms'] / fl, '.2f')} | "
                f"{_rates(r)} | "
+               f"{'-' if fs is None else f'{fs:.2f}'} | "
+               f"{'-' if fs is None else format(r['ms'] / fs, '.2f')} | "
                f"{r.get('steps', '-')} | "
                f"{_spread(r)} | {r['ratio']:.2f} | "
                f"{r['roofline_fraction']:.2f} | "

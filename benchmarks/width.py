@@ -94,12 +94,18 @@ def make_integrator(method: str, r: int, lr: float = 0.01):
   raise ValueError(method)
 
 
-def step_flops(method: str, n: int, r: int, b: int = BATCH) -> float:
-  """Analytic matmul FLOPs of one training step (2 per multiply-add).
+def step_flops_by_shape(method: str, n: int, r: int, b: int = BATCH
+                        ) -> dict[int, float]:
+  """Analytic matmul FLOPs of one training step (2 per multiply-add), by
+  the inner width k of the (b, n) x (n, k) product shape whose rate prices
+  them in the floor at the step's own shapes (`floor_shapes_ms`).
 
   Forward + backward of a linear map costs 3x its forward (2 b m n each).
   Factored forward: x V (b n r), S^T (b r r), U^T (b r n). Integrator extras:
   QR of n x k ~ 4 n k^2, SVD of k x k ~ 22 k^3 (k = augmented width).
+  The pass of a factored layer (and the output layer beside it) is priced
+  at width r; the rank-adaptive methods' QR, SVD and core gradient at the
+  augmented width 2r.
   """
   dense_layer = 2 * b * n * n
   out = 3 * 2 * b * n * CLASSES
@@ -108,24 +114,31 @@ def step_flops(method: str, n: int, r: int, b: int = BATCH) -> float:
     f = 3 * (3 * dense_layer)
     if method == "galore":  # projection in and out of the rank-r subspace
       f += 3 * (2 * 2 * n * n * r)
-    return f + out
+    return {n: f + out}
   if method == "lora":
-    return 3 * (3 * dense_layer - 2 * b * n * n + 3 * lr_layer) + out
+    return {n: 3 * (3 * dense_layer - 2 * b * n * n + 3 * lr_layer) + out}
   if method == "kls":  # K/L pass + S pass (two forward+backward), QR n x r x2
-    return 3 * (2 * 3 * lr_layer + 2 * 4 * n * r * r) + 2 * out
+    return {r: 3 * (2 * 3 * lr_layer + 2 * 4 * n * r * r) + 2 * out}
+  if method == "condlr":  # one backward, QR retractions n x r, SVD r x r
+    return {r: 3 * (3 * lr_layer + 2 * 4 * n * r * r + 22 * r ** 3) + out}
+  k = 2 * r
+  extra = 3 * (2 * 4 * n * k * k + 22 * k ** 3)
   if method == "kls_adaptive":
     # One forward + backward (the K/L pass); the S sub-step's gradient
     # (dY U^)^T (x V^) from that pass's layer inputs and output cotangents:
     # a factored layer's forward at width k.
-    k = 2 * r
-    s_grad = 2 * b * (2 * n * k + k * k)
-    return 3 * (3 * lr_layer + s_grad + 2 * 4 * n * k * k + 22 * k ** 3) + out
-  if method == "geolora":
-    k = 2 * r
-    return 3 * (3 * lr_layer + 2 * 4 * n * k * k + 22 * k ** 3) + out
-  if method == "condlr":  # one backward, QR retractions n x r, SVD r x r
-    return 3 * (3 * lr_layer + 2 * 4 * n * r * r + 22 * r ** 3) + out
-  raise ValueError(method)
+    extra += 3 * 2 * b * (2 * n * k + k * k)
+  elif method != "geolora":
+    raise ValueError(method)
+  parts = {r: 3 * 3 * lr_layer + out}
+  w = min(k, n)             # the rate's shape (`floor_width`)
+  parts[w] = parts.get(w, 0) + extra
+  return parts
+
+
+def step_flops(method: str, n: int, r: int, b: int = BATCH) -> float:
+  """Analytic matmul FLOPs of one training step (`step_flops_by_shape`)."""
+  return sum(step_flops_by_shape(method, n, r, b).values())
 
 
 def floor_width(method: str, n: int, r: int) -> int:
@@ -138,18 +151,29 @@ def floor_width(method: str, n: int, r: int) -> int:
   return r
 
 
+def _rate_operands(n: int, k: int):
+  key = jax.random.PRNGKey(0)
+  return (jax.random.normal(key, (BATCH, n)), jax.random.normal(key, (n, k)),
+          jax.random.normal(key, (BATCH, k)))
+
+
+def _three_products(x, w, g):
+  return x @ w, g @ w.T, x.T @ g
+
+
+def rate_flops(n: int, k: int) -> float:
+  """FLOPs of `matmul_rate`'s three products at (BATCH, n) x (n, k)."""
+  return 3 * 2 * BATCH * n * k
+
+
 def matmul_rate(n: int, k: int) -> float:
   """Jitted float32 rate in FLOP/s of a linear layer's three products at
   (BATCH, n) x (n, k): forward x W, backward g W^T and x^T g, measured now
-  (`bench_point` measures it right before and right after each point's
-  steps, so the floor and the step see the host at the same speed)."""
-  key = jax.random.PRNGKey(0)
-  x = jax.random.normal(key, (BATCH, n))
-  w = jax.random.normal(key, (n, k))
-  g = jax.random.normal(key, (BATCH, k))
-  ms = common.time_call(lambda x, w, g: (x @ w, g @ w.T, x.T @ g), x, w, g,
-                        steps=30, repeats=1)
-  return 3 * 2 * BATCH * n * k / (ms * 1e-3)
+  (`bench_point` times them between blocks of the point's steps, so the
+  floor and the step see the host at the same speed)."""
+  ms = common.time_call(_three_products, *_rate_operands(n, k), steps=30,
+                        repeats=1)
+  return rate_flops(n, k) / (ms * 1e-3)
 
 
 def floor_ms(method: str, n: int, r: int, rate: float | None = None) -> float:
@@ -158,6 +182,16 @@ def floor_ms(method: str, n: int, r: int, rate: float | None = None) -> float:
   if rate is None:
     rate = matmul_rate(n, floor_width(method, n, r))
   return step_flops(method, n, r) / rate * 1e3
+
+
+def floor_shapes_ms(method: str, n: int, r: int,
+                    rates: dict[int, float]) -> float:
+  """The floor at the step's own shapes: each part of `step_flops_by_shape`
+  at the rate (FLOP/s, `matmul_rate`) of its own width. It differs from
+  `floor_ms` for the rank-adaptive methods only, whose pass runs at width r
+  while `floor_ms` prices the whole step at the augmented width's rate."""
+  return sum(f / rates[k] for k, f in step_flops_by_shape(method, n, r).items()
+             ) * 1e3
 
 
 def trainable_bytes(params, state) -> int:
@@ -193,16 +227,28 @@ def bench_point(method: str, n: int, r: int, *, steps: int, repeats: int,
     return step(p, s, batch)
 
   k = floor_width(method, n, r)
-  before = matmul_rate(n, k)
+  widths = sorted(set(step_flops_by_shape(method, n, r)) | {k})
+  rate_fn = jax.jit(_three_products)
+  probes = {w: (lambda ops=_rate_operands(n, w): rate_fn(*ops)) for w in widths}
   res = common.time_steps(run, (params, state), steps=steps, repeats=repeats,
-                          budget_s=budget_s)
-  after = matmul_rate(n, k)
+                          budget_s=budget_s, beside=probes)
   p, s = res.pop("carry")
   flops = step_flops(method, n, r)
-  fl = floor_ms(method, n, r, rate=(before + after) / 2)
-  out = dict(method=method, n=n, r=r, **res, flops=flops, floor_ms=fl,
-             floor_gflops=[before / 1e9, after / 1e9],
-             step_over_floor=res["ms"] / fl,
+  # Per block of steps: the rates measured right after it, both floors at
+  # those rates, and the step's ratio to each; medians over the blocks.
+  rates, single, own = [], [], []
+  for step_ms, probe_ms in res.pop("blocks"):
+    rate = {w: rate_flops(n, w) / (probe_ms[w] * 1e-3) for w in widths}
+    rates.append(rate[k])
+    single.append((step_ms, floor_ms(method, n, r, rate=rate[k])))
+    own.append((step_ms, floor_shapes_ms(method, n, r, rate)))
+  med = lambda xs: float(np.median(xs))
+  out = dict(method=method, n=n, r=r, **res, flops=flops,
+             floor_ms=med([f for _, f in single]),
+             floor_gflops=[min(rates) / 1e9, med(rates) / 1e9, max(rates) / 1e9],
+             step_over_floor=med([t / f for t, f in single]),
+             floor_shapes_ms=med([f for _, f in own]),
+             step_over_floor_shapes=med([t / f for t, f in own]),
              gflops=flops / (res["ms"] * 1e-3) / 1e9,
              bytes=trainable_bytes(p, s),
              analytic_bytes=analytic_bytes(method, n, r))
