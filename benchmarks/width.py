@@ -236,10 +236,12 @@ def bench_point(method: str, n: int, r: int, *, steps: int, repeats: int,
   flops = step_flops(method, n, r)
   # Per block of steps: the rates measured right after it, both floors at
   # those rates, and the step's ratio to each; medians over the blocks.
-  rates, single, own = [], [], []
+  rates, single, own, by_width = [], [], [], {w: [] for w in widths}
   for step_ms, probe_ms in res.pop("blocks"):
     rate = {w: rate_flops(n, w) / (probe_ms[w] * 1e-3) for w in widths}
     rates.append(rate[k])
+    for w in widths:
+      by_width[w].append(rate[w] / 1e9)
     single.append((step_ms, floor_ms(method, n, r, rate=rate[k])))
     own.append((step_ms, floor_shapes_ms(method, n, r, rate)))
   med = lambda xs: float(np.median(xs))
@@ -249,6 +251,7 @@ def bench_point(method: str, n: int, r: int, *, steps: int, repeats: int,
              step_over_floor=med([t / f for t, f in single]),
              floor_shapes_ms=med([f for _, f in own]),
              step_over_floor_shapes=med([t / f for t, f in own]),
+             floor_shapes_gflops={str(w): med(v) for w, v in by_width.items()},
              gflops=flops / (res["ms"] * 1e-3) / 1e9,
              bytes=trainable_bytes(p, s),
              analytic_bytes=analytic_bytes(method, n, r))
