@@ -34,6 +34,14 @@ def _rates(row) -> str:
   return f"{g[0]:.0f} / {g[1]:.0f}"
 
 
+def _ratio(row, key: str, floor) -> str:
+  """The row's step / floor as recorded (the median of its blocks' ratios),
+  else ms over the floor (runs before blocks); '-' without a floor."""
+  if floor is None:
+    return "-"
+  return f"{row.get(key) or row['ms'] / floor:.2f}"
+
+
 def _fmt(v):
   if v is None:
     return "-"
@@ -103,7 +111,8 @@ def tables(res) -> str:
              "k) at the jitted rate of the step's dominant product shape "
              "(`width.matmul_rate`'s three products, timed after every five of "
              "the point's steps; step / floor is the median over those blocks "
-             "of the block's ratio, floor ms the median floor; floor GFLOP/s "
+             "of the block's ratio (so not always ms/step over floor ms), "
+             "floor ms the median floor; floor GFLOP/s "
              "column: median (min-max) over the blocks). Own shapes: each part of the count at the rate "
              "of its own product shape (`width.floor_shapes_ms`; the "
              "rank-adaptive methods' pass at width r, their QR, SVD and core "
@@ -117,10 +126,10 @@ def tables(res) -> str:
     fs = r.get("floor_shapes_ms")
     out.append(f"| {r['n']} | {r['r'] or '-'} | {r['method']} | {r['ms']:.2f} | "
                f"{'-' if fl is None else f'{fl:.2f}'} | "
-               f"{'-' if fl is None else format(r['ms'] / fl, '.2f')} | "
+               f"{_ratio(r, 'step_over_floor', fl)} | "
                f"{_rates(r)} | "
                f"{'-' if fs is None else f'{fs:.2f}'} | "
-               f"{'-' if fs is None else format(r['ms'] / fs, '.2f')} | "
+               f"{_ratio(r, 'step_over_floor_shapes', fs)} | "
                f"{r.get('steps', '-')} | "
                f"{_spread(r)} | {r['ratio']:.2f} | "
                f"{r['roofline_fraction']:.2f} | "
