@@ -47,8 +47,11 @@ def ranks(params) -> tuple[int, ...]:
 
 
 def adaptive_run(steps: int = 2000, tau: float = 0.3, r0: int = 64,
-                 r_max: int = 128, lr: float = 0.05, batch: int = 64) -> dict:
-  """Compilations and bucket changes of a rank-adaptive KLS run."""
+                 r_max: int = 128, lr: float = 0.05, batch: int = 64,
+                 rounds: int = 10, round_steps: int = 20) -> dict:
+  """Compilations and bucket changes of a rank-adaptive KLS run; then its
+  step beside fixed-rank KLS at the final ranks (`rounds` alternated
+  blocks of `round_steps` steps each)."""
   params = width.make_params("kls_adaptive", WIDTH, r0, jax.random.PRNGKey(0),
                              d_in=64)
   integ = integrators.build("kls", optax.sgd(lr, momentum=0.9), adaptive=True,
@@ -59,36 +62,65 @@ def adaptive_run(steps: int = 2000, tau: float = 0.3, r0: int = 64,
   data = digits_batches(batch)
   counter = common.compile_counter()
   bucket_changes, trace = 0, []
+
+  def one(params, state):
+    """One step of the run and its resize: (params, state, ms, changed,
+    loss)."""
+    b = next(data)                   # outside the timing, as in fixed_rank_ms
+    t0 = time.perf_counter()
+    params, state, aux = step(params, state, b)
+    jax.block_until_ready(aux["loss"])
+    dt = time.perf_counter() - t0
+    caps_before = capacities(params)
+    params, state, changed = integ.resize(params, state)
+    moved = changed and capacities(params) != caps_before
+    return params, state, dt * 1e3, moved, float(aux["loss"])
+
   t_start = time.perf_counter()
   with counter.counting():
     params, state, _ = integ.resize(params, state)  # initial bucketing
     for t in range(steps):
-      b = next(data)                 # outside the timing, as in fixed_rank_ms
-      t0 = time.perf_counter()
-      params, state, aux = step(params, state, b)
-      jax.block_until_ready(aux["loss"])
-      dt = time.perf_counter() - t0
-      caps_before = capacities(params)
-      params, state, changed = integ.resize(params, state)
-      if changed and capacities(params) != caps_before:
-        bucket_changes += 1
-      trace.append((t, dt * 1e3, ranks(params), capacities(params),
-                    float(aux["loss"])))
+      params, state, ms, moved, loss = one(params, state)
+      bucket_changes += moved
+      trace.append((t, ms, ranks(params), capacities(params), loss))
   wall = time.perf_counter() - t_start
   final_r = trace[-1][2]
   # Steady-state time: median of the last 200 steps (no compile inside).
   tail_ms = statistics.median(x[1] for x in trace[-200:])
+  # The same step beside fixed-rank KLS at the final ranks, in alternated
+  # blocks: steps of about a millisecond follow the host's speed, which
+  # drifts between a run and a measurement made after it.
+  fixed, carry = _fixed_rank(final_r, batch)
+  ratios, mine, theirs = [], [], []
+  for _ in range(rounds):
+    a = []
+    for _ in range(round_steps):
+      params, state, ms, _, _ = one(params, state)
+      a.append(ms)
+    f = []
+    for _ in range(round_steps):
+      t0 = time.perf_counter()
+      carry = common.block(fixed(carry))
+      f.append((time.perf_counter() - t0) * 1e3)
+    mine.append(statistics.median(a))
+    theirs.append(statistics.median(f))
+    ratios.append(mine[-1] / theirs[-1])
   return dict(steps=steps, tau=tau, r0=r0, compilations=step._cache_size(),
               backend_compilations=counter.count,
               compile_seconds=counter.seconds, bucket_changes=bucket_changes,
               bucket_limit=int(np.log2(r_max)) + 1, wall_seconds=wall,
               final_ranks=final_r, final_capacities=trace[-1][3],
               final_loss=trace[-1][4], tail_ms=tail_ms,
+              alternated=dict(ratio=statistics.median(ratios),
+                              adaptive_ms=statistics.median(mine),
+                              fixed_rank_ms=statistics.median(theirs),
+                              rounds=rounds, round_steps=round_steps),
               rank_trace=[(t, list(r), list(c)) for t, _, r, c, _ in trace[::50]])
 
 
-def fixed_rank_ms(rank_list, steps: int = 100, batch: int = 64) -> float:
-  """Step time of fixed-rank KLS (capacity = r) at the given per-layer ranks."""
+def _fixed_rank(rank_list, batch: int):
+  """(step, carry) of fixed-rank KLS (capacity = r) at the given per-layer
+  ranks, carry = step(carry) on one digits batch, compiled and warm."""
   key = jax.random.PRNGKey(0)
   params = width.make_params("kls", WIDTH, 2, key, d_in=64)
   for i, r in enumerate(rank_list):
@@ -100,9 +132,17 @@ def fixed_rank_ms(rank_list, steps: int = 100, batch: int = 64) -> float:
   step = jax.jit(lambda p, s, b: integ.step(width.loss_fn, p, s, b)[:2],
                  donate_argnums=(0, 1))
   b = next(digits_batches(batch))
-  res = common.time_steps(lambda c: step(c[0], c[1], b), (params, state),
-                          steps=steps, repeats=3)
-  return res["ms"]
+  run = lambda c: step(c[0], c[1], b)
+  carry = (params, state)
+  for _ in range(3):
+    carry = common.block(run(carry))
+  return run, carry
+
+
+def fixed_rank_ms(rank_list, steps: int = 100, batch: int = 64) -> float:
+  """Step time of fixed-rank KLS (capacity = r) at the given per-layer ranks."""
+  run, carry = _fixed_rank(rank_list, batch)
+  return common.time_steps(run, carry, steps=steps, repeats=3)["ms"]
 
 
 def seeds_vmapped(num_seeds: int = 8, steps: int = 200, rank: int = 32,

@@ -214,6 +214,12 @@ def tables(res) -> str:
                f"{a['final_capacities']}, loss {a['final_loss']:.4f}")
     out.append(f"- steady step {a['tail_ms']:.2f} ms vs fixed-rank KLS at the "
                f"same ranks {a['fixed_rank_ms']:.2f} ms")
+    alt = a.get("alternated")
+    if alt:
+      out.append(f"- alternated ({alt['rounds']} rounds of {alt['round_steps']} "
+                 f"steps each): adaptive {alt['adaptive_ms']:.2f} ms, fixed rank "
+                 f"{alt['fixed_rank_ms']:.2f} ms, ratio (median of the rounds' "
+                 f"ratios) {alt['ratio']:.2f}")
   s = res.get("seeds")
   if s:
     out.append(f"\n### Seeds vmapped (digits-demo shapes: 64 -> {s['width']} x 3 "

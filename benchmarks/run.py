@@ -113,9 +113,13 @@ def targets(res: dict) -> list[dict]:
     out.append(dict(target="bucket changes <= log2(r_max) + 1",
                     value=f"{a['bucket_changes']} <= {a['bucket_limit']}",
                     met=a["bucket_changes"] <= a["bucket_limit"]))
-    tr = a["tail_ms"] / a["fixed_rank_ms"]
+    # Runs before the alternated blocks: the run's tail over a separate
+    # fixed-rank timing.
+    tr = (a["alternated"]["ratio"] if "alternated" in a
+          else a["tail_ms"] / a["fixed_rank_ms"])
     out.append(dict(target="adaptive step within 1.5x of fixed rank at the "
-                           "same ranks", value=tr, met=tr <= 1.5))
+                           "same ranks (alternated blocks)", value=tr,
+                    met=tr <= 1.5))
   mem = [x["bytes"] / x["analytic_bytes"] for x in rows]
   if mem:
     fixed = [x["bytes"] / x["analytic_bytes"] for x in rows
@@ -208,7 +212,8 @@ def run(quick: bool, *, widths=WIDTHS, import_log: str = "",
                                                        log=log))
 
   def adaptive_section():
-    a = adaptive.adaptive_run(steps=60 if quick else 2000)
+    a = adaptive.adaptive_run(steps=60 if quick else 2000,
+                              rounds=3 if quick else 10)
     a["fixed_rank_ms"] = adaptive.fixed_rank_ms(a["final_ranks"],
                                                 steps=10 if quick else 100)
     return a
