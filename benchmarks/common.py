@@ -74,8 +74,10 @@ def time_steps(step: Callable, carry, *, steps: int, warmup: int = 3,
       t0 = time.perf_counter()
       carry = block(step(carry))
       times.append(time.perf_counter() - t0)
+      if not beside:
+        continue
       pending.append(times[-1])
-      if beside and (len(pending) == every or i == steps - 1):
+      if len(pending) == every or i == steps - 1:
         blocks.append((statistics.median(pending) * 1e3, {
             k: statistics.median(timed(fn) for _ in range(3)) * 1e3
             for k, fn in beside.items()}))
