@@ -315,3 +315,48 @@ def test_truncation_delay_lets_an_adapter_grow_from_rank_two():
 def test_truncation_delay_outside_the_period_is_refused(kw):
   with pytest.raises(ValueError, match="truncation_delay"):
     geolora.make(optax.sgd(0.1), **kw)
+
+
+@pytest.mark.parametrize("rank", [3, 5])
+def test_update_inside_the_pass_branch_matches_the_transform(rank):
+  """The step scales the factor gradients and runs the optimizer inside
+  the half-width pass's branch (`base.at_active_width`'s `then`, with the
+  half-width core); `as_transform` takes full-width gradients from outside
+  and updates after. Both agree to rounding in float64, for a rank in the
+  first half of the buffer (the half-width branch) and above it (rank 5 in
+  capacity 8: the full-width branch), with Adam (not linear in the
+  gradient), a non-diagonal core (a random S) and a dense layer beside."""
+  with jax.enable_x64(True):
+    f64 = jnp.float64
+    ks = jax.random.split(jax.random.PRNGKey(3), 6)
+    def fc(r):
+      f = lowrank.resize(lowrank.init(ks[0], 16, 12, r, dtype=f64), 8)
+      m = (jnp.arange(8) < r).astype(f64)
+      S = f.S + 0.3 * jax.random.normal(ks[5], (8, 8), f64) * m[:, None] * m
+      return fz.LowRank(f.U, S, f.V, f.rank, f.W0)
+    p = {"fc": fc(rank), "out": jax.random.normal(ks[1], (16, 3), f64)}
+
+    def loss(q, b):
+      h = jnp.tanh(fz.apply(q["fc"], b["x"]))
+      return jnp.mean(jnp.square(h @ q["out"] - b["y"])), {}
+
+    b = {"x": jax.random.normal(ks[2], (6, 12), f64),
+         "y": jax.random.normal(ks[3], (6, 3), f64)}
+    kw = dict(tau=0.2, r_min=1, r_max=4)
+    integ = geolora.make(optax.adam(0.05), **kw)
+    tx = geolora.as_transform(optax.adam(0.05), **kw)
+    st0 = integ.init({**p, "fc": fc(3)})     # same shapes, room for init
+    step = jax.jit(lambda q, s: integ.step(loss, q, s, b)[:2])
+
+    @jax.jit
+    def transform(q, s):
+      _, g = base.value_and_grad(loss, q, b)
+      u, s = tx.update(g, s, q)
+      return optax.apply_updates(q, u), s
+
+    q1, s1, q2, s2 = p, st0, p, st0
+    for _ in range(3):
+      q1, s1 = step(q1, s1)
+      q2, s2 = transform(q2, s2)
+    for a, c in zip(jax.tree.leaves((q1, s1)), jax.tree.leaves((q2, s2))):
+      np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-11)

@@ -402,9 +402,9 @@ def test_pass_at_half_width_without_a_branch(method, rank, monkeypatch):
     orig = base.at_active_width
     bounds = []
 
-    def spy(fn, params, bound=None):
+    def spy(fn, params, bound=None, then=None):
       bounds.append(bound)
-      return orig(fn, params, bound)
+      return orig(fn, params, bound, then)
 
     def run(at):
       monkeypatch.setattr(base, "at_active_width", at)
@@ -415,7 +415,8 @@ def test_pass_at_half_width_without_a_branch(method, rank, monkeypatch):
       return q
 
     new = run(spy)
-    old = run(lambda fn, params, bound=None: orig(fn, params, None))
+    old = run(lambda fn, params, bound=None, then=None: orig(fn, params, None,
+                                                            then))
     assert bounds and all(bd is not None for bd in bounds)
     assert int(new["fc"].rank) <= 4
     for a, c in zip(jax.tree.leaves(new), jax.tree.leaves(old)):

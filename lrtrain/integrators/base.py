@@ -521,7 +521,7 @@ def _has_conv(jaxpr) -> bool:
   return False
 
 
-def at_active_width(fn, params: Params, bound=None):
+def at_active_width(fn, params: Params, bound=None, then=None):
   """fn(params), computed on `half_width(params)` when every LowRank rank
   fits in half its capacity (the products of the pass then cost half) and
   zero-padded back to the full shapes; else on params itself. fn's outputs
@@ -541,11 +541,26 @@ def at_active_width(fn, params: Params, bound=None):
   Without a convolution lax.cond picks one of the two passes (passing the
   half pass's outputs through a branch copies them: GeoLoRA at n = 4096,
   r = 64, median 81.1 with that form vs 79.6 ms with this one).
+
+  then(out, p), where given, runs on fn's outputs inside each branch, with
+  p the params at that branch's width, and returns the result at the full
+  width (the half branch's outputs are then not padded here: `then` pads
+  where it wants, e.g. right before an elementwise update that takes the
+  pad into its own loop). Without it the result is fn's outputs, padded
+  in the half branch.
   """
+  if then is None:
+    then = lambda out, p: out
+    # The half width's outputs padded to the full ones.
+    at_half = lambda out, p, like: pad_to(out, like)
+  else:
+    at_half = lambda out, p, like: then(out, p)
   static_ok, ok = fits_half(params)
   if not static_ok:
-    return fn(params)
-  full, like = jax.make_jaxpr(fn, return_shape=True)(params)
+    return then(fn(params), params)
+  like = jax.eval_shape(fn, params)
+  full, out_like = jax.make_jaxpr(lambda p: then(fn(p), p),
+                                  return_shape=True)(params)
   leaves = jax.tree.leaves(params)
 
   # fn's closure (a batch, possibly vmapped with the params) becomes
@@ -559,20 +574,21 @@ def at_active_width(fn, params: Params, bound=None):
     nodes = [x for x in jax.tree.leaves(params, is_leaf=fz.is_factor)
              if _is_lowrank(x)]
     if bound is None or any(int(bound(x)) > x.capacity // 2 for x in nodes):
-      return fn(params)
-    out = jax.tree.leaves(pad_to(fn(half_width(params)), like))
+      return then(fn(params), params)
+    halved = half_width(params)
+    out = jax.tree.leaves(at_half(fn(halved), halved, like))
     out = linalg.cond(ok, lambda o, consts, leaves: list(o),
                       lambda o, consts, leaves: run(full)(consts, leaves),
                       out, full.consts, leaves)
-    return jax.tree.unflatten(jax.tree.structure(like), out)
+    return jax.tree.unflatten(jax.tree.structure(out_like), out)
   # The half-width operands are cut outside the branch: the integrator's
   # own cuts of the same buffers (`linalg.extend`'s U[:, :C/2]) are then
   # the same operations, computed once (GeoLoRA at n = 4096, r = 64: six
   # n x C/2 copies fewer, paired 0.984).
   halved = half_width(params)
-  half = jax.make_jaxpr(lambda p: pad_to(fn(p), like))(halved)
+  half = jax.make_jaxpr(lambda p: at_half(fn(p), p, like))(halved)
   out = linalg.cond(ok, lambda c, l: run(half)(c[0], l[0]),
                     lambda c, l: run(full)(c[1], l[1]),
                     (half.consts, full.consts),
                     (jax.tree.leaves(halved), leaves))
-  return jax.tree.unflatten(jax.tree.structure(like), out)
+  return jax.tree.unflatten(jax.tree.structure(out_like), out)
