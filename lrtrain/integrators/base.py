@@ -549,19 +549,20 @@ def at_active_width(fn, params: Params, bound=None, then=None):
   pad into its own loop). Without it the result is fn's outputs, padded
   in the half branch.
   """
-  if then is None:
+  padded = then is None
+  if padded:
     then = lambda out, p: out
-    # The half width's outputs padded to the full ones.
-    at_half = lambda out, p, like: pad_to(out, like)
-  else:
-    at_half = lambda out, p, like: then(out, p)
   static_ok, ok = fits_half(params)
   if not static_ok:
     return then(fn(params), params)
-  like = jax.eval_shape(fn, params)
   full, out_like = jax.make_jaxpr(lambda p: then(fn(p), p),
                                   return_shape=True)(params)
   leaves = jax.tree.leaves(params)
+
+  def half_out(out, p):
+    # The half branch's outputs: fn's padded to the full shapes, or then's
+    # (which pads where it wants).
+    return pad_to(out, out_like) if padded else then(out, p)
 
   # fn's closure (a batch, possibly vmapped with the params) becomes
   # explicit operands: the branch then stays one under jax.vmap
@@ -576,7 +577,7 @@ def at_active_width(fn, params: Params, bound=None, then=None):
     if bound is None or any(int(bound(x)) > x.capacity // 2 for x in nodes):
       return then(fn(params), params)
     halved = half_width(params)
-    out = jax.tree.leaves(at_half(fn(halved), halved, like))
+    out = jax.tree.leaves(half_out(fn(halved), halved))
     out = linalg.cond(ok, lambda o, consts, leaves: list(o),
                       lambda o, consts, leaves: run(full)(consts, leaves),
                       out, full.consts, leaves)
@@ -586,7 +587,7 @@ def at_active_width(fn, params: Params, bound=None, then=None):
   # the same operations, computed once (GeoLoRA at n = 4096, r = 64: six
   # n x C/2 copies fewer, paired 0.984).
   halved = half_width(params)
-  half = jax.make_jaxpr(lambda p: at_half(fn(p), p, like))(halved)
+  half = jax.make_jaxpr(lambda p: half_out(fn(p), p))(halved)
   out = linalg.cond(ok, lambda c, l: run(half)(c[0], l[0]),
                     lambda c, l: run(full)(c[1], l[1]),
                     (half.consts, full.consts),
