@@ -66,7 +66,7 @@ def adaptive_run(steps: int = 2000, tau: float = 0.3, r0: int = 64,
   def one(params, state):
     """One step of the run and its resize: (params, state, ms, changed,
     loss)."""
-    b = next(data)                   # outside the timing, as in fixed_rank_ms
+    b = next(data)                   # outside the timing, as in _fixed_rank
     t0 = time.perf_counter()
     params, state, aux = step(params, state, b)
     jax.block_until_ready(aux["loss"])
@@ -137,12 +137,6 @@ def _fixed_rank(rank_list, batch: int):
   for _ in range(3):
     carry = common.block(run(carry))
   return run, carry
-
-
-def fixed_rank_ms(rank_list, steps: int = 100, batch: int = 64) -> float:
-  """Step time of fixed-rank KLS (capacity = r) at the given per-layer ranks."""
-  run, carry = _fixed_rank(rank_list, batch)
-  return common.time_steps(run, carry, steps=steps, repeats=3)["ms"]
 
 
 def seeds_vmapped(num_seeds: int = 8, steps: int = 200, rank: int = 32,

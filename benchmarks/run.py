@@ -212,11 +212,8 @@ def run(quick: bool, *, widths=WIDTHS, import_log: str = "",
                                                        log=log))
 
   def adaptive_section():
-    a = adaptive.adaptive_run(steps=60 if quick else 2000,
-                              rounds=3 if quick else 10)
-    a["fixed_rank_ms"] = adaptive.fixed_rank_ms(a["final_ranks"],
-                                                steps=10 if quick else 100)
-    return a
+    return adaptive.adaptive_run(steps=60 if quick else 2000,
+                                 rounds=3 if quick else 10)
 
   section("adaptive", adaptive_section)
   if "adaptive" in res:

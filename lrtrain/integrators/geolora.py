@@ -93,13 +93,18 @@ class GeoLoRAState(NamedTuple):
   count: jax.Array
 
 
-def _core_step(params, grads, state, tx, *, adaptive, tau, r_min, r_max,
+def _update(params, grads, opt_state, tx):
+  """tx's (updates, state) from factor gradients: (g_K, g_L, g_S) on the
+  tree `opt_tree(params)`."""
+  return tx.update(grad_tree(params, grads), opt_state, opt_tree(params))
+
+
+def _core_step(params, updated, state, *, adaptive, tau, r_min, r_max,
                transport, basis_period, truncation_delay=0,
-               transport_rule=TRANSPORT_RULE, updated=None):
-  """New params and state from factor gradients (the shared update)."""
+               transport_rule=TRANSPORT_RULE):
+  """New params and state from the optimizer's (updates, state) on
+  `opt_tree(params)` (`_update`): the shared step."""
   like = opt_tree(params)
-  if updated is None:
-    updated = tx.update(grad_tree(params, grads), state.opt, like)
   upd, opt = updated
   moved = optax.apply_updates(like, upd)
 
@@ -290,7 +295,7 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     (loss, aux), updated = base.at_active_width(
         lambda p: base.value_and_grad(loss_fn, base.stop_frozen(p), batch),
         params, bound, then=then)
-    new, state = _core_step(params, None, state, tx, updated=updated, **kw)
+    new, state = _core_step(params, updated, state, **kw)
     return new, state, {"loss": loss, **aux, **base.rank_aux(new)}
 
   def resize(params, state):
@@ -387,7 +392,8 @@ def as_transform(tx: optax.GradientTransformation, **kwargs
     if params is None:
       raise ValueError("geolora.as_transform needs params in update()")
     _warn_off_manifold(params)
-    new, state = _core_step(params, grads, state, tx_in, **kw)
+    new, state = _core_step(params, _update(params, grads, state.opt, tx_in),
+                            state, **kw)
     # Rank leaves move by a float32 difference (a small integer, exact):
     # the dtype of their gradients, so wrappers that pass either one on
     # (apply_if_finite, MultiSteps) see one type; apply_updates casts back.
