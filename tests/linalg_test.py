@@ -186,6 +186,16 @@ def _check_extend_factor(case):
   np.testing.assert_array_equal(Uh, linalg.extend(U, D, r))
   with pytest.raises(ValueError, match="with_factor needs with_block"):
     linalg.extend(U, D, r, with_factor=True)
+  # The factored form stands for the same basis and gives the same factor:
+  # formed, and in a product with a (C, K) matrix (every row of P used).
+  E, T2 = linalg.extend(U, D, r, factored=True, with_factor=True)
+  assert isinstance(E, linalg.Extension)
+  np.testing.assert_allclose(T2, T, rtol=0, atol=tol)
+  scale = 2e-6 if dtype == jnp.float32 else 1e-14
+  np.testing.assert_allclose(linalg.formed(E, C), Uh, rtol=0, atol=scale)
+  P = jax.random.normal(jax.random.PRNGKey(26), (C, 5), dtype)
+  np.testing.assert_allclose(linalg.times(E, P), Uh @ P, rtol=0,
+                             atol=10 * scale * float(jnp.abs(P).max()))
 
 
 def test_extend_when_2r_exceeds_capacity():

@@ -328,8 +328,8 @@ def truncate(S: jax.Array, *, tau, r_min, r_max, adaptive: bool = True,
   return (P * mask[:K], Q * mask[:K], jnp.diag(sigma * mask), r_new)
 
 
-def truncated_factors(Uh: jax.Array, Vh: jax.Array, P: jax.Array,
-                      Q: jax.Array, S_new: jax.Array, r_new):
+def truncated_factors(Uh, Vh, P: jax.Array, Q: jax.Array, S_new: jax.Array,
+                      r_new):
   """The factors a truncation leaves, (U^ P, S_new, V^ Q) re-orthonormalized
   where rounding has drifted them (`linalg.polish_diagonal`: the core stays
   diagonal), in the working dtype, and the coordinates (P, Q) with that
@@ -337,13 +337,15 @@ def truncated_factors(Uh: jax.Array, Vh: jax.Array, P: jax.Array,
   returned). They are formed and polished at P's width K (`kept_width`:
   C / 2 in a settled run, where the rounding check then reads half the
   columns and a pass costs a quarter) and padded to Uh's C columns after.
+  Uh, Vh: (n, C), (m, C) arrays or `linalg.Extension`s.
 
   Returns:
     (U, S, V, P, Q): U, V (n, C), (m, C); S (C, C); P, Q (C, K).
   """
-  C, K = Uh.shape[-1], P.shape[-1]
-  U, S, V, P, Q = linalg.polish_diagonal(Uh @ P, jnp.diagonal(S_new)[:K],
-                                         Vh @ Q, r_new, P, Q)
+  C, K = P.shape
+  U, S, V, P, Q = linalg.polish_diagonal(
+      linalg.times(Uh, P), jnp.diagonal(S_new)[:K], linalg.times(Vh, Q),
+      r_new, P, Q)
   return (pad_columns(U, C), linalg.zero_pad(S, (C, C)), pad_columns(V, C),
           P, Q)
 

@@ -147,10 +147,12 @@ def _core_step(params, updated, state, *, adaptive, tau, r_min, r_max,
           # the new block's coordinates of d_K, which the extension's
           # Cholesky passes leave as their triangular factors (the block
           # is the Q of d_K's projection off U); likewise V_new^T L1.
-          Uh, _, Tu = linalg.extend(U, d[0].astype(wd), r, with_block=True,
-                                     with_factor=True)
-          Vh, _, Tv = linalg.extend(V, d[1].astype(wd), r, with_block=True,
-                                     with_factor=True)
+          # U^ and V^ stay factored (linalg.Extension): the truncation's
+          # U^ P forms the new block's share of U in its own product.
+          Uh, Tu = linalg.extend(U, d[0].astype(wd), r, factored=True,
+                                 with_factor=True)
+          Vh, Tv = linalg.extend(V, d[1].astype(wd), r, factored=True,
+                                 with_factor=True)
           A = jnp.roll(linalg.zero_pad(Tu, (C, C)), r,
                        axis=0)                   # rows r..: U_new^T K1
           B = jnp.roll(linalg.zero_pad(Tv, (C, C)), r,
@@ -173,7 +175,8 @@ def _core_step(params, updated, state, *, adaptive, tau, r_min, r_max,
           # on the active block without augmentation).
           PM, QN = (P * cm[:, None]).T, (Q * cm[:, None]).T
         else:          # augmented, the core kept whole until truncation
-          U_new, V_new, S_new, r_new = Uh, Vh, S_hat, r_hat
+          U_new, V_new = linalg.formed(Uh, C), linalg.formed(Vh, C)
+          S_new, r_new = S_hat, r_hat
           PM = QN = jnp.diag(cm)
           U_new, S_new, V_new = linalg.polish(U_new, S_new, V_new, r_new)
         finals[i] = (PM, QN, PM, QN)

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -312,7 +312,7 @@ def _shifted_factor(G, shift, mask):
 
 
 def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False,
-                   G=None, with_factor=False):
+                   G=None, with_factor=False, factored=False):
   """One Cholesky QR pass: X = Q R with R^T R = X^T X + s I.
 
   The shift s = u (n + k) max_i ||x_i||^2 makes the factorization succeed
@@ -329,6 +329,8 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False,
   about 1 / sqrt(0.1 s / max ||x_i||^2)). G: X's masked Gram matrix where
   the caller has it. with_factor: also return R (k, k), upper triangular,
   with X = Q R on the active columns (zero outside the active block).
+  factored: Q is returned unformed, as the pair (X, F) with Q = X F (F
+  upper triangular, (k, k)).
   """
   k = X.shape[-1]
   G = _masked_gram(X, mask) if G is None else G
@@ -341,7 +343,8 @@ def _cholesky_pass(X, mask, eps, always_shift=False, never_shift=False,
   elif not always_shift:
     shift = jnp.where(off > NEAR, shift, 0.0)
   Linv, d2, R = _shifted_factor(G, shift, mask)
-  Q = _times_upper(X, Linv.T * mask[None, :])   # the mask on the k x k factor
+  F = Linv.T * mask[None, :]                 # the mask on the k x k factor
+  Q = (X, F) if factored else _times_upper(X, F)
   if never_shift:
     # Unshifted, on the output of a shifted pass: the pivots bound its
     # smallest Gram eigenvalue, sigma_min^2 / (sigma_min^2 + s) for the
@@ -456,7 +459,7 @@ def _householder(X, r):
   return Q * d[None, :] * column_mask(r, X.shape[-1], X.dtype)
 
 
-def _two_passes(U, X, mask, eps, G=None, with_factor=False):
+def _two_passes(U, X, mask, eps, G=None, with_factor=False, factored=False):
   """The common case of `_orthonormalize` without its loop: a Cholesky QR
   pass shifted where the block's condition needs it (`_first_pass`) and an
   unshifted one, each after projecting off U, and a third unshifted pass
@@ -475,6 +478,9 @@ def _two_passes(U, X, mask, eps, G=None, with_factor=False):
   block), the product of the passes' factors: the first pass leaves
   X' = Q1 R1, the second Q1 - U U^T Q1 = Q2 R2, the third Q2 = Q R3, and
   Q ⟂ U, so Q^T X' = R3 R2 R1 to rounding (without a product with X').
+  factored: Q is returned as the pair (B, F) of the last pass's input and
+  inverse factor, Q = B F, the n x k product left to the caller
+  (`Extension`).
   """
   # X's inactive columns need no zeroing: the passes read them only
   # through the masked Gram matrix and factor (mask a column prefix).
@@ -487,17 +493,21 @@ def _two_passes(U, X, mask, eps, G=None, with_factor=False):
   # rank near the batch size leaves defects of 0.5 - 0.7 after the shifted
   # pass).
   Q, off, weak, R2 = _cholesky_pass(_project(U, Q1), mask, eps,
-                                    never_shift=True, with_factor=True)
+                                    never_shift=True, with_factor=True,
+                                    factored=factored)
   R = R2 @ R1 if with_factor else None
 
   def third(Q, off, R, mask):
+    Q = _times_upper(*Q) if factored else Q
     Q, off, _, R3 = _cholesky_pass(Q, mask, eps, never_shift=True,
-                                   with_factor=True)
+                                   with_factor=True, factored=factored)
     return Q, off, None if R is None else R3 @ R
 
   Q, off, R = cond(off > NEAR, third, lambda Q, off, R, mask: (Q, off, R),
                    Q, off, R, mask)
-  ok = ~weak & (off <= NEAR) & jnp.all(jnp.isfinite(Q))
+  finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
+                                for x in jax.tree.leaves(Q)]))
+  ok = ~weak & (off <= NEAR) & finite
   return (Q, ok, R) if with_factor else (Q, ok)
 
 
@@ -549,8 +559,54 @@ def orth(X: jax.Array, r, *, near: bool = False) -> jax.Array:
               Q, X, r)
 
 
+class Extension(NamedTuple):
+  """An extended basis U^ (n, C) left as a product (`extend`'s factored
+  form): U^ P = head P[:h] + block (factor P[at : at + b]) for head (n, h),
+  block (n, b), factor (b, b) and the row offset `at`. In the common case
+  head is U's first C / 2 columns (zero from r on), block the input of the
+  last Cholesky pass and factor that pass's inverse factor, so the n x b
+  product that forms the new block is never taken: the caller's product
+  U^ P (a truncation's U^ P, K columns) applies it to P's rows at b x b x
+  K cost."""
+  head: jax.Array
+  block: jax.Array
+  factor: jax.Array
+  at: jax.Array
+
+  @classmethod
+  def of(cls, Uh: jax.Array) -> "Extension":
+    """A formed basis Uh as an Extension (no block)."""
+    n = Uh.shape[0]
+    return cls(Uh, jnp.zeros((n, 0), Uh.dtype), jnp.zeros((0, 0), Uh.dtype),
+               jnp.zeros((), jnp.int32))
+
+
+def times(X, P: jax.Array) -> jax.Array:
+  """X P for a basis X (n, C) given as an array or an `Extension`."""
+  if not isinstance(X, Extension):
+    return X @ P
+  h, b = X.head.shape[-1], X.block.shape[-1]
+  out = X.head @ P[:h]
+  if b:
+    rows = lax.dynamic_slice_in_dim(P, X.at, b, axis=0)
+    out = out + X.block @ (X.factor @ rows)
+  return out
+
+
+def formed(X, C: int) -> jax.Array:
+  """The (n, C) basis an `Extension` stands for (an array as it is)."""
+  if not isinstance(X, Extension):
+    return X
+  n, b = X.head.shape[0], X.block.shape[-1]
+  out = zero_pad(X.head, (n, C))
+  if b:
+    out = lax.dynamic_update_slice(out, _times_upper(X.block, X.factor),
+                                   (jnp.zeros((), jnp.int32), X.at))
+  return out
+
+
 def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False,
-           with_factor: bool = False):
+           with_factor: bool = False, factored: bool = False):
   """Orthonormal basis [U[:, :r] | Q] of span[U[:, :r] | D[:, :r]] in C
   columns, with the first r columns equal to U's exactly.
 
@@ -573,6 +629,11 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False,
   columns); formed as that product where the block does not come from
   D's projection.
 
+  factored=True returns U^ as an `Extension` (with T where with_factor),
+  for a caller that only multiplies U^ by a (C, K) matrix (`times`): the
+  new block's last n x (C / 2) x (C / 2) product is then folded into that
+  product's small factor (and U^ is never written out whole).
+
   The common case (r <= C / 2, which `resize` keeps, and a full-rank new
   block) runs without the general algorithm's loop on the first C / 2
   columns (`_two_passes`); anything else is decided by one branch that
@@ -585,8 +646,14 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False,
   U = U.astype(dtype)
   D = D.astype(dtype)
   H = max(C // 2, 1)
-  if with_factor and not with_block:
-    raise ValueError("extend: with_factor needs with_block")
+  if factored and with_block:
+    raise ValueError("extend: factored returns no block")
+  if with_factor and not (with_block or factored):
+    raise ValueError("extend: with_factor needs with_block or factored")
+  if factored and (current() == "lapack" or C != 2 * H or n <= C):
+    # Small or odd bases, LAPACK's path: formed, as an Extension.
+    Uh, _, *T = extend(U, D, r, with_block=True, with_factor=with_factor)
+    return (Extension.of(Uh), *T) if with_factor else Extension.of(Uh)
   if current() == "lapack" or C != 2 * H:
     Uh = (_householder_extend(U, D, r) if current() == "lapack"
           else _extend_robust(U, D, r))
@@ -604,8 +671,29 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False,
     # complement.
     Dh = jnp.where(2 * r >= n, walsh(n, H, dtype), Dh)
   Q, ok, *T = _two_passes(U[:, :H], Dh, column_mask(r, H, dtype),
-                          jnp.finfo(dtype).eps, with_factor=with_factor)
+                          jnp.finfo(dtype).eps, with_factor=with_factor,
+                          factored=factored)
   T = T[0] if with_factor else None      # (None: no factor work at all)
+  if factored:
+    def place_factored(Q, T, U, D, r):
+      return Q + (jnp.asarray(r, jnp.int32),
+                  None if T is None else zero_pad(T, (H, C)))
+
+    def general_factored(Q, T, U, D, r):
+      # U^ = [U's r columns | the new block | 0]: where r <= H the head
+      # U[:, :H] holds U's columns and the block starts at r; where r > H
+      # the head is U^'s first H columns and the rest starts at H.
+      Uh = _extend_robust(U, D, r)
+      at = jnp.minimum(jnp.asarray(r, jnp.int32), H)
+      own = (jnp.roll(Uh, -r, axis=1)[:, :H]
+             * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :])
+      return (lax.dynamic_slice_in_dim(Uh, at, H, axis=1),
+              jnp.eye(H, dtype=dtype), at, None if T is None else own.T @ D)
+
+    B, F, at, T = cond(~ok | (r > H), general_factored, place_factored, Q,
+                       T, U, D, r)
+    E = Extension(U[:, :H], B, F, at)
+    return (E, T) if with_factor else E
 
   def place(Q, T, U, D, r):
     # U's columns from r on are zero (the contract), so writing Q there is
