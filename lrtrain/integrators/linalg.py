@@ -782,11 +782,16 @@ def gram_route(C: int, tau, dtype) -> bool:
   return float(tau) ** 2 >= GRAM_TAU2 * C * eps
 
 
-# Smallest core for which route "auto" takes the eigenvectors of S^T S:
-# measured faster than LAPACK's SVD from here on (2 cores, float32, jitted
-# alone, at most C / 2 kept: C = 128 / 256 / 512: 1.37 / 4.4 / 19.5 ms
-# against 1.3 / 6.2 / 29.9 ms).
-EIGH_MIN_C = 200
+# Smallest core for which route "auto" takes the eigenvectors of S^T S.
+# Jitted alone (2 cores, float32, at most C / 2 kept) the eigenvector
+# route wins from C = 256 on (C = 128 / 256 / 512: 1.37 / 4.4 / 19.5 ms
+# against 1.3 / 6.2 / 29.9); inside the steps, where the layers' SVDs run
+# one after another on one thread, it wins from C = 64 on (paired whole
+# steps, eigenvectors against SVD at C = 128: GeoLoRA n = 1024 0.917-0.923,
+# n = 4096 0.968, adaptive KLS n = 1024 0.916-0.921; C = 64: GeoLoRA
+# 0.996, adaptive KLS 0.947) and loses below (LeNet5's C = 20 and 50
+# conv cores: 1.022).
+EIGH_MIN_C = 64
 
 
 def core_svd(S: jax.Array, tau=None, route: str = "auto", rank=None,
