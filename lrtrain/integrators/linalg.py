@@ -561,7 +561,7 @@ def orth(X: jax.Array, r, *, near: bool = False) -> jax.Array:
 
 class Extension(NamedTuple):
   """An extended basis U^ (n, C) left as a product (`extend`'s factored
-  form): U^ P = head P[:h] + block (factor P[at : at + b]) for head (n, h),
+  form): U^ P = [head | block] [P[:h]; factor P[at : at + b]] for head (n, h),
   block (n, b), factor (b, b) and the row offset `at`. In the common case
   head is U's first C / 2 columns (zero from r on), block the input of the
   last Cholesky pass and factor that pass's inverse factor, so the n x b
@@ -586,11 +586,14 @@ def times(X, P: jax.Array) -> jax.Array:
   if not isinstance(X, Extension):
     return X @ P
   h, b = X.head.shape[-1], X.block.shape[-1]
-  out = X.head @ P[:h]
-  if b:
-    rows = lax.dynamic_slice_in_dim(P, X.at, b, axis=0)
-    out = out + X.block @ (X.factor @ rows)
-  return out
+  if not b:
+    return X.head @ P[:h]
+  # One product over [head | block] rather than two and a sum (paired
+  # GeoLoRA steps: LeNet5 0.965 and 0.974, n = 1024, r = 64 0.982,
+  # 4096/256 0.993, 4096/64 1.013 and 1.014).
+  rows = lax.dynamic_slice_in_dim(P, X.at, b, axis=0)
+  return (jnp.concatenate([X.head, X.block], axis=1)
+          @ jnp.concatenate([P[:h], X.factor @ rows], axis=0))
 
 
 def formed(X, C: int) -> jax.Array:
