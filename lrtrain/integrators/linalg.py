@@ -677,6 +677,13 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False,
                           jnp.finfo(dtype).eps, with_factor=with_factor,
                           factored=factored)
   T = T[0] if with_factor else None      # (None: no factor work at all)
+
+  def general(Q, T, U, D, r):
+    Uh = _extend_robust(U, D, r)
+    block = jnp.roll(Uh, -r, axis=1)[:, :H]
+    block = block * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :]
+    return Uh, block, None if T is None else block.T @ D
+
   if factored:
     def place_factored(Q, T, U, D, r):
       return Q + (jnp.asarray(r, jnp.int32),
@@ -686,12 +693,10 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False,
       # U^ = [U's r columns | the new block | 0]: where r <= H the head
       # U[:, :H] holds U's columns and the block starts at r; where r > H
       # the head is U^'s first H columns and the rest starts at H.
-      Uh = _extend_robust(U, D, r)
+      Uh, _, T = general(None, T, U, D, r)
       at = jnp.minimum(jnp.asarray(r, jnp.int32), H)
-      own = (jnp.roll(Uh, -r, axis=1)[:, :H]
-             * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :])
       return (lax.dynamic_slice_in_dim(Uh, at, H, axis=1),
-              jnp.eye(H, dtype=dtype), at, None if T is None else own.T @ D)
+              jnp.eye(H, dtype=dtype), at, T)
 
     B, F, at, T = cond(~ok | (r > H), general_factored, place_factored, Q,
                        T, U, D, r)
@@ -704,12 +709,6 @@ def extend(U: jax.Array, D: jax.Array, r, *, with_block: bool = False,
     r = jnp.asarray(r, jnp.int32)
     return (lax.dynamic_update_slice(U, Q, (jnp.zeros((), jnp.int32), r)), Q,
             None if T is None else zero_pad(T, (H, C)))
-
-  def general(Q, T, U, D, r):
-    Uh = _extend_robust(U, D, r)
-    block = jnp.roll(Uh, -r, axis=1)[:, :H]
-    block = block * column_mask(jnp.minimum(r, C - r), H, dtype)[None, :]
-    return Uh, block, None if T is None else block.T @ D
 
   Uh, Q, T = cond(~ok | (r > H), general, place, Q, T, U, D, r)
   if with_factor and n <= C:
