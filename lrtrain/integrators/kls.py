@@ -380,8 +380,9 @@ def make(tx: optax.GradientTransformation, *, adaptive: bool = True,
     # The K/L update runs inside the pass's branch at the buffers' width:
     # the half branch's pads of the gradients and of K0, L0 then fuse into
     # the update's loops instead of being written out as the branch's
-    # outputs (adaptive KLS, paired: n = 4096, r = 64 0.967, 0.966;
-    # n = 1024 0.987, 0.988; r = 256 0.987, 1.004; LeNet5 1.005).
+    # outputs (adaptive KLS, paired, (n, r) = (4096, 64): 0.967, 0.966;
+    # (1024, 64): 0.987, 0.988; (1024, 256): 0.987; (4096, 256): 1.004;
+    # LeNet5: 1.005).
     full = jax.eval_shape(kl_pass, params)    # the outputs at full width
 
     def then(out, p):
