@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from lrtrain import lapack
+from lrtrain.factorizations import lowrank
+
 IMPLS = ("auto", "im2col", "xla")
 
 
@@ -60,6 +63,11 @@ def _pads(h: int, w: int, kh: int, kw: int, strides, padding) -> list[tuple[int,
   return [tuple(p) for p in padding]
 
 
+def _out_size(hp: int, wp: int, kh: int, kw: int, strides) -> tuple[int, int]:
+  """(h', w') of a kh x kw window over an already padded hp x wp map."""
+  return (hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1
+
+
 def im2col(x: jax.Array, kh: int, kw: int, strides=(1, 1),
            padding: Padding = "VALID") -> jax.Array:
   """(b, h, w, c) -> (b, h', w', kh * kw * c) patches, (kh, kw, c) ordered."""
@@ -67,9 +75,7 @@ def im2col(x: jax.Array, kh: int, kw: int, strides=(1, 1),
   (pt, pb), (pl, pr) = _pads(h, w, kh, kw, strides, padding)
   if pt or pb or pl or pr:
     x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  hp, wp = x.shape[1], x.shape[2]
-  ho = (hp - kh) // strides[0] + 1
-  wo = (wp - kw) // strides[1] + 1
+  ho, wo = _out_size(x.shape[1], x.shape[2], kh, kw, strides)
   if ho < 1 or wo < 1:
     raise ValueError(f"conv: {kh}x{kw} kernel does not fit input {h}x{w}")
   cols = [x[:, i:i + (ho - 1) * strides[0] + 1:strides[0],
@@ -122,11 +128,9 @@ def patch_input_gradient(x_shape, kernel_shape, strides, pads) -> bool:
   """Whether `conv2d`'s "xla" routine takes its input gradient through
   patches: on the CPU, where the patch gradient has at most
   `PATCH_GRAD_MAX` entries."""
-  from lrtrain import lapack   # lapack imports nothing from here
   b, h, w, _ = x_shape
   kh, kw, c_in, _ = kernel_shape
-  ho = (h + sum(pads[0]) - kh) // strides[0] + 1
-  wo = (w + sum(pads[1]) - kw) // strides[1] + 1
+  ho, wo = _out_size(h + sum(pads[0]), w + sum(pads[1]), kh, kw, strides)
   return lapack.on_cpu() and b * ho * wo * kh * kw * c_in <= PATCH_GRAD_MAX
 
 
@@ -148,9 +152,7 @@ def _conv_patch_tangent_jvp(strides, pads, primals, tangents):
     parts.append(im2col(dx, kh, kw, strides, pads) @ kernel.reshape(-1, c_out))
   if not isinstance(dk, SymbolicZero):
     parts.append(_xla_conv(x, dk, strides, pads))
-  if not parts:
-    return y, jnp.zeros_like(y)
-  return y, sum(parts[1:], parts[0])
+  return y, lowrank.sum_terms(parts, y)
 
 
 _conv_patch_tangent.defjvp(_conv_patch_tangent_jvp, symbolic_zeros=True)

@@ -213,7 +213,8 @@ def _flat(a: jax.Array) -> jax.Array:
   return a.reshape(-1, a.shape[-1])
 
 
-def _sum(terms, like):
+def sum_terms(terms, like):
+  """The sum of a JVP's tangent terms, zeros like `like` where none."""
   return sum(terms) if terms else jnp.zeros_like(like)
 
 
@@ -234,7 +235,7 @@ def _times_jvp(primals, tangents):
   if not isinstance(dW, SymbolicZero):
     t = _kept(_flat(x) @ _kept(dW))
     terms.append(t.reshape(y.shape))
-  return y, _sum(terms, y)
+  return y, sum_terms(terms, y)
 
 
 _times.defjvp(_times_jvp, symbolic_zeros=True)
@@ -258,7 +259,7 @@ def _times_t_jvp(primals, tangents):
     zk = _kept(_flat(z))
     t = zk @ jax.lax.optimization_barrier(_t(dW))
     terms.append(t.reshape(y.shape))
-  return y, _sum(terms, y)
+  return y, sum_terms(terms, y)
 
 
 _times_t.defjvp(_times_t_jvp, symbolic_zeros=True)
