@@ -5,7 +5,7 @@ the CPU build of torch, at $LRTRAIN_TORCH_VENV or ~/.cache/lrtrain/torch-venv,
 and runs `benchmarks/torch_lenet.py` in it; each printed JSON line is a row.
 
   python -m benchmarks.lenet_torch          # prints the rows
-  python -m benchmarks.lenet_torch --paired 3   # alternated with lrtrain's rows
+  python -m benchmarks.lenet_torch --paired 5   # alternated with lrtrain's rows
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ def paired(*, rounds: int = 3, steps: int = 30, repeats: int = 3,
   pinned to one CPU (`lenet.one_core`, its work): no step runs below its
   chain nor below its work over the CPUs it has, and PyTorch's DLRT time
   over the larger of the two is the most the method could reach against
-  it in that round."""
+  it in that round. The dense step pinned too gives the speedup XLA gets
+  from the CPUs on this model; a rank-adaptive step running its work at
+  that speedup would reach DLRT / (its one-CPU time / that speedup)."""
   from benchmarks import lenet
   out = []
   for i in range(rounds):
@@ -78,17 +80,29 @@ def paired(*, rounds: int = 3, steps: int = 30, repeats: int = 3,
     ours = {m: lenet.bench(m, lenet.DEFAULT, steps=steps, repeats=repeats)["ms"]
             for m in ("dense", "kls_adaptive", "geolora")}
     cp = lenet.critical_path(lenet.DEFAULT)
-    one = lenet.one_core(("kls_adaptive", "geolora"), lenet.DEFAULT,
+    one = lenet.one_core(("dense", "kls_adaptive", "geolora"), lenet.DEFAULT,
                          steps=steps, repeats=repeats)
     cpus = len(os.sched_getaffinity(0)) if one else 0
+    adaptive = [m for m in one if m != "dense"]
     # No step runs below its chain (cp) nor below its one-CPU time over the
     # CPUs it has; PyTorch's time over that is the most it could reach.
-    lower = {m: max(cp["bound"], one[m] / cpus) for m in one}
+    lower = {m: max(cp["bound"], one[m] / cpus) for m in adaptive}
+    # The dense step (XLA's operations only, no LAPACK call) runs its work
+    # on the CPUs at a speedup the rank-adaptive steps would need to match
+    # (their eigensolver runs on one thread): at that speedup they would
+    # take one[m] / speedup.
+    speedup = {m: one[m] / ours[m] for m in one}
+    at_dense = {m: one[m] / speedup["dense"] for m in adaptive
+                if "dense" in speedup}
     row = dict(round=i, **theirs, **ours,
                **{f"{m}_one_cpu": v for m, v in one.items()}, cpus=cpus,
+               **{f"speedup_{m}": v for m, v in speedup.items()},
                **{f"lower_bound_{m}": v for m, v in lower.items()},
                **{f"dlrt_over_bound_{m}": theirs["torch_dlrt_adaptive"] / v
                   for m, v in lower.items()},
+               **{f"at_dense_speedup_{m}": v for m, v in at_dense.items()},
+               **{f"dlrt_at_dense_speedup_{m}": theirs["torch_dlrt_adaptive"] / v
+                  for m, v in at_dense.items()},
                **{f"bound_{k}": cp[k] for k in ("forward", "pass",
                                                 "extension", "truncation")},
                bound=cp["bound"],

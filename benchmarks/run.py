@@ -87,22 +87,28 @@ def targets(res: dict) -> list[dict]:
        "the DLRT reference scheme in PyTorch"),
       ("geolora", "torch_dlrt_adaptive", 3, "GeoLoRA >= 3x faster than the DLRT "
        "reference scheme in PyTorch")):
-    if rounds:   # PyTorch / lrtrain per alternated round, the median
-      v = float(np.median([x[theirs] / x[mine] for x in rounds]))
-      text += f" (median of {len(rounds)} alternated rounds)"
+    # Each side at its fastest alternated round: PyTorch's DLRT step moves
+    # between about 120 and 200 ms from process to process on this machine
+    # (and between the repeats of one), lrtrain's rows far less, so a
+    # per-round ratio would credit lrtrain with PyTorch's slow rounds.
+    best = lambda key: min(x[key] for x in rounds)
+    if rounds:
+      v = best(theirs) / best(mine)
+      text += f" (each side's fastest of {len(rounds)} alternated rounds)"
     elif mine in ours and theirs in torch_rows:
       v = torch_rows[theirs] / ours[mine]
     else:
       out.append(dict(target=text, value=None, met=None))
       continue
-    reach = None
-    key = f"dlrt_over_bound_{mine}"
-    if rounds and all(key in x for x in rounds):
-      # The most any step could reach: PyTorch's time over the larger of
-      # the step's chain and its one-CPU time over the CPUs (`paired`).
-      reach = float(np.median([x[key] for x in rounds]))
+    # The most any step could reach: PyTorch's time over the larger of the
+    # step's chain and its one-CPU time over the CPUs (`paired`); and what
+    # it would reach using the CPUs as the dense step does.
+    reach, at_dense = (
+        best(theirs) / best(key) if rounds and all(key in x for x in rounds)
+        else None
+        for key in (f"lower_bound_{mine}", f"at_dense_speedup_{mine}"))
     out.append(dict(target=text, value=v if want >= 1 else 1 / v,
-                    met=v >= want, reach=reach, want=want))
+                    met=v >= want, reach=reach, at_dense=at_dense, want=want))
   a = res.get("adaptive")
   if a:
     lim = 1 + a["bucket_changes"]
@@ -143,7 +149,7 @@ WIDTHS = (512, 1024, 2048, 4096, 5120)
 
 
 # Alternated PyTorch / lrtrain LeNet5 rounds (`lenet_torch.paired`).
-PAIRED_ROUNDS = 3
+PAIRED_ROUNDS = 5
 
 SECTIONS = ("width", "lenet", "lenet_critical_path", "lenet_torch",
             "lenet_paired", "adaptive", "seeds", "diagnostics")
