@@ -50,6 +50,32 @@ def _fmt(v):
   return str(v)
 
 
+_BOUNDS_TEXT = (
+    "\nTwo lower bounds on the rank-adaptive steps in the same rounds (ms). "
+    "The chain a step runs one part after the other (`lenet.critical_path`, "
+    "each part timed alone): the forward pass at the active width, fc1's "
+    "basis extension (the longer side), its core truncation (500 x 500); "
+    "the whole pass (forward + backward) for comparison. The work: each "
+    "step pinned to one CPU (`lenet.one_core`); no step runs below that "
+    "over the CPUs it has. DLRT / bound, with the larger of the two, is the "
+    "most the method could reach against PyTorch in that round.\n")
+_SPEEDUP_TEXT = (
+    "\nThe work's speedup on the CPUs in the same rounds: each step's "
+    "one-CPU time over its time on all of them. The dense step runs XLA's "
+    "operations only; the rank-adaptive ones also run LAPACK's eigensolver "
+    "on one thread, with the rest of the step waiting on it. At the dense "
+    "step's speedup a rank-adaptive step would take its one-CPU time over "
+    "that speedup: DLRT / that time is what the method would reach if its "
+    "step used the CPUs as the dense one does.\n")
+
+
+def _table(header, rows) -> list[str]:
+  """A markdown table's lines: the header, its rule, a line a row."""
+  line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
+  return ([line(header), "|" + "---|" * len(header)]
+          + [line(r) for r in rows])
+
+
 def _spread(r) -> str:
   if r.get("ms_min") is None:
     return "(first run's log)"
@@ -177,65 +203,42 @@ def tables(res) -> str:
                "PyTorch take each side's fastest round (PyTorch's DLRT "
                "step moves between about 120 and 200 ms from one process "
                "to the next here, lrtrain's rows far less).\n")
-    out.append("| round | torch dense | torch DLRT | dense | kls_adaptive | "
-               "geolora | dense / torch | DLRT / kls_adaptive | DLRT / geolora |"
-               "\n|---|---|---|---|---|---|---|---|---|")
-    for x in res["lenet_paired"]:
-      out.append(f"| {x['round']} | {x['torch_dense']:.2f} | "
-                 f"{x['torch_dlrt_adaptive']:.2f} | {x['dense']:.2f} | "
-                 f"{x['kls_adaptive']:.2f} | {x['geolora']:.2f} | "
-                 f"{x['dense_over_torch']:.2f} | {x['dlrt_over_kls']:.2f} | "
-                 f"{x['dlrt_over_geolora']:.2f} |")
-    bounded = [x for x in res["lenet_paired"] if "bound" in x]
-    if bounded:
-      out.append("\nTwo lower bounds on the rank-adaptive steps in the same "
-                 "rounds (ms). The chain a step runs one part after the "
-                 "other (`lenet.critical_path`, each part timed alone): the "
-                 "forward pass at the active width, fc1's basis extension "
-                 "(the longer side), its core truncation (500 x 500); the "
-                 "whole pass (forward + backward) for comparison. The work: "
-                 "each step pinned to one CPU (`lenet.one_core`); no step "
-                 "runs below that over the CPUs it has. DLRT / bound, with "
-                 "the larger of the two, is the most the method could reach "
-                 "against PyTorch in that round.\n")
-      out.append("| round | forward | pass | extension | truncation | chain | "
-                 "kls_adaptive on 1 CPU | geolora on 1 CPU | CPUs | "
-                 "kls_adaptive / bound | geolora / bound | DLRT / kls bound | "
-                 "DLRT / geolora bound |"
-                 "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-      for x in bounded:
-        # Rows of runs before the one-CPU timing have the chain alone.
-        f = lambda k: f"{x[k]:.2f}" if k in x else "-"
-        lower = lambda m: x.get(f"lower_bound_{m}", x["bound"])
-        out.append(f"| {x['round']} | {f('bound_forward')} | {f('bound_pass')} | "
-                   f"{f('bound_extension')} | {f('bound_truncation')} | "
-                   f"{f('bound')} | {f('kls_adaptive_one_cpu')} | "
-                   f"{f('geolora_one_cpu')} | {x.get('cpus') or '-'} | "
-                   f"{x['kls_adaptive'] / lower('kls_adaptive'):.2f} | "
-                   f"{x['geolora'] / lower('geolora'):.2f} | "
-                   f"{f('dlrt_over_bound_kls_adaptive')} | "
-                   f"{f('dlrt_over_bound_geolora')} |")
-    sped = [x for x in res["lenet_paired"] if "speedup_dense" in x]
-    if sped:
-      out.append("\nThe work's speedup on the CPUs in the same rounds: each "
-                 "step's one-CPU time over its time on all of them. The dense "
-                 "step runs XLA's operations only; the rank-adaptive ones "
-                 "also run LAPACK's eigensolver on one thread, with the rest "
-                 "of the step waiting on it. At the dense step's speedup a "
-                 "rank-adaptive step would take its one-CPU time over that "
-                 "speedup: DLRT / that time is what the method would reach "
-                 "if its step used the CPUs as the dense one does.\n")
-      out.append("| round | dense on 1 CPU | dense speedup | kls_adaptive "
-                 "speedup | geolora speedup | DLRT / kls_adaptive at dense "
-                 "speedup | DLRT / geolora at dense speedup |"
-                 "\n|---|---|---|---|---|---|---|")
-      for x in sped:
-        out.append(f"| {x['round']} | {x['dense_one_cpu']:.2f} | "
-                   f"{x['speedup_dense']:.2f} | "
-                   f"{x['speedup_kls_adaptive']:.2f} | "
-                   f"{x['speedup_geolora']:.2f} | "
-                   f"{x['dlrt_at_dense_speedup_kls_adaptive']:.2f} | "
-                   f"{x['dlrt_at_dense_speedup_geolora']:.2f} |")
+    rounds = res["lenet_paired"]
+    f2 = lambda x, k: f"{x[k]:.2f}" if k in x else "-"
+    out.extend(_table(
+        ["round", "torch dense", "torch DLRT", "dense", "kls_adaptive",
+         "geolora", "dense / torch", "DLRT / kls_adaptive", "DLRT / geolora"],
+        [[x["round"]] + [f2(x, k) for k in (
+            "torch_dense", "torch_dlrt_adaptive", "dense", "kls_adaptive",
+            "geolora", "dense_over_torch", "dlrt_over_kls",
+            "dlrt_over_geolora")] for x in rounds]))
+    # Rows of runs before the one-CPU timing have the chain alone.
+    lower = lambda x, m: x.get(f"lower_bound_{m}", x["bound"])
+    for key, text, header, row in (
+        ("bound", _BOUNDS_TEXT,
+         ["round", "forward", "pass", "extension", "truncation", "chain",
+          "kls_adaptive on 1 CPU", "geolora on 1 CPU", "CPUs",
+          "kls_adaptive / bound", "geolora / bound", "DLRT / kls bound",
+          "DLRT / geolora bound"],
+         lambda x: [x["round"]] + [f2(x, k) for k in (
+             "bound_forward", "bound_pass", "bound_extension",
+             "bound_truncation", "bound", "kls_adaptive_one_cpu",
+             "geolora_one_cpu")] + [x.get("cpus") or "-"]
+         + [f"{x[m] / lower(x, m):.2f}" for m in ("kls_adaptive", "geolora")]
+         + [f2(x, "dlrt_over_bound_kls_adaptive"),
+            f2(x, "dlrt_over_bound_geolora")]),
+        ("speedup_dense", _SPEEDUP_TEXT,
+         ["round", "dense on 1 CPU", "dense speedup", "kls_adaptive speedup",
+          "geolora speedup", "DLRT / kls_adaptive at dense speedup",
+          "DLRT / geolora at dense speedup"],
+         lambda x: [x["round"]] + [f2(x, k) for k in (
+             "dense_one_cpu", "speedup_dense", "speedup_kls_adaptive",
+             "speedup_geolora", "dlrt_at_dense_speedup_kls_adaptive",
+             "dlrt_at_dense_speedup_geolora")])):
+      timed = [x for x in rounds if key in x]
+      if timed:
+        out.append(text)
+        out.extend(_table(header, [row(x) for x in timed]))
   a = res.get("adaptive")
   if a:
     out.append("\n### Rank-adaptive run (digits MLP, KLS, "

@@ -174,6 +174,20 @@ def maybe_initialize_distributed() -> None:
                                     env.get("COORDINATOR_ADDRESS")), **kw)
   elif "SLURM_NTASKS" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize()
+  else:
+    return
+  if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    # jaxlib 0.10's CPU client: with a warm persistent compilation cache
+    # (JAX_COMPILATION_CACHE_DIR) the processes of one run load executables
+    # that process 0 compiled and wrote, and the first step's collectives
+    # never complete (two processes, mesh (4, 2): every run after the one
+    # that filled the cache hung). Each process compiles for itself.
+    if jax.config.jax_enable_compilation_cache and (
+        jax.config.jax_compilation_cache_dir):
+      logging.warning("persistent compilation cache off: processes on the "
+                      "CPU backend hang on executables another process "
+                      "compiled")
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def num_steps(config, ds) -> int:

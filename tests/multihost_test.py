@@ -38,7 +38,7 @@ def train_rows(rs):
   return [(r["step"], r["train/loss"]) for r in rs if "train/loss" in r]
 
 
-def two_processes(workdir, extra=()):
+def two_processes(workdir, extra=(), timeout=600, **env_extra):
   port = free_port()
   cmd = [sys.executable, "-m", "lrtrain.main", *ARGS, "--verbosity=0",
          "--workdir", workdir,
@@ -46,8 +46,13 @@ def two_processes(workdir, extra=()):
   procs = [subprocess.Popen(
       cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-              JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i)) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
+              JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i, **env_extra))
+      for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   return [err for _, err in outs]
@@ -79,3 +84,19 @@ def test_two_processes_write_once_and_match_one(tmp_path, mesh):
   assert summary["devices"] == 8
   assert summary["mesh"] == {"data": data, "model": model}
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
+
+
+@pytest.mark.tier2
+def test_two_processes_with_a_warm_compilation_cache(tmp_path):
+  # With a persistent compilation cache, the first run fills it and the
+  # second's processes load what process 0 compiled: on the CPU backend
+  # they hung in the first step's collectives, until
+  # train.maybe_initialize_distributed turned the cache off there.
+  cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0,
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
+  extra = ["--config.mesh.data=4", "--config.mesh.model=2"]
+  for run in ("first", "second"):
+    errs = two_processes(str(tmp_path / run), extra, timeout=300, **cache)
+    assert all("persistent compilation cache off" in e for e in errs)
+  assert len(rows(str(tmp_path / "second"))) == len(rows(str(tmp_path / "first")))
