@@ -92,8 +92,7 @@ def paired(*, rounds: int = 3, steps: int = 30, repeats: int = 3,
     # (their eigensolver runs on one thread): at that speedup they would
     # take one[m] / speedup.
     speedup = {m: one[m] / ours[m] for m in one}
-    at_dense = {m: one[m] / speedup["dense"] for m in adaptive
-                if "dense" in speedup}
+    at_dense = {m: one[m] / speedup["dense"] for m in adaptive}
     row = dict(round=i, **theirs, **ours,
                **{f"{m}_one_cpu": v for m, v in one.items()}, cpus=cpus,
                **{f"speedup_{m}": v for m, v in speedup.items()},

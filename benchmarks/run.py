@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 import lrtrain  # noqa: F401  (process defaults: one OpenBLAS thread, malloc settings)
 from benchmarks import adaptive, common, diagnostics_overhead, lenet, lenet_torch, width
