@@ -149,6 +149,15 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
+def stream_gbs(mib: int = 256, steps: int = 10, repeats: int = 3) -> float:
+  """Jitted float32 `x * 0.5` over `mib` MiB, in GB/s of bytes read and
+  written: the rate of an elementwise pass whose operands do not fit in
+  the last-level cache (memory bandwidth as XLA's loops see it)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (mib * 2 ** 18,), jnp.float32)
+  ms = time_call(lambda a: a * 0.5, x, steps=steps, repeats=repeats)
+  return 2 * x.nbytes / (ms * 1e-3) / 1e9
+
+
 def nbytes(tree) -> int:
   """Total bytes of the arrays in a pytree."""
   return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)
