@@ -106,8 +106,8 @@ def plot_width(rows, path):
 
 
 def tables_targets(targets) -> list[str]:
-  """The targets table's rows: measured value, met, and beside an unmet
-  target the most it could reach (`run.targets`)."""
+  """The targets table: measured value, met, and beside an unmet target
+  the most it could reach (`run.targets`)."""
   rows = []
   for t in targets:
     met = "yes" if t["met"] else "no"
@@ -116,8 +116,8 @@ def tables_targets(targets) -> list[str]:
               + (", out of reach" if t["reach"] < t["want"] else "")
               + (f"; {t['at_dense']:.2f}x at the dense step's speedup on the "
                  "CPUs" if t.get("at_dense") is not None else "") + ")")
-    rows.append(f"| {t['target']} | {_fmt(t['value'])} | {met} |")
-  return rows
+    rows.append([t["target"], _fmt(t["value"]), met])
+  return _table(["target", "measured", "met"], rows)
 
 
 def tables(res) -> str:
@@ -132,7 +132,6 @@ def tables(res) -> str:
              + ". Matmul roofline "
              f"(jitted float32 2048^3): {res['matmul_gflops']:.1f} GFLOP/s.\n")
   out.append("### Targets\n")
-  out.append("| target | measured | met |\n|---|---|---|")
   out.extend(tables_targets(res["targets"]))
   out.append("\n### Step time vs width and rank (MLP, 3 hidden n x n layers, "
              "batch 256)\n")
@@ -153,30 +152,24 @@ def tables(res) -> str:
              "of its own product shape (`width.floor_shapes_ms`; the "
              "rank-adaptive methods' pass at width r, their QR, SVD and core "
              "gradient at 2r; the same as the floor for the other methods).\n")
-  out.append("| n | r | method | ms/step | floor ms | step / floor | floor GFLOP/s | "
-             "floor ms (own shapes) | step / floor (own shapes) | "
-             "steps | spread | x dense | roofline | bytes / analytic |\n"
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in res["width"]:
-    fl = r.get("floor_ms")
-    fs = r.get("floor_shapes_ms")
-    out.append(f"| {r['n']} | {r['r'] or '-'} | {r['method']} | {r['ms']:.2f} | "
-               f"{'-' if fl is None else f'{fl:.2f}'} | "
-               f"{_ratio(r, 'step_over_floor', fl)} | "
-               f"{_rates(r)} | "
-               f"{'-' if fs is None else f'{fs:.2f}'} | "
-               f"{_ratio(r, 'step_over_floor_shapes', fs)} | "
-               f"{r.get('steps', '-')} | "
-               f"{_spread(r)} | {r['ratio']:.2f} | "
-               f"{r['roofline_fraction']:.2f} | "
-               f"{r['bytes'] / r['analytic_bytes']:.2f} |")
+  ms = lambda v: "-" if v is None else f"{v:.2f}"
+  out.extend(_table(
+      ["n", "r", "method", "ms/step", "floor ms", "step / floor",
+       "floor GFLOP/s", "floor ms (own shapes)", "step / floor (own shapes)",
+       "steps", "spread", "x dense", "roofline", "bytes / analytic"],
+      [[r["n"], r["r"] or "-", r["method"], f"{r['ms']:.2f}",
+        ms(r.get("floor_ms")), _ratio(r, "step_over_floor", r.get("floor_ms")),
+        _rates(r), ms(r.get("floor_shapes_ms")),
+        _ratio(r, "step_over_floor_shapes", r.get("floor_shapes_ms")),
+        r.get("steps", "-"), _spread(r), f"{r['ratio']:.2f}",
+        f"{r['roofline_fraction']:.2f}",
+        f"{r['bytes'] / r['analytic_bytes']:.2f}"] for r in res["width"]]))
   out.append("\n![step time vs rank](results/width.png)\n")
   out.append("### LeNet5, batch 128 (28 x 28 x 1)\n")
-  out.append("| conv routine | method | ms/step | spread | x dense (same routine) |"
-             "\n|---|---|---|---|---|")
-  for r in res.get("lenet", []):
-    out.append(f"| {r['impl']} | {r['method']} | {r['ms']:.2f} | "
-               f"{_spread(r)} | {r['ratio']:.2f} |")
+  out.extend(_table(
+      ["conv routine", "method", "ms/step", "spread", "x dense (same routine)"],
+      [[r["impl"], r["method"], f"{r['ms']:.2f}", _spread(r), f"{r['ratio']:.2f}"]
+       for r in res.get("lenet", [])]))
   if res.get("lenet_torch"):
     impl = res.get("lenet_default_impl", "im2col")   # the default before it was recorded
     ours = {r["method"]: r["ms"] for r in res.get("lenet", []) if r["impl"] == impl}
@@ -186,15 +179,15 @@ def tables(res) -> str:
                "decide the targets); the DLRT scheme is three passes (K, L, S) with "
                "Householder QR of [K | U] and an SVD of the 2r x 2r core, ranks "
                "held at 10 / 25 / 250 like lrtrain's rows.\n")
-    out.append(f"| PyTorch | ms/step | lrtrain ({impl}) | ms/step | PyTorch / lrtrain |"
-               "\n|---|---|---|---|---|")
     pairs = {"torch_dense": ["dense"], "torch_dlrt_adaptive": ["kls_adaptive",
                                                                "geolora"]}
-    for t in res["lenet_torch"]:
-      for mine in pairs.get(t["method"], []):
-        if mine in ours:
-          out.append(f"| {t['method']} | {t['ms']:.2f} | {mine} | {ours[mine]:.2f} | "
-                     f"{t['ms'] / ours[mine]:.2f} |")
+    out.extend(_table(
+        ["PyTorch", "ms/step", f"lrtrain ({impl})", "ms/step",
+         "PyTorch / lrtrain"],
+        [[t["method"], f"{t['ms']:.2f}", mine, f"{ours[mine]:.2f}",
+          f"{t['ms'] / ours[mine]:.2f}"]
+         for t in res["lenet_torch"] for mine in pairs.get(t["method"], [])
+         if mine in ours]))
   if res.get("lenet_paired"):
     out.append("\n### LeNet5 beside PyTorch, alternated rounds "
                "(`lenet_torch.paired`)\n")
@@ -265,38 +258,39 @@ def tables(res) -> str:
                f"-> 10, batch {s['batch']}, rank {s['rank']})\n")
     ks = sorted(next(iter(s["by_method"].values()))["vmapped_ms_by_seeds"],
                 key=int)
-    out.append("| method | 1 seed, own program (ms/step) | "
-               + " | ".join(f"{k} vmapped (ms/step)" for k in ks)
-               + f" | throughput x (8 vmapped vs 8 sequential) |\n|---|---|"
-               + "---|" * len(ks) + "---|")
-    for m, v in s["by_method"].items():
-      out.append(f"| {m} | {v['sequential_ms_per_step']:.2f} | "
-                 + " | ".join(f"{v['vmapped_ms_by_seeds'][k]:.2f}" for k in ks)
-                 + f" | {v['speedup']:.2f} |")
+    out.extend(_table(
+        ["method", "1 seed, own program (ms/step)"]
+        + [f"{k} vmapped (ms/step)" for k in ks]
+        + ["throughput x (8 vmapped vs 8 sequential)"],
+        [[m, f"{v['sequential_ms_per_step']:.2f}"]
+         + [f"{v['vmapped_ms_by_seeds'][k]:.2f}" for k in ks]
+         + [f"{v['speedup']:.2f}"] for m, v in s["by_method"].items()]))
     out.append("")
   if res.get("diagnostics"):
     out.append("### Diagnostics overhead (period 100, batch 128)\n")
-    out.append("| case | train step ms | diagnostics ms | overhead |\n|---|---|---|---|")
-    for d in res["diagnostics"]:
-      out.append(f"| {d['case']} | {d['train_step_ms']:.2f} | "
-                 f"{d['diagnostics_ms']:.2f} | {100 * d['overhead_fraction']:.2f}% |")
+    out.extend(_table(
+        ["case", "train step ms", "diagnostics ms", "overhead"],
+        [[d["case"], f"{d['train_step_ms']:.2f}", f"{d['diagnostics_ms']:.2f}",
+          f"{100 * d['overhead_fraction']:.2f}%"] for d in res["diagnostics"]]))
   if res.get("breakdown"):
     out.append("\n### Where a rank-adaptive step's time goes (`breakdown.py`)\n")
     out.append("One QR of an n x C basis and one SVD of a C x C core (C = the "
                "capacity bucket, >= 2r), jitted alone; the augmentation does 2 "
                "QRs and the truncation 1 SVD per layer, 3 layers. grad = one "
                "forward + backward of the factored model.\n")
-    out.append("| n | r | C | qr ms (GFLOP/s) | svd ms (GFLOP/s) | 3 x (2 qr + svd) ms | grad ms | "
-               "GeoLoRA step ms | KLS-adaptive step ms | dense step ms | "
-               "factorization share of GeoLoRA |\n|---|---|---|---|---|---|---|"
-               "---|---|---|---|")
-    for b in res["breakdown"]:
-      out.append(f"| {b['n']} | {b['r']} | {b['capacity']} | {b['qr_ms']:.1f} "
-                 f"({b['qr_gflops']:.1f}) | {b['svd_ms']:.1f} ({b['svd_gflops']:.1f}) | "
-                 f"{b['factorization_ms']:.1f} | "
-                 f"{b['grad_ms']:.1f} | {b['geolora_step_ms']:.1f} | "
-                 f"{b['kls_adaptive_step_ms']:.1f} | {b['dense_step_ms']:.1f} | "
-                 f"{100 * b['geolora_factorization_share']:.0f}% |")
+    out.extend(_table(
+        ["n", "r", "C", "qr ms (GFLOP/s)", "svd ms (GFLOP/s)",
+         "3 x (2 qr + svd) ms", "grad ms", "GeoLoRA step ms",
+         "KLS-adaptive step ms", "dense step ms",
+         "factorization share of GeoLoRA"],
+        [[b["n"], b["r"], b["capacity"],
+          f"{b['qr_ms']:.1f} ({b['qr_gflops']:.1f})",
+          f"{b['svd_ms']:.1f} ({b['svd_gflops']:.1f})"]
+         + [f"{b[k]:.1f}" for k in ("factorization_ms", "grad_ms",
+                                    "geolora_step_ms", "kls_adaptive_step_ms",
+                                    "dense_step_ms")]
+         + [f"{100 * b['geolora_factorization_share']:.0f}%"]
+         for b in res["breakdown"]]))
   return "\n".join(out) + "\n"
 
 
