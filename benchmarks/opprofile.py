@@ -103,8 +103,8 @@ def instruction_sources(hlo_text: str, root: str = "lrtrain/",
                   f"{funcs[f['function_name_id']]}:{f['line']}")
   # A frame's parent_frame_id counts from 1 (0: none), one above the
   # parent's own id: frame ids here count from 1 too.
-  frames = {k: (fields(e)["file_location_id"], fields(e)["parent_frame_id"] - 1)
-            for k, e in t["StackFrames"].items()}
+  frames = {k: (f["file_location_id"], f["parent_frame_id"] - 1)
+            for k, f in ((k, fields(e)) for k, e in t["StackFrames"].items())}
 
   def innermost(frame: int) -> str | None:
     seen = set()
@@ -145,8 +145,10 @@ def profile(method: str, n: int, r: int, *, steps: int = 10,
   else:   # benchmarks/lenet.py: batch 128, the DLRT paper's ranks, XLA convs
     from benchmarks import lenet
     step, params, state, batch = lenet.make_step(method, lenet.DEFAULT)
-  sources = instruction_sources(
-      step.lower(params, state, batch).compile().as_text())
+  # One compilation: the program timed and traced is the one whose text
+  # names the operations' source lines.
+  step = step.lower(params, state, batch).compile()
+  sources = instruction_sources(step.as_text())
   res = common.time_steps(lambda c: step(c[0], c[1], batch), (params, state),
                           steps=steps, repeats=1)
   params, state = res.pop("carry")
