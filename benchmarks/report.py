@@ -50,6 +50,10 @@ def _fmt(v):
   return str(v)
 
 
+def _f2(v):
+  return "-" if v is None else f"{v:.2f}"
+
+
 _BOUNDS_TEXT = (
     "\nTwo lower bounds on the rank-adaptive steps in the same rounds (ms). "
     "The chain a step runs one part after the other (`lenet.critical_path`, "
@@ -152,14 +156,13 @@ def tables(res) -> str:
              "of its own product shape (`width.floor_shapes_ms`; the "
              "rank-adaptive methods' pass at width r, their QR, SVD and core "
              "gradient at 2r; the same as the floor for the other methods).\n")
-  ms = lambda v: "-" if v is None else f"{v:.2f}"
   out.extend(_table(
       ["n", "r", "method", "ms/step", "floor ms", "step / floor",
        "floor GFLOP/s", "floor ms (own shapes)", "step / floor (own shapes)",
        "steps", "spread", "x dense", "roofline", "bytes / analytic"],
       [[r["n"], r["r"] or "-", r["method"], f"{r['ms']:.2f}",
-        ms(r.get("floor_ms")), _ratio(r, "step_over_floor", r.get("floor_ms")),
-        _rates(r), ms(r.get("floor_shapes_ms")),
+        _f2(r.get("floor_ms")), _ratio(r, "step_over_floor", r.get("floor_ms")),
+        _rates(r), _f2(r.get("floor_shapes_ms")),
         _ratio(r, "step_over_floor_shapes", r.get("floor_shapes_ms")),
         r.get("steps", "-"), _spread(r), f"{r['ratio']:.2f}",
         f"{r['roofline_fraction']:.2f}",
@@ -197,11 +200,10 @@ def tables(res) -> str:
                "step moves between about 120 and 200 ms from one process "
                "to the next here, lrtrain's rows far less).\n")
     rounds = res["lenet_paired"]
-    f2 = lambda x, k: f"{x[k]:.2f}" if k in x else "-"
     out.extend(_table(
         ["round", "torch dense", "torch DLRT", "dense", "kls_adaptive",
          "geolora", "dense / torch", "DLRT / kls_adaptive", "DLRT / geolora"],
-        [[x["round"]] + [f2(x, k) for k in (
+        [[x["round"]] + [_f2(x.get(k)) for k in (
             "torch_dense", "torch_dlrt_adaptive", "dense", "kls_adaptive",
             "geolora", "dense_over_torch", "dlrt_over_kls",
             "dlrt_over_geolora")] for x in rounds]))
@@ -213,18 +215,18 @@ def tables(res) -> str:
           "kls_adaptive on 1 CPU", "geolora on 1 CPU", "CPUs",
           "kls_adaptive / bound", "geolora / bound", "DLRT / kls bound",
           "DLRT / geolora bound"],
-         lambda x: [x["round"]] + [f2(x, k) for k in (
+         lambda x: [x["round"]] + [_f2(x.get(k)) for k in (
              "bound_forward", "bound_pass", "bound_extension",
              "bound_truncation", "bound", "kls_adaptive_one_cpu",
              "geolora_one_cpu")] + [x.get("cpus") or "-"]
          + [f"{x[m] / lower(x, m):.2f}" for m in ("kls_adaptive", "geolora")]
-         + [f2(x, "dlrt_over_bound_kls_adaptive"),
-            f2(x, "dlrt_over_bound_geolora")]),
+         + [_f2(x.get("dlrt_over_bound_kls_adaptive")),
+            _f2(x.get("dlrt_over_bound_geolora"))]),
         ("speedup_dense", _SPEEDUP_TEXT,
          ["round", "dense on 1 CPU", "dense speedup", "kls_adaptive speedup",
           "geolora speedup", "DLRT / kls_adaptive at dense speedup",
           "DLRT / geolora at dense speedup"],
-         lambda x: [x["round"]] + [f2(x, k) for k in (
+         lambda x: [x["round"]] + [_f2(x.get(k)) for k in (
              "dense_one_cpu", "speedup_dense", "speedup_kls_adaptive",
              "speedup_geolora", "dlrt_at_dense_speedup_kls_adaptive",
              "dlrt_at_dense_speedup_geolora")])):

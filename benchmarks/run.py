@@ -80,19 +80,26 @@ def targets(res: dict) -> list[dict]:
   impl = res.get("lenet_default_impl", "im2col")
   ours = {x["method"]: x["ms"] for x in res.get("lenet") or [] if x["impl"] == impl}
   rounds = res.get("lenet_paired") or []
+  # Each side at its fastest alternated round: PyTorch's DLRT step moves
+  # between about 120 and 200 ms from process to process on this machine
+  # (and between the repeats of one), lrtrain's rows far less, so a
+  # per-round ratio would credit lrtrain with PyTorch's slow rounds.
+  best = lambda key: min(x[key] for x in rounds)
+
+  def fastest_ratio(theirs, key):
+    """PyTorch's fastest round over `key`'s, None unless every round has it."""
+    if rounds and all(key in x for x in rounds):
+      return best(theirs) / best(key)
+    return None
+
   for mine, theirs, want, text in (
       ("dense", "torch_dense", 1 / 1.3, "lrtrain dense LeNet5 <= 1.3x PyTorch dense"),
       ("kls_adaptive", "torch_dlrt_adaptive", 2, "KLS adaptive >= 2x faster than "
        "the DLRT reference scheme in PyTorch"),
       ("geolora", "torch_dlrt_adaptive", 3, "GeoLoRA >= 3x faster than the DLRT "
        "reference scheme in PyTorch")):
-    # Each side at its fastest alternated round: PyTorch's DLRT step moves
-    # between about 120 and 200 ms from process to process on this machine
-    # (and between the repeats of one), lrtrain's rows far less, so a
-    # per-round ratio would credit lrtrain with PyTorch's slow rounds.
-    best = lambda key: min(x[key] for x in rounds)
     if rounds:
-      v = best(theirs) / best(mine)
+      v = fastest_ratio(theirs, mine)
       text += f" (each side's fastest of {len(rounds)} alternated rounds)"
     elif mine in ours and theirs in torch_rows:
       v = torch_rows[theirs] / ours[mine]
@@ -102,10 +109,8 @@ def targets(res: dict) -> list[dict]:
     # The most any step could reach: PyTorch's time over the larger of the
     # step's chain and its one-CPU time over the CPUs (`paired`); and what
     # it would reach using the CPUs as the dense step does.
-    reach, at_dense = (
-        best(theirs) / best(key) if rounds and all(key in x for x in rounds)
-        else None
-        for key in (f"lower_bound_{mine}", f"at_dense_speedup_{mine}"))
+    reach = fastest_ratio(theirs, f"lower_bound_{mine}")
+    at_dense = fastest_ratio(theirs, f"at_dense_speedup_{mine}")
     out.append(dict(target=text, value=v if want >= 1 else 1 / v,
                     met=v >= want, reach=reach, at_dense=at_dense, want=want))
   a = res.get("adaptive")
