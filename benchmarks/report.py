@@ -51,6 +51,7 @@ def _fmt(v):
 
 
 def _f2(v):
+  """A two-decimal cell; "-" for a value not measured."""
   return "-" if v is None else f"{v:.2f}"
 
 

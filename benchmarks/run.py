@@ -84,12 +84,10 @@ def targets(res: dict) -> list[dict]:
   # between about 120 and 200 ms from process to process on this machine
   # (and between the repeats of one), lrtrain's rows far less, so a
   # per-round ratio would credit lrtrain with PyTorch's slow rounds.
-  best = lambda key: min(x[key] for x in rounds)
-
   def fastest_ratio(theirs, key):
     """PyTorch's fastest round over `key`'s, None unless every round has it."""
     if rounds and all(key in x for x in rounds):
-      return best(theirs) / best(key)
+      return min(x[theirs] for x in rounds) / min(x[key] for x in rounds)
     return None
 
   for mine, theirs, want, text in (
